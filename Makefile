@@ -1,0 +1,44 @@
+# Every target creates .venv when missing and installs the project into it.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.steadyclip-installed
+# One thread each for the sanity of timings on small machines; tests set their own.
+export PYTHONHASHSEED := 0
+
+.PHONY: setup demo test test-fast bench browser clean lint
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch/torchvision first and pinned: the versions this project is tested on.
+	$(BIN)/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(BIN)/python -m pip install -q -e ".[test,server,ray]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/steadyclip classify examples/*.png --labels-file examples/labels.txt
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/python -m benchmarks.run
+
+# Debian's Chromium for the browser test (CI runs this before `make test`).
+browser:
+	command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
+lint: $(STAMP)
+	$(BIN)/python -m pip install -q mypy ruff
+	$(BIN)/ruff check src tests
+	$(BIN)/mypy src
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

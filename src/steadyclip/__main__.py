@@ -1,0 +1,3 @@
+from steadyclip.cli import main
+
+main()
