@@ -1,0 +1,70 @@
+"""Result types: frozen dataclasses that carry their provenance."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Everything needed to say which computation produced a result.
+
+    ``batch_path`` is ``"fixed-shape"`` when every forward ran at exactly
+    ``micro_batch`` rows (tail padded), or ``"verified-invariant"`` when a
+    start-up self-check proved single-row forwards bitwise equal to batched ones.
+    """
+
+    model_id: str
+    arch: str
+    weights_sha256: str
+    fingerprint: str
+    profile: str
+    precision: str
+    deterministic: bool
+    device: str
+    threads: int
+    micro_batch: int
+    batch_path: str
+    text_micro_batch: int
+    text_batch_path: str
+    flags: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    template_set: str | None = None
+    template_sha256: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """One line for humans: model, weights and profile."""
+        return (
+            f"model={self.model_id} weights={self.weights_sha256[:12]} fingerprint={self.fingerprint[:12]} "
+            f"profile={self.profile} precision={self.precision} device={self.device} threads={self.threads} "
+            f"batch={self.micro_batch}/{self.batch_path}"
+        )
+
+
+@dataclass(frozen=True)
+class Classification:
+    """Zero-shot result for one image: probabilities over all labels, in label order."""
+
+    labels: tuple[str, ...]
+    probs: tuple[float, ...]
+    top: tuple[tuple[str, float], ...]
+    provenance: Provenance
+    source: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The top-1 label."""
+        return self.top[0][0]
+
+    def to_dict(self, *, with_provenance: bool = True) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "source": self.source,
+            "top": [{"label": lab, "prob": p} for lab, p in self.top],
+            "probs": dict(zip(self.labels, self.probs)),
+        }
+        if with_provenance:
+            doc["provenance"] = self.provenance.to_dict()
+        return doc
