@@ -1,4 +1,52 @@
-"""steadyclip: OpenCLIP inference that gives the same answer every time."""
+"""steadyclip: OpenCLIP inference that gives the same answer every time.
+
+    >>> import steadyclip
+    >>> engine = steadyclip.Engine(steadyclip.load())          # bundled demo model, hash-verified
+    >>> res = engine.classify(["examples/red_circle.png"], ["red circle", "blue square"])[0]
+    >>> res.label, res.provenance.fingerprint[:12]
+
+Public names are imported lazily so that ``import steadyclip`` (and the CLI's
+``--help``) do not pay for importing torch.
+"""
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+# MKL's reproducibility mode must be chosen before the process's first GEMM.
+from steadyclip._early import early_init as _early_init  # noqa: E402
+
+_early_init()
+
+_LAZY: dict[str, str] = {
+    "load": "steadyclip.loading",
+    "LoadedModel": "steadyclip.loading",
+    "ModelInfo": "steadyclip.loading",
+    "Engine": "steadyclip.engine",
+    "Classification": "steadyclip.results",
+    "Provenance": "steadyclip.results",
+    "TextCache": "steadyclip.textcache",
+    "get_template_set": "steadyclip.prompts",
+    "load_image": "steadyclip.images",
+    "get_profile": "steadyclip.determinism",
+    "diagnose": "steadyclip.doctor",
+    "errors": "steadyclip.errors",
+}
+
+__all__ = sorted([*_LAZY, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'steadyclip' has no attribute {name!r}")
+    mod = importlib.import_module(module)
+    value = mod if name == "errors" else getattr(mod, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
