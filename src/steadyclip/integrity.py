@@ -1,0 +1,300 @@
+"""Integrity: file hashes (with a stat-keyed cache) and fingerprints of model state.
+
+Three checks at three prices:
+
+- ``sha256_file``: the exact bytes of a weights file. Streamed in 1 MiB chunks;
+  the digest is cached under the user cache dir, keyed by the file's path, size,
+  mtime, ctime and inode, so an unchanged file is hashed once, not on every start.
+- ``state_fingerprint``: the exact tensors a model holds (names, dtypes, shapes,
+  bytes), independent of the file format they came from.
+- ``buffers_fingerprint``: a cheap in-memory tamper check, run before every
+  engine call (every buffer in full, a fixed sample of every parameter, and each
+  parameter's storage identity and in-place version counter).
+
+Lockfiles (``write_lock``/``read_lock``/``compare_lock``) live in
+``steadyclip.lockfile`` and are re-exported here.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from steadyclip.errors import IntegrityError
+
+_logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CHUNK_SIZE",
+    "HashCache",
+    "cache_dir",
+    "get_hash_cache",
+    "sha256_file",
+    "verify_sha256",
+    "state_fingerprint",
+    "buffers_fingerprint",
+    "param_sample_fingerprint",
+    "write_lock",
+    "read_lock",
+    "compare_lock",
+]
+
+CHUNK_SIZE = 1 << 20  # 1 MiB: large enough to amortise syscalls, small enough to stream
+_CACHE_VERSION = 1
+_MAX_ENTRIES = 4096  # the cache is a convenience; keep the JSON small
+
+
+def cache_dir() -> Path:
+    """steadyclip's cache directory: ``$STEADYCLIP_CACHE_DIR`` or the platform user cache dir."""
+    env = os.environ.get("STEADYCLIP_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("steadyclip"))
+
+
+def _stat_key(path: Path) -> dict[str, int]:
+    st = path.stat()
+    # ctime cannot be set back by a user (unlike mtime via os.utime), so an
+    # edit that restores the mtime still misses the cache and gets re-hashed.
+    return {
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "ctime_ns": st.st_ctime_ns,
+        "inode": st.st_ino,
+    }
+
+
+class HashCache:
+    """SHA-256 digests of files, keyed by (path, size, mtime_ns, ctime_ns, inode).
+
+    Stored as one JSON document, written atomically under a file lock so several
+    processes can share it. ``hits``/``misses`` count lookups in this process.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.hits = 0
+        self.misses = 0
+
+    def _read(self) -> dict[str, dict[str, object]]:
+        try:
+            doc = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            _logger.warning("ignoring unreadable hash cache %s (%s); files will be re-hashed", self.path, e)
+            return {}
+        if not isinstance(doc, dict) or doc.get("version") != _CACHE_VERSION:
+            return {}
+        entries = doc.get("entries")
+        return entries if isinstance(entries, dict) else {}
+
+    def lookup(self, path: str | os.PathLike[str]) -> str | None:
+        """The cached digest of ``path`` if the file is unchanged since it was stored, else ``None``."""
+        p = Path(path).resolve()
+        entry = self._read().get(str(p))
+        try:
+            key = _stat_key(p)
+        except OSError:
+            key = None
+        if entry is not None and key is not None and all(entry.get(k) == v for k, v in key.items()):
+            digest = entry.get("sha256")
+            if isinstance(digest, str):
+                self.hits += 1
+                return digest
+        self.misses += 1
+        return None
+
+    def store(self, path: str | os.PathLike[str], digest: str, *, stat_key: Mapping[str, int] | None = None) -> None:
+        """Remember ``digest`` for ``path`` as it is now (or as it was at ``stat_key``)."""
+        from filelock import FileLock
+
+        p = Path(path).resolve()
+        entry: dict[str, object] = dict(stat_key if stat_key is not None else _stat_key(p))
+        entry["sha256"] = digest
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(self.path) + ".lock", timeout=30):
+                entries = self._read()
+                entries.pop(str(p), None)
+                entries[str(p)] = entry
+                while len(entries) > _MAX_ENTRIES:  # dicts keep insertion order: drop the oldest
+                    entries.pop(next(iter(entries)))
+                _atomic_write_json(self.path, {"version": _CACHE_VERSION, "entries": entries})
+        except OSError as e:  # a read-only cache dir must not stop a load
+            _logger.warning("could not write hash cache %s (%s)", self.path, e)
+
+
+def _atomic_write_json(path: Path, doc: object) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+_CACHES: dict[Path, HashCache] = {}
+
+
+def get_hash_cache() -> HashCache:
+    """The process-wide cache for the current cache dir (one instance per dir, so counters add up)."""
+    path = cache_dir() / "sha256-cache.json"
+    if path not in _CACHES:
+        _CACHES[path] = HashCache(path)
+    return _CACHES[path]
+
+
+def sha256_file(
+    path: str | os.PathLike[str], *, cache: HashCache | None | Literal["default"] = "default"
+) -> str:
+    """Full SHA-256 (hex) of a file, streamed in 1 MiB chunks; cached by stat key.
+
+    Args:
+        path: the file.
+        cache: a ``HashCache``, ``None`` to always hash, or ``"default"`` for the shared one.
+    Raises:
+        FileNotFoundError: no such file.
+    """
+    p = Path(path)
+    hc = get_hash_cache() if cache == "default" else cache
+    assert not isinstance(hc, str)
+    if hc is not None:
+        cached = hc.lookup(p)
+        if cached is not None:
+            return cached
+    before = _stat_key(p)
+    h = hashlib.sha256()
+    buf = bytearray(CHUNK_SIZE)
+    view = memoryview(buf)
+    with open(p, "rb") as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    digest = h.hexdigest()
+    if hc is not None:
+        if _stat_key(p) == before:
+            hc.store(p, digest, stat_key=before)
+        else:
+            _logger.warning("%s changed while it was hashed; not caching its digest", p)
+    return digest
+
+
+def verify_sha256(
+    path: str | os.PathLike[str],
+    expected: str,
+    *,
+    what: str = "weights file",
+    cache: HashCache | None | Literal["default"] = "default",
+) -> str:
+    """Hash ``path`` and check it against ``expected`` (full digest or a hex prefix of >= 8).
+
+    Returns:
+        The full actual digest.
+    Raises:
+        IntegrityError: naming the file, the expected and the actual hash.
+    """
+    expected = expected.strip().lower()
+    if len(expected) < 8 or any(c not in "0123456789abcdef" for c in expected):
+        raise ValueError(f"expected SHA-256 must be at least 8 hex digits, got {expected!r}")
+    actual = sha256_file(path, cache=cache)
+    if not actual.startswith(expected):
+        raise IntegrityError(
+            f"{what} {os.fspath(path)} failed its SHA-256 check: expected {expected}, actual {actual}. "
+            "The file is corrupt, truncated or not the file that was pinned; delete it and fetch it again."
+        )
+    return actual
+
+
+# --- fingerprints of in-memory state -------------------------------------------------
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous().reshape(-1)
+    # Reinterpret as bytes (works for bf16 and other dtypes numpy lacks); no copy when contiguous.
+    return memoryview(t.view(torch.uint8).numpy())
+
+
+def _header(name: str, t: torch.Tensor) -> bytes:
+    return (json.dumps([name, str(t.dtype).removeprefix("torch."), list(t.shape)]) + "\n").encode()
+
+
+def state_fingerprint(module_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over sorted (name, dtype, shape, bytes) of a model's state.
+
+    For a module this is its ``state_dict()``: every parameter and persistent
+    buffer, i.e. exactly what a checkpoint defines. It does not depend on the
+    file format: a ``.pt`` and a ``.safetensors`` of the same weights agree.
+    """
+    if isinstance(module_or_state_dict, torch.nn.Module):
+        items: Mapping[str, torch.Tensor] = module_or_state_dict.state_dict()
+    else:
+        items = module_or_state_dict
+    h = hashlib.sha256(b"steadyclip-state-v1\n")
+    for name in sorted(items):
+        t = items[name]
+        h.update(_header(name, t))
+        h.update(_tensor_bytes(t))
+    return h.hexdigest()
+
+
+_SAMPLE_PER_PARAM = 64  # elements sampled per parameter: first, last and evenly strided
+
+
+def _sample(t: torch.Tensor) -> torch.Tensor:
+    flat = t.detach().reshape(-1)
+    n = flat.numel()
+    if n <= _SAMPLE_PER_PARAM:
+        return flat
+    # Integer arithmetic: float linspace rounds past the end for large n.
+    idx = torch.arange(_SAMPLE_PER_PARAM, device=flat.device) * (n - 1) // (_SAMPLE_PER_PARAM - 1)
+    return flat[idx]
+
+
+def param_sample_fingerprint(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """Hash of a fixed sample of each tensor's elements (cheap; catches broad changes only)."""
+    h = hashlib.sha256(b"steadyclip-sample-v1\n")
+    for name, t in sorted(named, key=lambda kv: kv[0]):
+        h.update(_header(name, t))
+        h.update(_tensor_bytes(_sample(t)))
+    return h.hexdigest()
+
+
+def buffers_fingerprint(module: torch.nn.Module) -> str:
+    """The cheap in-memory tamper check: cost ~ size of the buffers, not of the weights.
+
+    Covers every buffer in full (BatchNorm running stats and counters, masks, ...),
+    a fixed sample of every parameter's elements, and each parameter's storage
+    address and in-place version counter: any ``param.add_()``/``copy_()``, even
+    under ``no_grad``, bumps the counter; swapping a parameter changes the address.
+    (Writes through ``param.data`` bypass the counter; the sample and
+    ``LoadedModel.verify_full`` catch those.)
+    """
+    h = hashlib.sha256(b"steadyclip-buffers-v1\n")
+    for name, b in sorted(module.named_buffers(remove_duplicate=False), key=lambda kv: kv[0]):
+        h.update(_header(name, b))
+        h.update(_tensor_bytes(b))
+    params = list(module.named_parameters(remove_duplicate=False))
+    h.update(param_sample_fingerprint(params).encode())
+    for name, p in sorted(params, key=lambda kv: kv[0]):
+        h.update(f"{name}:{p.data_ptr()}:{p._version}\n".encode())
+    return h.hexdigest()
+
+
+# Lockfile functions are part of this module's contract (docs/INTERFACES.md).
+from steadyclip.lockfile import compare_lock, read_lock, write_lock  # noqa: E402

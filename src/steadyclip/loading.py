@@ -1,0 +1,334 @@
+"""Load a model you can trust: verified bytes, strictly applied, locked in inference state.
+
+``load`` resolves a source (``steadyclip.sources``), checks the weights' SHA-256
+before reading them, builds the architecture with open_clip *without* weights,
+applies the tensors itself (``steadyclip.checkpoints``: safe formats only, every
+key accounted for), then puts the model in eval mode with gradients off and
+records fingerprints so later tampering is caught.
+
+Example:
+    >>> import steadyclip
+    >>> m = steadyclip.load()                                   # the bundled demo model
+    >>> m = steadyclip.load("ViT-B-32", pretrained="/ckpt/vit_b_32.safetensors")
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+
+from steadyclip import checkpoints, integrity, sources
+from steadyclip.errors import DeviceError, InferenceStateError, IntegrityError, NumericsError
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["PreprocessConfig", "ModelInfo", "LoadedModel", "load", "Guard"]
+
+Guard = Literal["warn", "raise"]
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How images must be prepared for this model (from the pretrained tag or model config)."""
+
+    size: int | tuple[int, int]
+    mode: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str
+    resize_mode: str
+    fill_color: int
+
+    @classmethod
+    def from_open_clip(cls, cfg: dict[str, Any]) -> PreprocessConfig:
+        size = cfg["size"]
+        return cls(
+            size=tuple(size) if isinstance(size, (list, tuple)) else int(size),  # type: ignore[arg-type]
+            mode=str(cfg.get("mode", "RGB")),
+            mean=tuple(float(x) for x in cfg["mean"]),
+            std=tuple(float(x) for x in cfg["std"]),
+            interpolation=str(cfg["interpolation"]),
+            resize_mode=str(cfg["resize_mode"]),
+            fill_color=int(cfg.get("fill_color", 0)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["size"] = list(self.size) if isinstance(self.size, tuple) else self.size
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Everything that identifies a loaded model; goes into locks and provenance.
+
+    Attributes:
+        model_id: the source as given ("steadyclip-demo", "ViT-B-32", "hf-hub:org/repo").
+        arch: open_clip architecture (or schema name for hub/local-dir sources).
+        source: kind of source: bundled | tag | file | hf-hub | local-dir.
+        pretrained: tag or file path, if any.
+        revision: hub commit the weights came from (None off the hub).
+        weights_files: the weights file(s) read.
+        weights_sha256: full SHA-256 of the weights file.
+        fingerprint: ``integrity.state_fingerprint`` of the loaded state.
+        config_hash: SHA-256 of the model config built.
+        preprocess: image preprocessing in effect.
+        tokenizer: tokenizer class (and HF name where there is one).
+        context_length: tokens per text.
+    """
+
+    model_id: str
+    arch: str
+    source: str
+    pretrained: str | None
+    revision: str | None
+    weights_files: tuple[str, ...]
+    weights_sha256: str
+    fingerprint: str
+    config_hash: str
+    preprocess: PreprocessConfig
+    tokenizer: str
+    context_length: int
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["weights_files"] = list(self.weights_files)
+        d["preprocess"] = self.preprocess.to_dict()
+        return d
+
+
+class LoadedModel:
+    """An open_clip model in inference state, with its preprocessing, tokenizer and identity.
+
+    Attributes:
+        model: the open_clip model (eval mode, ``requires_grad`` False).
+        preprocess: open_clip's eval transform (PIL image -> tensor).
+        tokenizer: open_clip tokenizer (list[str] -> LongTensor).
+        info: the ``ModelInfo``.
+        guard: what ``ensure_inference_state`` does on train mode: "warn" (restore) or "raise".
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        preprocess: Callable[[Any], torch.Tensor],
+        tokenizer: Callable[..., torch.Tensor],
+        info: ModelInfo,
+        *,
+        guard: Guard = "warn",
+    ) -> None:
+        if guard not in ("warn", "raise"):
+            raise ValueError(f"guard must be 'warn' or 'raise', got {guard!r}")
+        self.model = model
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.info = info
+        self.guard: Guard = guard
+        self._lock_in_inference_state()
+        self._buffers_fp = integrity.buffers_fingerprint(model)
+
+    def __repr__(self) -> str:
+        return f"LoadedModel({self.info.model_id!r}, fingerprint={self.info.fingerprint[:12]})"
+
+    def _lock_in_inference_state(self) -> None:
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    def ensure_inference_state(self) -> None:
+        """Make sure no module is in train mode and no parameter wants gradients.
+
+        Called by the engine before every forward. With ``guard="warn"`` a drifted
+        model is put back in eval mode with a warning; with ``guard="raise"`` it
+        is an error.
+
+        Raises:
+            InferenceStateError: something left inference state and guard is "raise".
+        """
+        training = [name or "<root>" for name, m in self.model.named_modules() if m.training]
+        grads = [name for name, p in self.model.named_parameters() if p.requires_grad]
+        if not training and not grads:
+            return
+        what = []
+        if training:
+            what.append(f"{len(training)} module(s) in train mode ({checkpoints.format_keys(training, 5)})")
+        if grads:
+            what.append(f"{len(grads)} parameter(s) with requires_grad=True")
+        msg = (f"model {self.info.model_id!r} left inference state: " + "; ".join(what) +
+               ". Something called .train() or enabled gradients; dropout/BatchNorm would change results.")
+        if self.guard == "raise":
+            raise InferenceStateError(msg + " Call .eval() or load with guard='warn' to restore automatically.")
+        warnings.warn(msg + " Restored eval mode.", RuntimeWarning, stacklevel=2)
+        _logger.warning("%s Restored eval mode.", msg)
+        self._lock_in_inference_state()
+
+    def check_buffers(self) -> None:
+        """Cheap tamper check (all buffers, sampled parameters, in-place writes); run before each call.
+
+        Raises:
+            IntegrityError: weights or buffers (e.g. BatchNorm statistics) changed since load.
+        """
+        actual = integrity.buffers_fingerprint(self.model)
+        if actual != self._buffers_fp:
+            raise IntegrityError(
+                f"model {self.info.model_id!r} changed in memory since it was loaded (buffers fingerprint "
+                f"expected {self._buffers_fp[:16]}, actual {actual[:16]}): weights were modified or a forward "
+                "ran in train mode and updated BatchNorm statistics. Load the model again."
+            )
+
+    def verify_full(self) -> None:
+        """Recompute the full state fingerprint (costs a pass over all weights).
+
+        Raises:
+            IntegrityError: the state differs from what was loaded.
+        """
+        actual = integrity.state_fingerprint(self.model)
+        if actual != self.info.fingerprint:
+            raise IntegrityError(
+                f"model {self.info.model_id!r} state fingerprint expected {self.info.fingerprint}, actual {actual}: "
+                "its weights changed since load. Load the model again."
+            )
+
+
+def load(
+    source: str | None = "steadyclip-demo",
+    *,
+    pretrained: str | os.PathLike[str] | None = None,
+    lock: str | os.PathLike[str] | None = None,
+    strict: bool = True,
+    allow_partial: bool = False,
+    allow_torchscript: bool = False,
+    guard: Guard = "warn",
+    cache_dir: str | os.PathLike[str] | None = None,
+    device: str = "cpu",
+) -> LoadedModel:
+    """Load a verified model in inference state; never a random or silently wrong one.
+
+    Args:
+        source: "steadyclip-demo" (default), an open_clip architecture name,
+            "hf-hub:ORG/REPO[@REVISION]" or "local-dir:PATH".
+        pretrained: for an architecture name: a pretrained tag or a checkpoint path.
+        lock: a lockfile; the loaded model must match it exactly (hub revision is pinned from it).
+        strict: refuse a partial load (kept for symmetry; ``allow_partial=True`` is what relaxes it).
+        allow_partial: allow missing keys (they keep their initial values; logged).
+        allow_torchscript: allow TorchScript archives (loading one runs its code).
+        guard: "warn" restores eval mode if something switches to train; "raise" refuses.
+        cache_dir: download cache for open_clip / hub sources.
+        device: "cpu" or a CUDA/MPS device; never a silent fallback.
+    Returns:
+        A ``LoadedModel``.
+    Raises:
+        ModelSourceError, WeightsError, UnsafeCheckpointError, IntegrityError, LockMismatchError,
+        NumericsError, DeviceError.
+
+    Example:
+        >>> m = load("ViT-B-32", pretrained="vit_b_32.safetensors", lock="steadyclip.lock")
+    """
+    import open_clip
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    t0 = time.perf_counter()
+    _check_device(device)
+    lock_doc = integrity.read_lock(lock) if lock is not None else None
+    revision = lock_doc["model"].get("revision") if lock_doc else None
+    if isinstance(source, str) and source.startswith("hf-hub:") and "@" in source:
+        revision = None  # an explicit @revision in the name wins; a lock mismatch is still caught below
+    resolved = sources.resolve(source, pretrained, revision=revision, cache_dir=cache_dir)
+
+    # Building initialises weights: keep the caller's RNG untouched, and drop open_clip's
+    # "initialized randomly" warning, which is false here (the weights are applied below).
+    with torch.random.fork_rng(devices=[]), _quiet_random_init_warning():
+        model = open_clip.create_model(
+            resolved.create_name,
+            pretrained=None,
+            load_weights=False,
+            force_quick_gelu=resolved.quick_gelu,
+            force_preprocess_cfg=resolved.preprocess_overrides or None,
+            pretrained_image=False,
+            pretrained_text=False,
+            device="cpu",
+        )
+    state = checkpoints.read_state_dict(resolved.weights_file, allow_torchscript=allow_torchscript)
+    state = checkpoints.normalize_state_dict(model, state)
+    checkpoints.apply_state_dict(
+        model, state, allow_partial=allow_partial or not strict, source=str(resolved.weights_file)
+    )
+    del state
+    _check_finite(model, resolved.model_id)
+    model.eval()
+    if device != "cpu":
+        model.to(device)
+
+    tokenizer = open_clip.get_tokenizer(resolved.tokenizer_name)
+    pp_cfg = dict(model.visual.preprocess_cfg)
+    preprocess = image_transform_v2(PreprocessCfg(**pp_cfg), is_train=False)
+    info = ModelInfo(
+        model_id=resolved.model_id,
+        arch=resolved.arch,
+        source=resolved.kind,
+        pretrained=resolved.pretrained,
+        revision=resolved.revision,
+        weights_files=(str(resolved.weights_file),),
+        weights_sha256=resolved.weights_sha256,
+        fingerprint=integrity.state_fingerprint(model),
+        config_hash=sources.config_hash(resolved.model_cfg),
+        preprocess=PreprocessConfig.from_open_clip(pp_cfg),
+        tokenizer=_describe_tokenizer(tokenizer),
+        context_length=int(getattr(tokenizer, "context_length", 0) or 0),
+    )
+    loaded = LoadedModel(model, preprocess, tokenizer, info, guard=guard)
+    if lock_doc is not None:
+        integrity.compare_lock(lock_doc, info)
+    _logger.info("loaded %s (sha256 %s, fingerprint %s) in %.2fs", info.model_id, info.weights_sha256[:12],
+                 info.fingerprint[:12], time.perf_counter() - t0)
+    return loaded
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded for model")
+
+
+@contextlib.contextmanager
+def _quiet_random_init_warning() -> Iterator[None]:
+    f = _DropRandomInitWarning()
+    root = logging.getLogger()
+    root.addFilter(f)
+    try:
+        yield
+    finally:
+        root.removeFilter(f)
+
+
+def _check_device(device: str) -> None:
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise DeviceError(f"{device!r} is not a torch device name (try 'cpu' or 'cuda:0')") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device {device!r} asked for but CUDA is not available; pass device='cpu' explicitly")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"device {device!r} asked for but MPS is not available; pass device='cpu' explicitly")
+
+
+def _check_finite(model: torch.nn.Module, model_id: str) -> None:
+    bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise NumericsError(
+            f"weights of {model_id!r} contain NaN/Inf in {checkpoints.format_keys(bad)}; the checkpoint is broken"
+        )
+
+
+def _describe_tokenizer(tokenizer: object) -> str:
+    name = type(tokenizer).__name__
+    hf = getattr(tokenizer, "tokenizer", None)
+    hf_name = getattr(hf, "name_or_path", None)
+    return f"{name}:{hf_name}" if hf_name else name

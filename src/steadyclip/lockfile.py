@@ -1,0 +1,156 @@
+"""Lockfiles: a JSON record of exactly which model a result came from.
+
+Format (version 1)::
+
+    {
+      "steadyclip_lock": 1,
+      "model": {model_id, arch, source, pretrained, revision, weights_files,
+                weights_sha256, fingerprint, config_hash, preprocess, tokenizer,
+                context_length},
+      "versions": {python, torch, open_clip, safetensors, steadyclip},
+      ...                      # extra sections (e.g. "probe") are kept as written
+    }
+
+``compare_lock`` refuses any difference in what defines the model (hashes,
+fingerprint, config, preprocessing, tokenizer, revision) with a
+``LockMismatchError`` naming the field and both values. Library versions are
+compared too but only logged: a new torch does not change the weights, and
+numeric drift is what a behaviour probe is for.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import tempfile
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Protocol
+
+from steadyclip.errors import IntegrityError, LockMismatchError
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["LOCK_VERSION", "LOCKED_FIELDS", "library_versions", "make_lock", "write_lock", "read_lock", "compare_lock"]
+
+LOCK_VERSION = 1
+
+# Fields of ModelInfo that must match exactly; source paths and model ids may differ
+# between machines (the same bytes can live anywhere), so they are recorded, not compared.
+LOCKED_FIELDS: tuple[str, ...] = (
+    "arch",
+    "revision",
+    "weights_sha256",
+    "fingerprint",
+    "config_hash",
+    "preprocess",
+    "tokenizer",
+    "context_length",
+)
+
+
+class _HasToDict(Protocol):
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape a result."""
+    out = {"python": platform.python_version()}
+    for dist in ("torch", "open_clip_torch", "safetensors", "timm", "steadyclip"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def _info_dict(info: _HasToDict | Mapping[str, Any]) -> dict[str, Any]:
+    return dict(info) if isinstance(info, Mapping) else info.to_dict()
+
+
+def make_lock(info: _HasToDict | Mapping[str, Any], **extra: Any) -> dict[str, Any]:
+    """The lock document for a loaded model's info, plus extra sections (e.g. ``probe=...``)."""
+    reserved = {"steadyclip_lock", "model", "versions"} & extra.keys()
+    if reserved:
+        raise ValueError(f"extra lock sections may not be named {sorted(reserved)}")
+    # Round-trip through JSON so the in-memory lock equals what a read returns (tuples -> lists).
+    doc: dict[str, Any] = {"steadyclip_lock": LOCK_VERSION, "model": _info_dict(info), "versions": library_versions()}
+    doc.update(extra)
+    result: dict[str, Any] = json.loads(json.dumps(doc, allow_nan=False))
+    return result
+
+
+def write_lock(path: str | os.PathLike[str], info: _HasToDict | Mapping[str, Any], **extra: Any) -> dict[str, Any]:
+    """Write a lockfile atomically; returns the document written."""
+    doc = make_lock(info, **extra)
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=p.parent if str(p.parent) else ".", prefix=p.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=2, sort_keys=True, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return doc
+
+
+def read_lock(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and validate a lockfile.
+
+    Raises:
+        IntegrityError: unreadable, not a steadyclip lock, or a newer format.
+    """
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise IntegrityError(f"lockfile {p} does not exist; create one with `steadyclip lock MODEL -o {p}`") from e
+    except (OSError, ValueError) as e:
+        raise IntegrityError(f"lockfile {p} is not readable JSON ({e}); re-create it with `steadyclip lock`") from e
+    if not isinstance(doc, dict) or "steadyclip_lock" not in doc or not isinstance(doc.get("model"), dict):
+        raise IntegrityError(f"{p} is not a steadyclip lockfile (no 'steadyclip_lock' version and 'model' section)")
+    if doc["steadyclip_lock"] != LOCK_VERSION:
+        raise IntegrityError(
+            f"lockfile {p} has format version {doc['steadyclip_lock']!r}; this steadyclip reads version "
+            f"{LOCK_VERSION}. Upgrade steadyclip or re-create the lock."
+        )
+    return doc
+
+
+def compare_lock(lock: Mapping[str, Any], info: _HasToDict | Mapping[str, Any]) -> None:
+    """Check a loaded model against a lock; the first differing field raises.
+
+    Raises:
+        LockMismatchError: carrying ``field``, ``expected`` (the lock's) and ``actual``.
+    """
+    expected_model = lock["model"]
+    actual_model = json.loads(json.dumps(_info_dict(info)))
+    for field in LOCKED_FIELDS:
+        if field not in expected_model:
+            continue  # a lock written by hand may pin less
+        exp, act = expected_model[field], actual_model.get(field)
+        if isinstance(exp, dict) and isinstance(act, dict):
+            for sub in sorted(exp.keys() | act.keys()):
+                if exp.get(sub) != act.get(sub):
+                    _mismatch(f"{field}.{sub}", exp.get(sub), act.get(sub))
+        elif exp != act:
+            _mismatch(field, exp, act)
+    locked_versions = lock.get("versions") or {}
+    now = library_versions()
+    for name, ver in sorted(locked_versions.items()):
+        if now.get(name) != ver:
+            _logger.warning("lock was made with %s %s, this is %s %s", name, ver, name, now.get(name))
+
+
+def _mismatch(field: str, expected: object, actual: object) -> None:
+    raise LockMismatchError(
+        f"lock mismatch in {field}: lock has {expected!r}, loaded model has {actual!r}. "
+        "Load the exact model the lock was made from, or re-create the lock with `steadyclip lock`.",
+        field=field,
+        expected=expected,
+        actual=actual,
+    )
