@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 
 from steadyclip import checkpoints, integrity, sources
-from steadyclip.errors import DeviceError, InferenceStateError, IntegrityError, NumericsError
+from steadyclip.errors import DeviceError, InferenceStateError, IntegrityError, LockMismatchError, NumericsError
 
 _logger = logging.getLogger(__name__)
 
@@ -238,10 +238,17 @@ def load(
     t0 = time.perf_counter()
     _check_device(device)
     lock_doc = integrity.read_lock(lock) if lock is not None else None
-    revision = lock_doc["model"].get("revision") if lock_doc else None
-    if isinstance(source, str) and source.startswith("hf-hub:") and "@" in source:
-        revision = None  # an explicit @revision in the name wins; a lock mismatch is still caught below
-    resolved = sources.resolve(source, pretrained, revision=revision, cache_dir=cache_dir)
+    locked = lock_doc["model"] if lock_doc else {}
+    resolved = sources.resolve(source, pretrained, revision=locked.get("revision"), cache_dir=cache_dir,
+                               expected_sha256=locked.get("weights_sha256"))
+    if locked.get("weights_sha256") and locked["weights_sha256"] != resolved.weights_sha256:
+        # Before a single tensor is read: the file is not the one the lock pins.
+        raise LockMismatchError(
+            f"lock mismatch in weights_sha256: {resolved.weights_file} has SHA-256 {resolved.weights_sha256}, "
+            f"the lock {os.fspath(lock)} expects {locked['weights_sha256']}. Use the file the lock was made "  # type: ignore[arg-type]
+            "from, or re-create the lock with `steadyclip lock`.",
+            field="weights_sha256", expected=locked["weights_sha256"], actual=resolved.weights_sha256,
+        )
 
     # Building initialises weights: keep the caller's RNG untouched, and drop open_clip's
     # "initialized randomly" warning, which is false here (the weights are applied below).

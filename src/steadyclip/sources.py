@@ -34,7 +34,6 @@ __all__ = ["ResolvedSource", "resolve", "config_hash"]
 
 _PREPROCESS_KEYS = ("size", "mode", "mean", "std", "interpolation", "resize_mode", "fill_color")
 _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
-_HEX = set("0123456789abcdef")
 
 
 @dataclass(frozen=True)
@@ -81,6 +80,7 @@ def resolve(
     *,
     revision: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    expected_sha256: str | None = None,
 ) -> ResolvedSource:
     """Resolve a user-facing model source to an architecture and verified weights.
 
@@ -88,6 +88,7 @@ def resolve(
         source: model name; see the module docstring.
         pretrained: a tag or a checkpoint path (for built-in architecture names only).
         revision: pin hub downloads to this commit (e.g. from a lockfile).
+        expected_sha256: the weights hash a lockfile pins; a download that differs is re-fetched once.
         cache_dir: download cache for open_clip / the hub.
     Raises:
         ModelSourceError: unknown name or tag, missing file.
@@ -107,7 +108,7 @@ def resolve(
             return _resolve_local_dir(source)
         from steadyclip.hub import resolve_hf_hub
 
-        return resolve_hf_hub(source, revision=revision, cache_dir=cache_dir)
+        return resolve_hf_hub(source, revision=revision, cache_dir=cache_dir, expected_sha256=expected_sha256)
     arch = _builtin_arch(source)
     if pretrained_s is None:
         raise ModelSourceError(
@@ -120,7 +121,8 @@ def resolve(
     if tag_cfg:
         from steadyclip.hub import resolve_tag
 
-        return resolve_tag(arch, pretrained_s, tag_cfg, revision=revision, cache_dir=cache_dir)
+        return resolve_tag(arch, pretrained_s, tag_cfg, revision=revision, cache_dir=cache_dir,
+                           expected_sha256=expected_sha256)
     return _resolve_file(arch, pretrained_s)
 
 
@@ -148,7 +150,7 @@ def _tags(arch: str) -> list[str]:
     return sorted(open_clip.list_pretrained_tags_by_model(arch))
 
 
-def _builtin_cfg(arch: str, quick_gelu: bool) -> dict[str, Any]:
+def builtin_model_cfg(arch: str, quick_gelu: bool) -> dict[str, Any]:
     import open_clip
 
     cfg: dict[str, Any] = open_clip.get_model_config(arch)
@@ -173,7 +175,7 @@ def _resolve_bundled(model_id: str) -> ResolvedSource:
         kind="bundled",
         arch=spec.arch,
         create_name=spec.arch,
-        model_cfg=_builtin_cfg(spec.arch, False),
+        model_cfg=builtin_model_cfg(spec.arch, False),
         pretrained=None,
         revision=None,
         weights_file=wf,
@@ -198,7 +200,7 @@ def _resolve_file(arch: str, path: str) -> ResolvedSource:
         kind="file",
         arch=arch,
         create_name=arch,
-        model_cfg=_builtin_cfg(arch, False),
+        model_cfg=builtin_model_cfg(arch, False),
         pretrained=str(p.resolve()),
         revision=None,
         weights_file=p.resolve(),
@@ -267,15 +269,3 @@ def move_aside(path: Path) -> Path:
     os.replace(path, target)
     _logger.warning("moved %s aside to %s after a failed hash check", path, target)
     return target
-
-
-def is_hex_digest(s: str) -> bool:
-    return len(s) >= 8 and set(s.lower()) <= _HEX
-
-
-def verify_or_raise(path: Path, expected: str | None, what: str) -> str:
-    """Full digest of ``path``, checked against ``expected`` if given."""
-    if expected:
-        return integrity.verify_sha256(path, expected, what=what)
-    return integrity.sha256_file(path)
-
