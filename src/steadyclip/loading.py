@@ -29,7 +29,7 @@ from steadyclip.errors import DeviceError, InferenceStateError, IntegrityError, 
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["PreprocessConfig", "ModelInfo", "LoadedModel", "load", "Guard"]
+__all__ = ["PreprocessConfig", "ModelInfo", "LoadedModel", "load", "source_from_lock", "Guard"]
 
 Guard = Literal["warn", "raise"]
 
@@ -313,6 +313,15 @@ def _quiet_random_init_warning() -> Iterator[None]:
         yield
     finally:
         root.removeFilter(f)
+
+
+def source_from_lock(lock_doc: dict[str, Any]) -> tuple[str, str | None]:
+    """The (source, pretrained) arguments for ``load`` that reproduce a locked model."""
+    model = lock_doc["model"]
+    kind = model.get("source")
+    if kind in ("tag", "file"):
+        return str(model["arch"]), model.get("pretrained")
+    return str(model["model_id"]), None
 
 
 def _check_device(device: str) -> None:
