@@ -1,0 +1,394 @@
+"""``run_batch``: a folder or manifest in, one crash-safe Parquet file out.
+
+Flow (local backend)::
+
+    listing (streamed) --> decoder processes (read, sha256, decode, preprocess; bounded prefetch)
+        --> model in this process (fixed-shape micro-batches) --> zero-shot head
+        --> part files every ``part_size`` rows --> final file, assembled atomically
+
+The Ray backend (``steadyclip.distributed``) replaces the middle two stages;
+listing, parts, journal and assembly are the same code.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from itertools import islice
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from steadyclip.batch import _prep
+from steadyclip.batch._prep import ItemResult, Prepared
+from steadyclip.batch.inputs import InputItem, InputSource, open_inputs
+from steadyclip.batch.table import Columns, build_table, make_schema
+from steadyclip.batch.writer import JobSpec, PartStore, kill_point, read_metadata
+from steadyclip.errors import BatchJobError
+from steadyclip.prompts import TemplateSet, get_template_set, validate_labels
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["BatchProgress", "BatchSummary", "run_batch", "default_workers"]
+
+Backend = Literal["local", "ray"]
+DEFAULT_PART_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class BatchProgress:
+    """Sent to the ``progress`` callback after each model step."""
+
+    done: int  # rows finished, resumed ones included
+    total: int
+    errors: int  # error rows so far, resumed ones included
+    resumed: int  # rows taken from an earlier, interrupted run
+
+
+@dataclass(frozen=True)
+class BatchSummary:
+    """What a batch job did. ``items_per_s`` counts only rows computed by this run."""
+
+    out: Path
+    total: int
+    ok: int
+    errors: int
+    resumed: int
+    processed: int
+    elapsed_s: float
+    model_s: float  # time inside model forwards (local backend)
+    wait_s: float  # time the model waited for decoded images (local backend)
+    backend: str
+    workers: int
+    threads: int
+    micro_batch: int
+    already_complete: bool
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def items_per_s(self) -> float:
+        return self.processed / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["out"] = str(self.out)
+        doc["items_per_s"] = self.items_per_s
+        return doc
+
+
+def default_workers() -> int:
+    """Decoder processes: one per CPU left after the model's, at least 1, at most 8."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def run_batch(
+    inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    engine: Any,
+    *,
+    out: str | os.PathLike[str],
+    labels: Sequence[str] | None = None,
+    templates: str | Sequence[str] | TemplateSet | None = None,
+    top_k: int = 5,
+    all_probs: bool = False,
+    embeddings: bool = False,
+    backend: Backend = "local",
+    workers: int | None = None,
+    part_size: int = DEFAULT_PART_SIZE,
+    restart: bool = False,
+    start_method: str | None = None,
+    max_file_bytes: int = _prep.DEFAULT_MAX_FILE_BYTES,
+    ray_address: str | None = None,
+    ray_actors: int | None = None,
+    progress: Callable[[BatchProgress], None] | None = None,
+) -> BatchSummary:
+    """Classify and/or embed every image of a folder, glob, manifest or list into one Parquet file.
+
+    Every input gets exactly one row (a bad image is an ``error`` row); a killed
+    job resumes where it stopped when run again with the same arguments.
+
+    Args:
+        inputs: a folder (recursive), a glob, a manifest (.csv/.parquet with a ``path`` column, or
+            .txt with one path per line), or a list of paths.
+        engine: a :class:`steadyclip.Engine`.
+        out: the Parquet file to write.
+        labels: labels to classify against (zero-shot); omit for embeddings only.
+        templates: prompt templates (default ``"photo"``).
+        top_k: labels kept per row in ``top_labels``/``top_probs``.
+        all_probs: also write every label's probability (``probs``).
+        embeddings: also write the image embedding (``embedding``).
+        backend: ``"local"`` (decoder processes + this process's model) or ``"ray"``.
+        workers: decoder processes (local; 0 decodes in a thread here) or Ray actors (ray).
+        part_size: rows per part file (the resume granularity).
+        restart: discard an unfinished or finished earlier job at ``out`` instead of refusing.
+        start_method: multiprocessing start method for decoders (default "fork" where available).
+        max_file_bytes: files larger than this are error rows, never read.
+        ray_address: an existing Ray cluster (default: start a local one).
+        ray_actors: model actors for the Ray backend (default: ``workers`` or 1).
+        progress: called with a :class:`BatchProgress` after each model step.
+    Returns:
+        A :class:`BatchSummary`.
+    Raises:
+        BatchJobError: no inputs, unreadable manifest, or a resume that would mix two different jobs.
+        LabelError, TemplateError: bad labels or templates.
+
+    Example:
+        >>> engine = steadyclip.Engine(steadyclip.load())
+        >>> run_batch("photos/", engine, labels=["red circle", "blue square"], out="photos.parquet").errors
+        0
+    """
+    t0 = time.perf_counter()
+    if backend not in ("local", "ray"):
+        raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    source = open_inputs(inputs)
+    clean = validate_labels(list(labels)) if labels is not None else []
+    if not clean and not embeddings:
+        raise BatchJobError("nothing to compute: give labels to classify against, and/or ask for embeddings")
+    tset = get_template_set(templates) if clean else None
+    inputs_sha, n = source.fingerprint()
+    if n == 0:
+        raise BatchJobError(f"no images found in {source.description!r}; check the path, pattern or manifest")
+    class_emb = engine.class_embeddings(clean, tset) if tset is not None else None
+    model_dim = _embedding_dim(engine, class_emb)
+    cols = Columns(labels=tuple(clean), top_k=top_k, all_probs=all_probs,
+                   embedding_dim=model_dim if embeddings else None)
+    schema = make_schema(cols)
+    provenance = engine.provenance.to_dict()
+    if tset is not None:
+        provenance |= {"template_set": tset.name, "template_sha256": tset.sha256}
+    job = _job_spec(inputs_sha, n, provenance, clean, tset, cols, part_size, source)
+    store = PartStore(out, job, part_size=part_size)
+    n_workers = default_workers() if workers is None else workers
+
+    with store.locked():
+        state = store.open(restart=restart)
+        if state.complete:
+            meta = read_metadata(store.out)
+            _logger.info("%s already holds this job; nothing to do", store.out)
+            return BatchSummary(store.out, n, meta["ok"], meta["errors"], n, 0, time.perf_counter() - t0, 0.0,
+                                0.0, backend, n_workers, engine.profile.threads, engine.micro_batch, True,
+                                provenance)
+        hasher = _ListingHasher()
+        pending = (it for it in hasher.watch(source) if it.index // part_size not in state.done_parts)
+        if backend == "ray":
+            from steadyclip.distributed import RayPipeline
+
+            pipeline: Any = RayPipeline(engine, dim=model_dim, address=ray_address,
+                                        actors=ray_actors or max(1, n_workers), max_file_bytes=max_file_bytes)
+        else:
+            pipeline = LocalPipeline(engine, workers=n_workers, start_method=start_method,
+                                     max_file_bytes=max_file_bytes)
+        counts = _Counts(done=state.done_rows, errors=state.done_errors)
+        with contextlib.closing(pipeline.run(pending, part_size)) as stream:
+            for k, rows in _parts(stream, part_size, counts, n, state.done_rows, progress):
+                table = build_table(rows, cols, schema, engine=engine, class_emb=class_emb, templates=tset)
+                store.write_part(k, table)
+        if hasher.digest() != (inputs_sha, n):
+            raise BatchJobError(
+                f"the input listing of {source.description!r} changed while the job ran; the finished parts "
+                "may not match the inputs any more. Re-run with --restart (or restart=True)."
+            )
+        metadata = {"format": "steadyclip-batch", "provenance": provenance, "labels": list(clean),
+                    "templates": list(tset.templates) if tset is not None else None,
+                    "columns": [f.name for f in schema]}
+        ok, errors = store.assemble(schema, metadata)
+    elapsed = time.perf_counter() - t0
+    summary = BatchSummary(store.out, n, ok, errors, state.done_rows, n - state.done_rows, elapsed,
+                           pipeline.model_s, pipeline.wait_s, backend, n_workers, engine.profile.threads,
+                           engine.micro_batch, False, provenance)
+    _logger.info("batch done: %d rows (%d ok, %d errors) in %.1fs -> %s", n, ok, errors, elapsed, store.out)
+    return summary
+
+
+def _embedding_dim(engine: Any, class_emb: np.ndarray | None) -> int:
+    if class_emb is not None:
+        return int(class_emb.shape[1])
+    return int(engine.embed_texts(["a photo."]).shape[1])  # CLIP image and text embeddings share D
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _job_spec(inputs_sha: str, n: int, prov: dict[str, Any], labels: list[str], tset: TemplateSet | None,
+              cols: Columns, part_size: int, source: InputSource) -> JobSpec:
+    model = {k: prov[k] for k in ("model_id", "weights_sha256", "fingerprint")}
+    options = {
+        "top_k": cols.top_k, "all_probs": cols.all_probs, "embeddings": cols.embedding_dim is not None,
+        "part_size": part_size,
+        # what decides the numbers: a resumed job must compute exactly like the first run
+        **{k: prov[k] for k in ("profile", "precision", "device", "threads", "micro_batch", "batch_path")},
+    }
+    return JobSpec(inputs_sha256=inputs_sha, n_inputs=n, model=model,
+                   labels_sha256=_sha(labels) if labels else None,
+                   templates_sha256=tset.sha256 if tset is not None else None, options=options,
+                   description={"inputs": source.description, "kind": source.kind})
+
+
+class _ListingHasher:
+    """Hashes the listing while the job streams it, to prove it did not change since the first pass."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256(b"steadyclip-inputs-v1\0")
+        self._n = 0
+
+    def watch(self, source: Iterable[InputItem]) -> Iterator[InputItem]:
+        for item in source:
+            self._h.update(item.path.encode("utf-8", "surrogateescape") + b"\0")
+            self._n += 1
+            yield item
+
+    def digest(self) -> tuple[str, int]:
+        return self._h.hexdigest(), self._n
+
+
+@dataclass
+class _Counts:
+    done: int
+    errors: int
+
+
+def _parts(stream: Iterable[list[ItemResult]], part_size: int, counts: _Counts, total: int, resumed: int,
+           progress: Callable[[BatchProgress], None] | None) -> Iterator[tuple[int, list[ItemResult]]]:
+    """Group the ordered result stream into whole parts."""
+    current: list[ItemResult] = []
+    for batch in stream:
+        for r in batch:
+            current.append(r)
+            counts.done += 1
+            counts.errors += not r.ok
+            if (r.index + 1) % part_size == 0 or r.index + 1 == total:
+                k = r.index // part_size
+                if current[0].index != k * part_size:
+                    raise BatchJobError(f"internal error: part {k} starts at row {current[0].index}")
+                yield k, current
+                current = []
+        if progress is not None:
+            progress(BatchProgress(counts.done, total, counts.errors, resumed))
+    if current:
+        raise BatchJobError(f"internal error: the input stream ended inside a part at row {current[-1].index}")
+
+
+class LocalPipeline:
+    """Decoder processes feeding this process's model, in input order, with bounded prefetch."""
+
+    def __init__(self, engine: Any, *, workers: int, start_method: str | None = None,
+                 max_file_bytes: int = _prep.DEFAULT_MAX_FILE_BYTES, prefetch: int | None = None) -> None:
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
+        self.engine = engine
+        self.workers = workers
+        methods = multiprocessing.get_all_start_methods()
+        self.start_method = start_method or ("fork" if "fork" in methods else "spawn")
+        self.max_file_bytes = max_file_bytes
+        self.chunk = max(1, engine.micro_batch)
+        self.window = prefetch or 2 * max(1, workers) + 2  # chunks in flight
+        self.model_s = 0.0
+        self.wait_s = 0.0
+        self._executor: Executor | None = None
+
+    def _new_executor(self) -> Executor:
+        transform = self.engine.loaded.preprocess
+        if self.workers == 0:
+            return ThreadPoolExecutor(max_workers=1, thread_name_prefix="steadyclip-decode")
+        ctx = multiprocessing.get_context(self.start_method)
+        return ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx, initializer=_prep.init_worker,
+                                   initargs=(transform, self.max_file_bytes, os.getpid()))
+
+    def _submit(self, chunk: list[InputItem]) -> Future[list[Prepared]]:
+        assert self._executor is not None
+        if self.workers == 0:
+            fn = partial(_prepare_here, self.engine.loaded.preprocess, self.max_file_bytes)
+            return self._executor.submit(fn, chunk)
+        return self._executor.submit(_prep.prepare_chunk, chunk)
+
+    def _restart(self) -> None:
+        assert self._executor is not None
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor = self._new_executor()
+
+    def run(self, items: Iterator[InputItem], part_size: int) -> Iterator[list[ItemResult]]:
+        """Ordered results, one model step at a time (a full micro-batch, or the end of a part)."""
+        self._executor = self._new_executor()
+        try:
+            pending: list[Prepared] = []
+            n_ok = 0
+            for prep in self._prepared(items):
+                pending.append(prep)
+                n_ok += prep.pixels is not None
+                if n_ok >= self.engine.micro_batch or (prep.index + 1) % part_size == 0:
+                    yield self._embed(pending)
+                    pending, n_ok = [], 0
+            if pending:
+                yield self._embed(pending)
+        finally:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+    def _prepared(self, items: Iterator[InputItem]) -> Iterator[Prepared]:
+        window: deque[tuple[list[InputItem], Future[list[Prepared]]]] = deque()
+        chunks = iter(lambda: list(islice(items, self.chunk)), [])
+        for chunk in chunks:
+            window.append((chunk, self._submit(chunk)))
+            if len(window) >= self.window:
+                yield from self._collect(window)
+        while window:
+            yield from self._collect(window)
+
+    def _collect(self, window: deque[tuple[list[InputItem], Future[list[Prepared]]]]) -> list[Prepared]:
+        chunk, fut = window.popleft()
+        t = time.perf_counter()
+        try:
+            return fut.result()
+        except BrokenProcessPool:
+            # A decoder died (a crashing codec, the OOM killer): find the file one item at a time.
+            _logger.warning("a decoder process died; retrying %d items one by one", len(chunk))
+            self._restart()
+            out = self._isolate(chunk)
+            for i, (c, _) in enumerate(window):
+                window[i] = (c, self._submit(c))
+            return out
+        finally:
+            self.wait_s += time.perf_counter() - t
+
+    def _isolate(self, chunk: list[InputItem]) -> list[Prepared]:
+        out: list[Prepared] = []
+        for item in chunk:
+            try:
+                out.extend(self._submit([item]).result())
+            except BrokenProcessPool:
+                self._restart()
+                out.append(Prepared(item.index, item.path, None, None, "DecoderCrashError",
+                                    f"the decoder process died reading {item.path}; the file likely "
+                                    "crashes the image library or exhausts memory - inspect or remove it"))
+        return out
+
+    def _embed(self, batch: list[Prepared]) -> list[ItemResult]:
+        import torch
+
+        ok = [p for p in batch if p.pixels is not None]
+        emb: dict[int, np.ndarray] = {}
+        if ok:
+            t = time.perf_counter()
+            vectors = self.engine.embed_pixels(torch.from_numpy(np.stack([p.pixels for p in ok])))  # (N, D)
+            self.model_s += time.perf_counter() - t
+            emb = {p.index: vectors[i] for i, p in enumerate(ok)}
+            kill_point("embedded")
+        return [ItemResult(p.index, p.path, p.sha256, emb.get(p.index), p.error_type, p.error_message)
+                for p in batch]
+
+
+def _prepare_here(transform: Any, max_file_bytes: int, chunk: list[InputItem]) -> list[Prepared]:
+    return [_prep.prepare(item, transform, max_file_bytes) for item in chunk]

@@ -1,0 +1,99 @@
+"""``steadyclip batch``: a folder, glob or manifest in, one resumable Parquet file out."""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from steadyclip.cli._common import echo_json, handle_errors
+from steadyclip.cli.classify import _labels, build_engine, model_options
+
+
+@click.command()
+@click.argument("input_spec", metavar="INPUT")
+@click.option("--labels", "-l", default=None, help='Comma-separated labels, e.g. "red circle,blue square".')
+@click.option("--labels-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="One label per line.")
+@click.option("--templates", default=None, help="Prompt templates: 'photo', 'openai-imagenet' or a file.")
+@click.option("--top-k", "-k", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--all-probs", is_flag=True, help="Also write every label's probability (column 'probs').")
+@click.option("--embeddings", is_flag=True, help="Also write the float32 image embedding (column 'embedding').")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="The Parquet file to write.")
+@click.option("--engine", "backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Run the model here (with decoder processes) or on Ray Data actors.")
+@click.option("--address", default=None, help="Ray cluster address (default: start a local Ray).")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Decoder processes (local; 0 = a thread) or model actors (ray). Default: CPUs - 1.")
+@click.option("--part-size", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Rows per part file: how much work a kill can lose.")
+@click.option("--restart", is_flag=True, help="Discard an earlier run's parts or output at --out and start over.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when a terminal).")
+@model_options
+@handle_errors
+def batch(input_spec: str, labels: str | None, labels_file: str | None, templates: str | None, top_k: int,
+          all_probs: bool, embeddings: bool, out: str, backend: str, address: str | None, workers: int | None,
+          part_size: int, restart: bool, progress: bool | None, model: str, pretrained: str | None,
+          lock_path: str | None, profile: str, micro_batch: int, threads: int | None, as_json: bool) -> None:
+    """Classify (and/or embed) every image in INPUT into one Parquet file, resumably.
+
+    INPUT is a folder (searched recursively for images), a quoted glob
+    ('photos/**/*.jpg'), or a manifest: a .csv or .parquet with a 'path' column,
+    or a .txt with one path per line. Every input gets exactly one row; a bad
+    image is an 'error' row. If the job is killed, run the same command again
+    and it resumes where it stopped.
+    """
+    from steadyclip.batch import run_batch
+
+    label_list = _labels(labels, labels_file) if (labels or labels_file or not embeddings) else None
+    engine = build_engine(model, pretrained, lock_path, profile, micro_batch, threads)
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = _ProgressBar() if show else None
+    try:
+        summary = run_batch(input_spec, engine, out=out, labels=label_list, templates=templates, top_k=top_k,
+                            all_probs=all_probs, embeddings=embeddings, backend=backend,  # type: ignore[arg-type]
+                            workers=workers, part_size=part_size, restart=restart, ray_address=address,
+                            progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    if as_json:
+        echo_json(summary.to_dict())
+        return
+    if summary.already_complete:
+        click.echo(f"{summary.out} already holds this job ({summary.total} rows: {summary.ok} ok, "
+                   f"{summary.errors} errors); nothing to do. Use --restart to recompute.", err=True)
+        return
+    resumed = f", {summary.resumed} resumed from an earlier run" if summary.resumed else ""
+    click.echo(
+        f"{summary.total} rows: {summary.ok} ok, {summary.errors} errors{resumed}. "
+        f"{summary.processed} computed in {summary.elapsed_s:.1f}s ({summary.items_per_s:.1f} img/s; "
+        f"{summary.backend}, {summary.workers} worker(s), {summary.threads} thread(s), "
+        f"micro-batch {summary.micro_batch}) -> {summary.out}", err=True,
+    )
+
+
+class _ProgressBar:
+    """A tqdm bar on stderr fed by run_batch's progress callback: items/s, ETA, errors so far."""
+
+    def __init__(self) -> None:
+        self._bar: Any = None
+        self._last = 0
+
+    def __call__(self, p: Any) -> None:
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=p.total, initial=p.resumed, unit="img", file=sys.stderr, dynamic_ncols=True,
+                             smoothing=0.1, desc="batch")
+            self._last = p.resumed
+        self._bar.update(p.done - self._last)
+        self._last = p.done
+        self._bar.set_postfix(errors=p.errors, refresh=False)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+__all__ = ["batch"]

@@ -1,0 +1,185 @@
+"""Run a batch job's model stage on Ray Data: same rows, same bits, more machines.
+
+``run_batch(..., backend="ray")`` (CLI: ``steadyclip batch --engine ray``) sends
+the job's pending inputs through ``ray.data.from_items(...).map_batches(...)``
+with a pool of actors, each holding its own :class:`~steadyclip.engine.Engine`
+rebuilt from the driver's model source and settings. An actor refuses to start
+unless its weights hash, state fingerprint, profile, threads, micro-batch and
+batch path equal the driver's, so every row is computed exactly as the local
+backend would compute it. Results come back in input order (``preserve_order``)
+and go through the same part files, journal and assembly as a local job.
+
+Ray is optional: ``pip install 'steadyclip[ray]'``. Without ``address`` a local
+Ray instance is started (and shut down afterwards); with one, the model source
+(bundled model, checkpoint path, hub cache) must be readable on every node.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from steadyclip.batch import _prep
+from steadyclip.batch._prep import ItemResult
+from steadyclip.batch.inputs import InputItem
+from steadyclip.errors import BatchJobError, IntegrityError, SteadyClipError
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["RayPipeline", "engine_spec", "require_ray"]
+
+# Provenance fields that decide the numbers; an actor must match the driver on all of them.
+_MUST_MATCH = ("model_id", "weights_sha256", "fingerprint", "profile", "precision", "device", "threads",
+               "micro_batch", "batch_path")
+
+
+def require_ray() -> Any:
+    """Import ray, or say how to install it."""
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # never let Ray re-run us under `uv run`
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as e:
+        raise BatchJobError(
+            "the Ray backend needs Ray Data: pip install 'steadyclip[ray]' (or use --engine local)"
+        ) from e
+    return ray
+
+
+def engine_spec(engine: Any) -> dict[str, Any]:
+    """How to rebuild ``engine`` in another process: model source and engine settings."""
+    info = engine.loaded.info
+    source = info.model_id
+    if info.revision and source.startswith("hf-hub:") and "@" not in source:
+        source = f"{source}@{info.revision}"  # pin the exact hub commit the driver loaded
+    return {
+        "source": source, "pretrained": info.pretrained, "guard": engine.loaded.guard,
+        "profile": engine.profile.name, "micro_batch": engine.micro_batch,
+        "text_micro_batch": engine.text_micro_batch, "threads": engine.profile.threads,
+        "batch_invariance": engine.batch_invariance,
+    }
+
+
+class _EmbedActor:
+    """A Ray actor: its own verified engine; decodes and embeds batches of inputs."""
+
+    def __init__(self, spec: dict[str, Any], expected: dict[str, Any], dim: int, max_file_bytes: int) -> None:
+        from steadyclip.engine import Engine
+        from steadyclip.loading import load
+
+        loaded = load(spec["source"], pretrained=spec["pretrained"], guard=spec["guard"])
+        self.engine = Engine(loaded, profile=spec["profile"], micro_batch=spec["micro_batch"],
+                             text_micro_batch=spec["text_micro_batch"], threads=spec["threads"], text_cache=None,
+                             batch_invariance=spec["batch_invariance"])
+        actual = self.engine.provenance.to_dict()
+        diffs = [f"{k}: driver {expected[k]!r}, actor {actual[k]!r}" for k in _MUST_MATCH if actual[k] != expected[k]]
+        if diffs:
+            raise IntegrityError(
+                "a Ray actor's model or settings differ from the driver's, its results would not be the same: "
+                + "; ".join(diffs) + ". Make the same weights and steadyclip/torch versions available on every node."
+            )
+        self.dim = dim
+        self.max_file_bytes = max_file_bytes
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        items = [InputItem(int(i), str(p), str(loc))
+                 for i, p, loc in zip(batch["index"], batch["path"], batch["location"])]
+        transform = self.engine.loaded.preprocess
+        prepared = [_prep.prepare(it, transform, self.max_file_bytes) for it in items]
+        emb = np.zeros((len(items), self.dim), dtype=np.float32)  # (N, D); error rows stay zero, flagged below
+        ok = [i for i, p in enumerate(prepared) if p.pixels is not None]
+        if ok:
+            pixels = torch.from_numpy(np.stack([prepared[i].pixels for i in ok]))  # (K, 3, H, W)
+            emb[ok] = self.engine.embed_pixels(pixels)
+        return {
+            "index": np.array([p.index for p in prepared], dtype=np.int64),
+            "path": np.array([p.path for p in prepared], dtype=object),
+            "sha256": np.array([p.sha256 for p in prepared], dtype=object),
+            "error_type": np.array([p.error_type for p in prepared], dtype=object),
+            "error_message": np.array([p.error_message for p in prepared], dtype=object),
+            "ok": np.array([p.pixels is not None for p in prepared], dtype=bool),
+            "embedding": emb,
+        }
+
+
+class RayPipeline:
+    """The model stage of a batch job on Ray Data (drop-in for ``LocalPipeline``)."""
+
+    def __init__(self, engine: Any, *, dim: int, address: str | None = None, actors: int = 1,
+                 max_file_bytes: int = _prep.DEFAULT_MAX_FILE_BYTES, batch_size: int | None = None) -> None:
+        if actors < 1:
+            raise ValueError(f"actors must be >= 1, got {actors}")
+        self.engine = engine
+        self.dim = dim
+        self.address = address
+        self.actors = actors
+        self.max_file_bytes = max_file_bytes
+        self.batch_size = batch_size or 4 * engine.micro_batch
+        self.model_s = 0.0  # not measured: the model runs in the actors
+        self.wait_s = 0.0
+
+    def _init(self, ray: Any) -> bool:
+        """Connect to ``address`` or start a small local Ray; True if we started it (and must stop it)."""
+        if ray.is_initialized():
+            return False
+        if self.address:
+            ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
+        else:
+            threads = self.engine.profile.threads
+            ray.init(num_cpus=max(2, self.actors * threads + 1), include_dashboard=False, log_to_driver=False,
+                     object_store_memory=256 * 1024 * 1024)
+        return True
+
+    def run(self, items: Iterator[InputItem], part_size: int) -> Iterator[list[ItemResult]]:
+        """Ordered results for ``items``, one Ray batch at a time."""
+        rows = [{"index": it.index, "path": it.path, "location": it.location} for it in items]
+        if not rows:
+            return
+        ray = require_ray()
+        started = self._init(ray)
+        ctx = ray.data.DataContext.get_current()
+        saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
+        ctx.execution_options.preserve_order = True  # rows must come back in input order for the parts
+        ctx.enable_progress_bars = False
+        try:
+            expected = self.engine.provenance.to_dict()
+            ds = ray.data.from_items(rows).map_batches(
+                _EmbedActor,
+                fn_constructor_kwargs={"spec": engine_spec(self.engine), "expected": expected, "dim": self.dim,
+                                       "max_file_bytes": self.max_file_bytes},
+                batch_size=self.batch_size, batch_format="numpy", concurrency=self.actors,
+                num_cpus=self.engine.profile.threads,
+            )
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                yield _results(batch)
+        except Exception as e:
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, SteadyClipError):
+                raise cause from e
+            if isinstance(e, SteadyClipError):
+                raise
+            raise BatchJobError(f"the Ray job failed: {type(e).__name__}: {e}") from e
+        finally:
+            ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
+            if started:
+                ray.shutdown()
+
+
+def _results(batch: dict[str, np.ndarray]) -> list[ItemResult]:
+    emb = batch["embedding"]
+    return [
+        ItemResult(int(batch["index"][i]), str(batch["path"][i]), _opt(batch["sha256"][i]),
+                   np.array(emb[i], dtype=np.float32) if batch["ok"][i] else None,
+                   _opt(batch["error_type"][i]), _opt(batch["error_message"][i]))
+        for i in range(len(batch["index"]))
+    ]
+
+
+def _opt(value: Any) -> str | None:
+    return None if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
