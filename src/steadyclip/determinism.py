@@ -1,0 +1,461 @@
+"""Determinism profiles, and the one place steadyclip touches torch's global numeric flags.
+
+    >>> profile = get_profile("strict")                  # fp32, deterministic, 1 thread
+    >>> with applied(profile, "cpu") as flags, autocast(profile, "cpu"):
+    ...     out = model(x)                                # flags -> provenance
+
+Profiles:
+    strict  fp32, no autocast, TF32 off everywhere, deterministic algorithms, cuDNN
+            deterministic and no autotuning, fixed thread count, seeded RNG.
+            Same input + same batch shape + same machine/stack -> bitwise same output.
+    fast    bf16 autocast on CPU / fp16 on CUDA, TF32 allowed; still deterministic
+            algorithms and fixed threads, so run to run identical - but not equal to
+            strict (bf16 vs fp32 cosine >= 0.9999 measured). ``flags`` says so.
+
+Process-global state, and the lock. Torch's flags (deterministic algorithms, cuDNN,
+TF32/fp32 precision, the default thread count) belong to the whole process.
+:func:`applied` therefore holds one module-level ``RLock`` for its whole duration:
+nested use in one thread works (inner restores the outer's values), and threads
+are serialized. We chose serialization over letting several threads share a
+profile because the thread count is also per-OS-thread OpenMP state and its
+save/restore cannot be made right with overlapping holders; a server with one
+engine funnels forwards through one worker (queue + micro-batches) anyway, so the
+lock is uncontended there, and parallelism comes from intra-op threads. Don't
+enter in one thread and leave in another (e.g. across ``await``).
+
+Environment that must precede first use (set by ``steadyclip/__init__`` via
+:mod:`steadyclip._early`, and here with ``setdefault`` - a user's value wins):
+    MKL_CBWR=AUTO,STRICT           MKL reads it at the process's first GEMM.
+    CUBLAS_WORKSPACE_CONFIG=:4096:8  cuBLAS reads it when CUDA creates its handle;
+                                   deterministic algorithms on CUDA need it.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import functools
+import logging
+import os
+import random
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from steadyclip._early import early_init as _lead_early_init
+from steadyclip._early import early_state
+from steadyclip.errors import DeviceError, InputError
+
+CUBLAS_WORKSPACE = ":4096:8"
+_CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")
+STRICT_MKL_CBWR = "AUTO,STRICT"
+
+
+def early_init() -> None:
+    """Set ``MKL_CBWR`` and ``CUBLAS_WORKSPACE_CONFIG`` unless the user did; idempotent.
+
+    Must run before the process's first GEMM / first CUDA use; ``import steadyclip`` does it.
+    """
+    _lead_early_init()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+
+
+early_init()
+
+import torch  # noqa: E402 - importing torch runs no GEMM; early_init above is belt and braces
+
+__all__ = [
+    "PROFILES",
+    "Profile",
+    "applied",
+    "autocast",
+    "current_flags",
+    "early_init",
+    "get_profile",
+    "mkl_cbwr_effective",
+    "mkl_cbwr_state",
+    "seed_everything",
+]
+
+_logger = logging.getLogger(__name__)
+_LOCK = threading.RLock()
+
+PROFILES = ("strict", "fast")
+_PRECISIONS = ("fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_GUARANTEE = {
+    "strict": "bitwise identical for the same input and batch shape on this machine and software stack",
+    "fast": "run-to-run identical on this machine; reduced precision, not bitwise equal to strict",
+}
+# torch's per-(backend, op) fp32 precision leaves, parents first: setting a parent
+# rewrites its children, so restoring in this order reproduces every leaf exactly.
+_FP32_LEAVES = (("generic", "all"), ("cuda", "all"), ("cuda", "matmul"), ("cuda", "conv"), ("cuda", "rnn"),
+                ("mkldnn", "all"), ("mkldnn", "matmul"), ("mkldnn", "conv"), ("mkldnn", "rnn"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """How numerics are pinned for a run. Build with :func:`get_profile`."""
+
+    name: str  # "strict" | "fast"
+    precision: str  # "fp32" | "bf16" | "fp16": the autocast dtype, fp32 = no autocast
+    threads: int  # intra-op threads during forwards (the row for an input can depend on it)
+    tf32: bool  # TF32 tensor cores for fp32 matmul/conv on CUDA (never on CPU oneDNN)
+    deterministic_algorithms: bool  # torch.use_deterministic_algorithms
+    cudnn_benchmark: bool = False  # autotuning picks kernels by timing: run-to-run drift
+    seed: int = 0  # torch CPU/CUDA generators are seeded inside applied() and restored after
+
+    def __post_init__(self) -> None:
+        if self.name not in PROFILES:
+            raise InputError(f"unknown profile {self.name!r}; choose one of {', '.join(PROFILES)}")
+        if self.precision not in _PRECISIONS:
+            raise InputError(f"unknown precision {self.precision!r}; choose one of {', '.join(_PRECISIONS)}")
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
+            raise InputError(f"threads must be an int >= 1, got {self.threads!r}")
+        if self.name == "strict" and (self.precision != "fp32" or self.tf32 or not self.deterministic_algorithms
+                                      or self.cudnn_benchmark):
+            raise InputError(f"a strict profile is fp32, no TF32, deterministic, no cuDNN benchmark; got {self}; "
+                             "use get_profile('fast', ...) for reduced precision")
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The autocast dtype, or ``None`` for fp32 (no autocast)."""
+        return _DTYPES.get(self.precision)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly fields, for provenance."""
+        return dataclasses.asdict(self)
+
+
+def get_profile(
+    name: str = "strict",
+    *,
+    threads: int | None = None,
+    device: str | torch.device = "cpu",
+    precision: str | None = None,
+    seed: int = 0,
+) -> Profile:
+    """The named profile for ``device``, checked against what the device supports.
+
+    Args:
+        name: ``"strict"`` or ``"fast"``.
+        threads: intra-op threads; default 1 (on 2-vCPU machines 2 threads measured up to 3x slower).
+        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        precision: fast only: ``"bf16"`` (CPU default), ``"fp16"`` (CUDA default) or ``"fp32"``.
+        seed: seeds torch's generators inside :func:`applied`.
+
+    Raises:
+        InputError: unknown name or precision, bad thread count, a precision for strict.
+        DeviceError: the device, or the precision on that device, is not available.
+
+    Example:
+        >>> get_profile("fast", device="cpu").precision
+        'bf16'
+    """
+    if name not in PROFILES:
+        raise InputError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")
+    kind, _ = _device(device)
+    if name == "strict":
+        if precision not in (None, "fp32"):
+            raise InputError(f"the strict profile is fp32 only, got precision={precision!r}; use profile 'fast'")
+        chosen = "fp32"
+    else:
+        chosen = precision or ("fp16" if kind == "cuda" else "bf16")
+    profile = Profile(name=name, precision=chosen, threads=1 if threads is None else threads,
+                      tf32=name == "fast", deterministic_algorithms=True, cudnn_benchmark=False, seed=seed)
+    _check_supported(profile, device)
+    if profile.threads > (os.cpu_count() or 1):
+        _logger.warning("threads=%d exceeds the %s CPUs here; expect slower forwards", profile.threads, os.cpu_count())
+    return profile
+
+
+@contextlib.contextmanager
+def applied(profile: Profile, device: str | torch.device = "cpu") -> Iterator[dict[str, Any]]:
+    """Apply ``profile``'s flags for the block; yield the flags in effect; restore all on exit.
+
+    Holds the module lock for the whole block (see the module docstring). Grad mode
+    is turned off (thread-local); torch's CPU (and, on CUDA, that device's) RNG is
+    seeded with ``profile.seed`` and restored after.
+
+    Raises:
+        DeviceError: device/precision unavailable; CUDA already initialised without a
+            deterministic ``CUBLAS_WORKSPACE_CONFIG``; torch's flags frozen.
+    """
+    kind, index = _device(device)
+    _check_supported(profile, device)
+    with _LOCK:
+        undo: list[Callable[[], None]] = []
+        try:
+            _apply(profile, kind, index, undo)
+            flags = current_flags(device)
+            flags["profile"] = profile.to_dict()
+            flags["guarantee"] = _GUARANTEE[profile.name]
+            flags["autocast_dtype"] = str(profile.autocast_dtype).removeprefix("torch.") if profile.autocast_dtype else None
+            yield flags
+        finally:
+            _undo(undo)
+
+
+def autocast(profile: Profile, device: str | torch.device = "cpu") -> contextlib.AbstractContextManager[Any]:
+    """``torch.autocast`` at the profile's dtype; a no-op context for fp32."""
+    kind, _ = _device(device)
+    dtype = profile.autocast_dtype
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=kind, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's global RNG and torch (all devices)."""
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def mkl_cbwr_state() -> str | None:
+    """``MKL_CBWR`` as it stood when steadyclip was imported (before, we hope, the first GEMM)."""
+    return early_state().get("value")
+
+
+def mkl_cbwr_effective() -> str | None:
+    """The CNR mode MKL itself reports, e.g. ``"AUTO,STRICT"``; ``None`` if MKL can't be asked.
+
+    Best effort through MKL's service symbol in torch's CPU library. ``"OFF"`` while
+    ``MKL_CBWR`` asks for a mode means it was set after the first GEMM: too late.
+    """
+    get = _mkl_cbwr_getter()
+    if get is None:
+        return None
+    code = int(get(-1))  # MKL_CBWR_ALL
+    branch = _CBWR_BRANCHES.get(code & 0xFFFF, hex(code & 0xFFFF))
+    return f"{branch},STRICT" if code & 0x10000 else branch
+
+
+def current_flags(device: str | torch.device = "cpu") -> dict[str, Any]:
+    """The numeric flags in effect now, JSON-friendly (see :func:`applied`)."""
+    kind, index = _device(device)
+    env = {k: os.environ.get(k) for k in ("MKL_CBWR", "CUBLAS_WORKSPACE_CONFIG", "OMP_NUM_THREADS",
+                                          "MKL_NUM_THREADS")}
+    early = early_state()
+    flags: dict[str, Any] = {
+        "device": kind if index is None else f"{kind}:{index}",
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "deterministic_warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
+        "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+        "float32_matmul_precision": _try(torch.get_float32_matmul_precision),
+        "cuda_matmul_allow_tf32": _try(lambda: bool(torch.backends.cuda.matmul.allow_tf32)),
+        "cudnn_allow_tf32": _try(lambda: bool(torch.backends.cudnn.allow_tf32)),
+        "fp32_precision": {f"{backend}.{op}": _leaf_get((backend, op)) for backend, op in _FP32_LEAVES},
+        "grad_enabled": torch.is_grad_enabled(),
+        "mkl_cbwr": mkl_cbwr_state(),
+        "mkl_cbwr_source": "user" if early.get("user_value") is not None else "steadyclip",
+        "mkl_cbwr_set_after_torch_import": early.get("torch_imported_before") == "yes",
+        "mkl_cbwr_effective": mkl_cbwr_effective(),
+        "env": env,
+        "build": _build_info(),
+    }
+    if kind == "cuda":
+        flags["cuda_matmul_fp16_reduced_reduction"] = bool(
+            torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction)
+        flags["cuda_matmul_bf16_reduced_reduction"] = bool(
+            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction)
+        flags["cuda_device_name"] = torch.cuda.get_device_name(index or 0) if torch.cuda.is_available() else None
+    return flags
+
+
+# ---- internals -------------------------------------------------------------------------
+def _device(device: str | torch.device) -> tuple[str, int | None]:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise DeviceError(f"unrecognised device {device!r}: {e}; use 'cpu', 'cuda' or 'cuda:N'") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise DeviceError(f"device {device!r} is not supported by steadyclip; use 'cpu', 'cuda' or 'cuda:N'")
+    return dev.type, dev.index
+
+
+def _check_supported(profile: Profile, device: str | torch.device) -> None:
+    kind, index = _device(device)
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {str(device)!r} requested but CUDA is not available (torch "
+                              f"{torch.__version__}, built for CUDA {torch.version.cuda}); use device='cpu'")
+        if index is not None and index >= torch.cuda.device_count():
+            raise DeviceError(f"device {str(device)!r} requested but only {torch.cuda.device_count()} CUDA "
+                              "device(s) exist; pick one of them")
+        if profile.precision == "bf16" and not torch.cuda.is_bf16_supported():
+            raise DeviceError("bf16 requested on a CUDA device without bf16 support; use precision='fp16'")
+
+
+def _ensure_cublas_config() -> None:
+    value = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if value in _CUBLAS_DETERMINISTIC:
+        return
+    if value is None and not torch.cuda.is_initialized():
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE
+        return
+    raise DeviceError(
+        f"deterministic CUDA needs CUBLAS_WORKSPACE_CONFIG={CUBLAS_WORKSPACE} (or :16:8) before CUDA starts, "
+        f"but it is {value!r}{' and CUDA is already initialised' if torch.cuda.is_initialized() else ''}; "
+        f"run `export CUBLAS_WORKSPACE_CONFIG={CUBLAS_WORKSPACE}` (or import steadyclip before using CUDA)"
+    )
+
+
+def _apply(profile: Profile, kind: str, index: int | None, undo: list[Callable[[], None]]) -> None:
+    """Set every flag, pushing its restore onto ``undo`` first-set-last-undone."""
+    if kind == "cuda" and profile.deterministic_algorithms:
+        _ensure_cublas_config()
+    try:
+        _swap(undo, torch.get_num_threads, torch.set_num_threads, profile.threads)
+        det = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+        undo.append(lambda: _set_deterministic(det[0], warn_only=det[1]))
+        _set_deterministic(profile.deterministic_algorithms, warn_only=False)
+        cudnn = torch.backends.cudnn
+        _swap(undo, lambda: cudnn.deterministic, lambda v: setattr(cudnn, "deterministic", v),
+              profile.deterministic_algorithms)
+        _swap(undo, lambda: cudnn.benchmark, lambda v: setattr(cudnn, "benchmark", v), profile.cudnn_benchmark)
+        saved = _save_precision()
+        undo.append(lambda: _restore_precision(saved))
+        _set_precision(profile.tf32)
+    except RuntimeError as e:  # e.g. torch.backends.disable_global_flags() was called
+        raise DeviceError(f"cannot set torch's numeric flags ({e}); steadyclip needs to control them") from e
+    _swap(undo, torch.is_grad_enabled, torch.set_grad_enabled, False)
+    cpu_rng = torch.get_rng_state()
+    undo.append(lambda: torch.set_rng_state(cpu_rng))
+    torch.default_generator.manual_seed(profile.seed)
+    if kind == "cuda":
+        cuda_index = torch.cuda.current_device() if index is None else index
+        cuda_rng = torch.cuda.get_rng_state(cuda_index)
+        undo.append(lambda: torch.cuda.set_rng_state(cuda_rng, cuda_index))
+        torch.cuda.manual_seed(profile.seed)
+
+
+def _set_deterministic(mode: bool, *, warn_only: bool) -> None:
+    if "torch._inductor.config" in sys.modules:
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+    else:
+        # The public call imports torch._inductor (~5 s here) only to set a torch.compile
+        # flag; steadyclip does not compile, so set the eager-mode switch alone.
+        torch._C._set_deterministic_algorithms(mode, warn_only=warn_only)
+
+
+def _swap(undo: list[Callable[[], None]], get: Callable[[], Any], put: Callable[[Any], Any], value: Any) -> None:
+    old = get()
+    undo.append(lambda: put(old))
+    put(value)
+
+
+def _undo(undo: list[Callable[[], None]]) -> None:
+    failures: list[BaseException] = []
+    for restore in reversed(undo):
+        try:
+            restore()
+        except Exception as e:  # keep restoring the rest; report after
+            _logger.error("could not restore a torch flag: %s", e)
+            failures.append(e)
+    if failures:
+        raise DeviceError(f"{len(failures)} torch flag(s) could not be restored: {failures[0]}") from failures[0]
+
+
+# TF32 state has two layers in torch >= 2.9: legacy switches (float32_matmul_precision,
+# cudnn.allow_tf32) and per-backend fp32_precision leaves; torch raises when reading a
+# legacy switch that disagrees with its leaves. So: set legacy then leaves (consistent
+# inside), restore legacy then leaves (exactly what was there). A legacy value that was
+# unreadable (already inconsistent) is restored to torch's default.
+def _save_precision() -> tuple[str | None, bool | None, tuple[str | None, ...]]:
+    return (_try(torch.get_float32_matmul_precision), _try(lambda: bool(torch.backends.cudnn.allow_tf32)),
+            tuple(_leaf_get(leaf) for leaf in _FP32_LEAVES))
+
+
+def _set_precision(tf32: bool) -> None:
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = tf32
+    for leaf in _FP32_LEAVES:
+        # TF32 only ever on CUDA; oneDNN on CPU stays IEEE fp32 (fast uses autocast there).
+        _leaf_set(leaf, "tf32" if tf32 and leaf[0] == "cuda" else "ieee")
+
+
+def _restore_precision(saved: tuple[str | None, bool | None, tuple[str | None, ...]]) -> None:
+    matmul, cudnn_tf32, leaves = saved
+    torch.set_float32_matmul_precision(matmul or "highest")
+    torch.backends.cudnn.allow_tf32 = True if cudnn_tf32 is None else cudnn_tf32
+    for leaf, value in zip(_FP32_LEAVES, leaves):
+        if value is not None:
+            _leaf_set(leaf, value)
+
+
+# The (backend, op) accessors are what torch.backends.*.fp32_precision call; the public
+# attributes don't reach every leaf (cudnn.conv and cuda.all alias in odd ways).
+_GET_LEAF = getattr(torch._C, "_get_fp32_precision_getter", None)
+_SET_LEAF = getattr(torch._C, "_set_fp32_precision_setter", None)
+
+
+def _leaf_get(leaf: tuple[str, str]) -> str | None:
+    if _GET_LEAF is None:
+        return None  # torch < 2.9: only the legacy switches exist
+    return str(_GET_LEAF(*leaf))
+
+
+def _leaf_set(leaf: tuple[str, str], value: str) -> None:
+    if _SET_LEAF is not None:
+        _SET_LEAF(*leaf, value)
+
+
+def _try(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except RuntimeError:
+        return None
+
+
+_CBWR_BRANCHES = {0: "OFF", 1: "OFF", 2: "AUTO", 3: "COMPATIBLE", 4: "SSE2", 6: "SSSE3", 7: "SSE4_1", 8: "SSE4_2",
+                  9: "AVX", 10: "AVX2", 11: "AVX512_MIC", 12: "AVX512", 13: "AVX512_MIC_E1", 14: "AVX512_E1"}
+
+
+@functools.lru_cache(maxsize=1)
+def _mkl_cbwr_getter() -> Callable[[int], int] | None:
+    if not torch.backends.mkl.is_available():
+        return None
+    lib_dir = Path(torch.__file__).parent / "lib"
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib", "torch_cpu.dll"):
+        if not (lib_dir / name).exists():
+            continue
+        try:
+            lib = ctypes.CDLL(str(lib_dir / name))
+        except OSError:
+            return None
+        for symbol in ("mkl_cbwr_get", "mkl_serv_cbwr_get", "MKL_CBWR_GET"):
+            fn = getattr(lib, symbol, None)
+            if fn is not None:
+                fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_int]
+                return fn  # type: ignore[no-any-return]
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _build_info() -> dict[str, Any]:
+    """Static facts about the torch build (cached: ``torch.__config__.show()`` is slow-ish)."""
+    config = torch.__config__.show()
+    mkl = next((ln.strip(" -") for ln in config.splitlines() if "Math Kernel Library" in ln), None)
+    onednn = next((ln.strip(" -") for ln in config.splitlines() if "MKL-DNN" in ln or "oneDNN" in ln), None)
+    parallel = next((ln.split(":", 1)[1].strip() for ln in torch.__config__.parallel_info().splitlines()
+                     if "parallel backend" in ln), None)
+    return {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "mkl_available": torch.backends.mkl.is_available(),
+        "mkldnn_available": torch.backends.mkldnn.is_available(),
+        "mkl": mkl,
+        "onednn": onednn,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "parallel_backend": parallel,
+        "cpu_count": os.cpu_count(),
+    }
