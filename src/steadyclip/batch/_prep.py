@@ -8,6 +8,7 @@ exact tensor ``Engine.preprocess`` would.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import signal
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from steadyclip.batch.inputs import InputItem
-from steadyclip.errors import ImageError, ImageSourceError, ImageTooLargeError
+from steadyclip.errors import ImageDecodeError, ImageError, ImageSourceError, ImageTooLargeError
 
 _logger = logging.getLogger(__name__)
 
@@ -78,6 +79,14 @@ def read_bytes(location: str, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> b
         raise ImageSourceError(f"cannot read {location}: {e.strerror or e}") from e
 
 
+class _NamedBytes(io.BytesIO):
+    """In-memory file bytes that keep the file's name, so decode errors say which file."""
+
+    def __init__(self, data: bytes, name: str) -> None:
+        super().__init__(data)
+        self.name = name
+
+
 def prepare(item: InputItem, transform: Transform, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Prepared:
     """Read, hash, decode and preprocess one input; failures become an error ``Prepared``."""
     from steadyclip.images import load_image
@@ -85,8 +94,10 @@ def prepare(item: InputItem, transform: Transform, max_file_bytes: int = DEFAULT
     sha: str | None = None
     try:
         data = read_bytes(item.location, max_file_bytes)
-        sha = hashlib.sha256(data).hexdigest()
-        pixels = transform(load_image(data))
+        sha = hashlib.sha256(data).hexdigest()  # of exactly the bytes decoded below
+        if not data:
+            raise ImageDecodeError(f"{item.location} is empty (0 bytes); re-export or remove it")
+        pixels = transform(load_image(_NamedBytes(data, item.location)))
         return Prepared(item.index, item.path, sha, pixels.numpy())
     except ImageError as e:
         return Prepared(item.index, item.path, sha, None, type(e).__name__, str(e))
