@@ -26,11 +26,12 @@ class FakeHub:
 
     def __init__(self, cache: Path) -> None:
         self.cache = cache
-        self.repos: dict[str, list[tuple[str, dict[str, bytes]]]] = {}  # repo -> [(commit, files)], newest last
+        self.repos: dict[str, list[tuple[str, dict[str, bytes | Path]]]] = {}  # repo -> [(commit, files)], newest last
         self.downloads: list[tuple[str, str, str]] = []
         self.serve_corrupt = False
 
-    def publish(self, repo: str, files: dict[str, bytes]) -> str:
+    def publish(self, repo: str, files: dict[str, bytes | Path]) -> str:
+        """Add a commit; a file given as a Path is served by hard link (big files, never corrupted)."""
         commit = hashlib.sha1(repr((repo, len(self.repos.get(repo, [])), sorted(files))).encode()).hexdigest()
         self.repos.setdefault(repo, []).append((commit, files))
         return commit
@@ -55,13 +56,19 @@ class FakeHub:
         if pointer.exists():  # like the real hub client: a cached file is trusted as is
             return str(pointer)
         data = files[filename]
-        sha = hashlib.sha256(data).hexdigest()
-        blob = repo_dir / "blobs" / sha
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        served = bytearray(data)
-        if self.serve_corrupt:
-            served[len(served) // 2] ^= 0x01
-        blob.write_bytes(bytes(served))
+        if isinstance(data, Path):
+            from steadyclip.integrity import sha256_file
+
+            blob = repo_dir / "blobs" / sha256_file(data, cache=None)
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            os.link(data, blob)
+        else:
+            blob = repo_dir / "blobs" / hashlib.sha256(data).hexdigest()
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            served = bytearray(data)
+            if self.serve_corrupt:
+                served[len(served) // 2] ^= 0x01
+            blob.write_bytes(bytes(served))
         pointer.parent.mkdir(parents=True, exist_ok=True)
         pointer.symlink_to(os.path.relpath(blob, pointer.parent))
         self.downloads.append((repo_id, filename, commit))
@@ -101,8 +108,8 @@ def test_tag_via_hub_records_revision_and_tag_preprocessing(demo_tag: str, fake_
     assert m.info.source == "tag" and m.info.pretrained == demo_tag
     assert m.info.revision == commit
     assert m.info.preprocess.mean == (0.1, 0.2, 0.3)  # the tag's, not the architecture default
-    assert m.info.weights_sha256 == hashlib.sha256(fake_hub.repos["fake/shapes"][-1][1][
-        "open_clip_model.safetensors"]).hexdigest()
+    served = fake_hub.repos["fake/shapes"][-1][1]["open_clip_model.safetensors"]
+    assert isinstance(served, bytes) and m.info.weights_sha256 == hashlib.sha256(served).hexdigest()
     again = load(DEMO_ARCH, pretrained=demo_tag)
     assert again.info.fingerprint == m.info.fingerprint
     assert len(fake_hub.downloads) == 1  # second load served from cache
@@ -262,7 +269,7 @@ def test_release_url_serving_wrong_bytes_is_integrity_error(url_tag: dict[str, A
 def test_real_builtin_tag_through_fake_hub(fake_hub: FakeHub, arch_checkpoint) -> None:  # type: ignore[no-untyped-def]
     """RN50/openai: open_clip's own table entry (hub repo, QuickGELU, OpenAI preprocessing)."""
     repo = ocp.get_pretrained_cfg("RN50", "openai")["hf_hub"].rstrip("/")
-    fake_hub.publish(repo, {"open_clip_model.safetensors": arch_checkpoint("RN50").read_bytes()})
+    fake_hub.publish(repo, {"open_clip_model.safetensors": arch_checkpoint("RN50")})
     m = load("RN50", pretrained="openai")
     assert m.info.revision == fake_hub.repos[repo][-1][0]
     assert m.info.preprocess.interpolation == "bicubic"

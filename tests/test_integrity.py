@@ -122,7 +122,7 @@ def _flip(path: Path, bit: int) -> None:
         f.write(bytes([b ^ (1 << (bit % 8))]))
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(fraction=st.floats(min_value=0.0, max_value=1.0, exclude_max=True))
 def test_single_flipped_bit_anywhere_is_caught(pinned_bundle: Path, fraction: float) -> None:
     bit = int(fraction * pinned_bundle.stat().st_size * 8)
