@@ -1,0 +1,1 @@
+"""Benchmarks: speed and reproducibility measurements (run with `make bench`)."""

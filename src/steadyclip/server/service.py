@@ -1,0 +1,209 @@
+"""What the routes do, independent of HTTP framing: decode off the loop, embed on the engine thread.
+
+Every engine call goes through the :class:`~steadyclip.server.batcher.Batcher`
+(one thread owns the engine); image decoding and preprocessing run in the
+thread pool so the event loop only shuffles bytes. The documents returned are
+the ones ``steadyclip classify --json`` / ``embed --json`` print, so a client
+can compare a server answer with a CLI answer field for field.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from starlette.concurrency import run_in_threadpool
+
+from steadyclip.errors import SteadyClipError
+from steadyclip.server import golden as golden_mod
+from steadyclip.server.batcher import Batcher, Overloaded
+from steadyclip.server.http_errors import ApiError, from_library_error
+from steadyclip.server.inputs import ClassifyInput, EmbedInput, ImagePayload
+from steadyclip.server.settings import ServerSettings
+
+_logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Service:
+    """The engine behind the HTTP routes: batching, golden check, request documents."""
+
+    def __init__(self, engine: Any, settings: ServerSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.batcher = Batcher(engine, max_rows=int(getattr(engine, "micro_batch", 8)),
+                               max_wait_s=settings.batch_wait_ms / 1000.0, max_queue=settings.max_queue)
+        self.golden = golden_mod.Golden()
+        self.provenance: dict[str, Any] | None = None
+        self.started_at: float | None = None
+        self._decode_slots: asyncio.Semaphore | None = None  # created on the server's event loop
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    async def startup(self) -> None:
+        """Start the engine thread, run the engine's self-checks, record the golden reference."""
+        self._decode_slots = asyncio.Semaphore(self.settings.decode_concurrency)
+        self.batcher.start()
+        try:
+            prov = await self._engine(lambda: self.engine.provenance.to_dict())
+            self.provenance = prov
+            self.golden.reference = await self._probe_embedding()
+            _logger.info("golden reference recorded (sha256 %s)", (self.golden.digest or "")[:16])
+        except Exception as e:  # noqa: BLE001 - the server stays up but reports unready, with the reason
+            self.golden.error = f"{type(e).__name__}: {e}"
+            _logger.error("start-up self-check failed; /readyz will answer 503: %s", self.golden.error)
+        self.started_at = time.time()
+
+    async def shutdown(self) -> None:
+        await asyncio.to_thread(self.batcher.stop)
+
+    # ---- engine access ------------------------------------------------------------------
+    async def _await(self, fut: Future[T]) -> T:
+        return await asyncio.wrap_future(fut)
+
+    async def _engine(self, fn: Callable[[], T]) -> T:
+        return await self._await(self._submit(lambda: self.batcher.submit_call(fn)))
+
+    def _submit(self, submit: Callable[[], Future[T]]) -> Future[T]:
+        try:
+            return submit()
+        except Overloaded as e:
+            raise ApiError(503, "Overloaded", f"the server is busy ({e}); retry in a second",
+                           headers={"retry-after": "1"}) from e
+        except RuntimeError as e:
+            raise ApiError(503, "NotReady", f"{e}; retry shortly") from e
+
+    async def _embed_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        return await self._await(self._submit(lambda: self.batcher.submit_pixels(pixels)))
+
+    async def _probe_embedding(self) -> np.ndarray:
+        pixels = await run_in_threadpool(lambda: self.engine.preprocess(golden_mod.probe_image()).unsqueeze(0))
+        emb = await self._embed_pixels(pixels)
+        return emb[0]
+
+    async def _preprocess(self, images: list[ImagePayload]) -> torch.Tensor:
+        """Decode + preprocess in the thread pool, a bounded number of requests at a time."""
+        if self._decode_slots is None:
+            raise ApiError(503, "NotReady", "the server is still starting; retry shortly")
+        async with self._decode_slots:
+            return await run_in_threadpool(self._preprocess_all, images)
+
+    def _preprocess_all(self, images: list[ImagePayload]) -> torch.Tensor:
+        """Decode and preprocess every image (thread pool); the first bad one fails the request."""
+        tensors = []
+        for i, img in enumerate(images):
+            try:
+                tensors.append(self._preprocess_one(img.data))
+            except SteadyClipError as e:
+                api = from_library_error(e)
+                name = f" ({img.name})" if img.name else ""
+                raise ApiError(api.status, api.type, f"image #{i}{name}: {api.message}") from e
+        return torch.stack(tensors)  # (n, 3, H, W)
+
+    def _preprocess_one(self, data: bytes) -> torch.Tensor:
+        if self.settings.max_pixels is None:
+            return self.engine.preprocess(data)  # type: ignore[no-any-return]
+        from steadyclip.images import load_image
+
+        return self.engine.preprocess(load_image(data, max_pixels=self.settings.max_pixels))  # type: ignore[no-any-return]
+
+    # ---- requests -----------------------------------------------------------------------
+    async def with_timeout(self, work: Awaitable[T]) -> T:
+        """Run a request's work under the server's timeout; 504 when it runs out."""
+        try:
+            return await asyncio.wait_for(work, timeout=self.settings.request_timeout_s)
+        except TimeoutError:
+            raise ApiError(
+                504, "Timeout",
+                f"the request took longer than the server's {self.settings.request_timeout_s:g}s timeout; "
+                "send fewer images/labels per request or retry when the server is less busy",
+            ) from None
+
+    async def classify(self, inp: ClassifyInput) -> dict[str, Any]:
+        """The ``classify --json`` document for one request."""
+        labels, tset = inp.labels, inp.templates
+        classes_fut = self._submit(lambda: self.batcher.submit_call(lambda: self.engine.class_embeddings(labels, tset)))
+        try:
+            pixels = await self._preprocess(inp.images)
+        except BaseException:
+            classes_fut.cancel()
+            raise
+        image_emb, classes = await asyncio.gather(self._embed_pixels(pixels), self._await(classes_fut))
+        results = await self._engine(
+            lambda: self.engine.classify_embeddings(image_emb, classes, labels, tset, top_k=inp.top_k))
+        rows = [{**res.to_dict(with_provenance=False), "source": img.name} for img, res in zip(inp.images, results)]
+        return {"results": rows, "provenance": results[0].provenance.to_dict(), "errors": 0}
+
+    async def embed(self, inp: EmbedInput) -> dict[str, Any]:
+        """The ``embed --json`` document for one request."""
+        texts_fut = (self._submit(lambda: self.batcher.submit_call(lambda: self.engine.embed_texts(inp.texts)))
+                     if inp.texts else None)
+        doc: dict[str, Any] = {"images": [], "texts": []}
+        if inp.images:
+            try:
+                pixels = await self._preprocess(inp.images)
+            except BaseException:
+                if texts_fut is not None:
+                    texts_fut.cancel()
+                raise
+            emb = await self._embed_pixels(pixels)
+            doc["images"] = [{"source": img.name, "embedding": _encode(e, inp.encoding)}
+                             for img, e in zip(inp.images, emb)]
+        if texts_fut is not None:
+            temb = await self._await(texts_fut)
+            doc["texts"] = [{"text": t, "embedding": _encode(e, inp.encoding)} for t, e in zip(inp.texts, temb)]
+        doc["provenance"] = await self._engine(lambda: self.engine.provenance.to_dict())
+        if inp.encoding == "base64":
+            doc["encoding"] = "base64 of little-endian float32"
+        return doc
+
+    async def self_check(self) -> tuple[bool, dict[str, Any]]:
+        """Recompute the probe embedding and compare it bitwise with the start-up reference."""
+        t0 = time.perf_counter()
+        detail: dict[str, Any] = {"golden_sha256": self.golden.digest, "probe": golden_mod.PROBE_DESCRIPTION}
+        try:
+            fresh = await asyncio.wait_for(self._probe_embedding(), timeout=self.settings.request_timeout_s)
+            problem = self.golden.compare(fresh)
+        except ApiError as e:
+            problem = e.message
+        except TimeoutError:
+            problem = f"the self-check did not finish within {self.settings.request_timeout_s:g}s (engine stuck?)"
+        except Exception as e:  # noqa: BLE001 - an integrity error, NaNs...: unready, with the reason
+            problem = f"{type(e).__name__}: {e}"
+        detail["check_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+        if problem is not None:
+            detail["problem"] = problem
+        return problem is None, detail
+
+    def model_document(self) -> dict[str, Any]:
+        """What ``GET /v1/model`` returns."""
+        info = self.engine.loaded.info
+        doc: dict[str, Any] = {
+            "model": info.to_dict(),
+            "provenance": self.provenance,
+            "golden": {"sha256": self.golden.digest, "probe": golden_mod.PROBE_DESCRIPTION, "error": self.golden.error},
+            "limits": self.settings.public_dict(),
+            "batching": {"max_rows": self.batcher.max_rows, "wait_ms": self.settings.batch_wait_ms,
+                         **self.batcher.stats.to_dict()},
+            "suggested_labels": _suggested_labels(info.arch),
+        }
+        return doc
+
+
+def _encode(vec: np.ndarray, encoding: str) -> Any:
+    if encoding == "base64":
+        return base64.b64encode(np.ascontiguousarray(vec, dtype="<f4").tobytes()).decode("ascii")
+    return vec.tolist()
+
+
+def _suggested_labels(arch: str) -> list[str]:
+    """Labels for the web page to offer: the demo architecture's training classes, else none."""
+    from steadyclip import registry
+
+    return registry.demo_labels() if arch == registry.DEMO_ARCH else []

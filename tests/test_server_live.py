@@ -1,0 +1,107 @@
+"""A real ``steadyclip serve`` process over loopback: answers bitwise equal to the CLI's, under load."""
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from _server_fixtures import LABELS, cli_classify, demo_images, import_loadtest, serve_process
+
+torch.set_num_threads(1)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("live")
+
+
+@pytest.fixture(scope="module")
+def server(workdir: Path) -> Iterator[str]:
+    with serve_process(workdir, "steadyclip-demo", "--batch-wait-ms", "10") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def images(workdir: Path) -> list[Path]:
+    return demo_images(workdir / "images")
+
+
+@pytest.fixture(scope="module")
+def cli_doc(workdir: Path, images: list[Path]) -> dict[str, Any]:
+    return cli_classify(workdir, images, LABELS)
+
+
+def _post(client: httpx.Client, url: str, path: Path) -> httpx.Response:
+    return client.post(f"{url}/v1/classify", files={"image": (path.name, path.read_bytes(), "image/png")},
+                       data={"labels": LABELS})
+
+
+def test_server_answers_bitwise_equal_to_cli(server: str, images: list[Path], cli_doc: dict[str, Any]) -> None:
+    with httpx.Client(timeout=60) as client:
+        for path, expected in zip(images, cli_doc["results"]):
+            resp = _post(client, server, path)
+            assert resp.status_code == 200, resp.text
+            doc = resp.json()
+            row = doc["results"][0]
+            # JSON floats round-trip exactly: equal numbers here are equal bits in both processes.
+            assert row["probs"] == expected["probs"], path.name
+            assert row["top"] == expected["top"], path.name
+            assert doc["provenance"] == cli_doc["provenance"]
+
+
+def test_sixteen_concurrent_clients_all_get_the_same_answers(server: str, images: list[Path],
+                                                            cli_doc: dict[str, Any]) -> None:
+    expected = {p.name: (r["probs"], r["top"]) for p, r in zip(images, cli_doc["results"])}
+    failures: list[str] = []
+    counts = {"ok": 0}
+    lock = threading.Lock()
+
+    def client(k: int) -> None:
+        with httpx.Client(timeout=120) as http:
+            for j in range(6):
+                path = images[(k + j) % len(images)]
+                resp = _post(http, server, path)
+                with lock:
+                    if resp.status_code != 200:
+                        failures.append(f"{path.name}: {resp.status_code} {resp.text[:200]}")
+                        continue
+                    row = resp.json()["results"][0]
+                    if (row["probs"], row["top"]) != expected[path.name]:
+                        failures.append(f"{path.name}: answer differs under concurrency")
+                    counts["ok"] += 1
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not failures, failures[:5]
+    assert counts["ok"] == 16 * 6
+    batching = httpx.get(f"{server}/v1/model", timeout=30).json()["batching"]
+    assert batching["largest_batch"] > 1, batching  # concurrent requests were batched together
+    assert httpx.get(f"{server}/readyz", timeout=30).status_code == 200  # golden still bitwise after the storm
+
+
+def test_token_protects_a_live_server(workdir: Path, images: list[Path]) -> None:
+    with serve_process(workdir, "--token", "live-secret") as url, httpx.Client(timeout=60) as client:
+        assert _post(client, url, images[0]).status_code == 401
+        ok = client.post(f"{url}/v1/classify", files={"image": ("a.png", images[0].read_bytes())},
+                         data={"labels": LABELS}, headers={"Authorization": "Bearer live-secret"})
+        assert ok.status_code == 200
+
+
+def test_loadtest_script_reports_throughput_and_latency(server: str, images: list[Path]) -> None:
+    run_loadtest = import_loadtest().run_loadtest
+
+    report = run_loadtest(server, images[0].read_bytes(), LABELS, clients=4, requests=12, max_seconds=60)
+    assert report["ok"] == 12 and report["server_errors"] == 0 and report["distinct_answers"] == 1
+    assert report["latency_ms"]["p50"] <= report["latency_ms"]["p99"]
+    with pytest.raises(ValueError, match="loopback"):
+        run_loadtest("http://10.1.2.3:8000", b"", LABELS)
