@@ -1,0 +1,79 @@
+"""``steadyclip serve``: the HTTP server and web page (FastAPI + uvicorn)."""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+
+import click
+
+from steadyclip.cli._common import handle_errors
+
+_logger = logging.getLogger(__name__)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@click.command()
+@click.argument("model", required=False, default="steadyclip-demo")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to listen on. Anything but loopback exposes the model to the network.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--pretrained", default=None, help="open_clip pretrained tag or a checkpoint file.")
+@click.option("--lock", "lock_path", type=click.Path(dir_okay=False), default=None,
+              help="Refuse to start unless the model matches this lockfile.")
+@click.option("--profile", type=click.Choice(["strict", "fast"]), default="strict", show_default=True)
+@click.option("--micro-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Rows per image forward; concurrent requests share micro-batches.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (default: profile's).")
+@click.option("--token", default=None, envvar="STEADYCLIP_TOKEN", show_envvar=True,
+              help="Require 'Authorization: Bearer TOKEN' on /v1/*.")
+@click.option("--batch-wait-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="How long to wait for more images before running a partial micro-batch.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.001), default=30.0, show_default=True,
+              help="Seconds before a request gets 504.")
+@click.option("--max-body-mb", type=click.FloatRange(min=0.001), default=16.0, show_default=True)
+@click.option("--max-images", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--max-labels", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--max-pixels", type=click.IntRange(min=1), default=None, help="Decoded pixels per image (default: library's).")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
+              show_default=True, help="uvicorn's log level.")
+@handle_errors
+def serve(model: str, host: str, port: int, pretrained: str | None, lock_path: str | None, profile: str,
+          micro_batch: int, threads: int | None, token: str | None, batch_wait_ms: float, timeout_s: float,
+          max_body_mb: float, max_images: int, max_labels: int, max_pixels: int | None, log_level: str) -> None:
+    """Serve MODEL (default: the bundled demo) over HTTP, with a web page at /.
+
+    Results are bitwise those of `steadyclip classify --json` with the same model options.
+    """
+    try:
+        import uvicorn
+
+        from steadyclip.server import ServerSettings, create_app
+    except ImportError as e:
+        raise click.ClickException(f"the server needs its extra: pip install 'steadyclip[server]' ({e})") from e
+    from steadyclip.cli.classify import build_engine
+
+    settings = ServerSettings(
+        token=token or None, max_body_bytes=int(max_body_mb * 1024 * 1024), max_images=max_images,
+        max_labels=max_labels, max_pixels=max_pixels, request_timeout_s=timeout_s, batch_wait_ms=batch_wait_ms,
+    )
+    if not _is_loopback(host):
+        click.echo(f"warning: listening on {host}, reachable from the network"
+                   + ("" if settings.token else " WITHOUT a token (set --token or STEADYCLIP_TOKEN)"), err=True)
+    engine = build_engine(model, pretrained, lock_path, profile, micro_batch, threads)
+    app = create_app(engine, settings=settings)
+    click.echo(f"steadyclip: serving {engine.loaded.info.model_id} on http://{host}:{port} "
+               f"(pid {os.getpid()}, auth {'bearer' if settings.token else 'none'})", err=True)
+    # One process, one engine: workers>1 would load the model once per worker.
+    uvicorn.run(app, host=host, port=port, log_level=log_level, workers=1, access_log=log_level == "debug")
+
+
+__all__ = ["serve"]
