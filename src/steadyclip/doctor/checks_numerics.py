@@ -1,0 +1,257 @@
+"""Checks 4-7: precision, device, batch composition, thread count and numerics flags.
+
+All measured in eval mode without gradients, changing one thing against the
+reference (fp32, strict flags, the caller's thread count, one batch).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from steadyclip.doctor.context import Context
+from steadyclip.doctor.harness import (
+    Encoded, amp_autocast, amp_dtype, encode, head, max_abs_diff, model_float_dtype, no_autocast, top1,
+    top1_changes, top_margin,
+)
+from steadyclip.doctor.state import eval_temporarily, strict_numerics
+from steadyclip.doctor.result import NUMERIC_TOL, PROB_TOL, Cause, Findings, Level
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["read_flags", "check_precision", "check_flags", "check_batch", "check_threads", "check_device"]
+
+FIX_PRECISION = """\
+# run inference in float32 with autocast off (or accept the drift and always use the same precision)
+model = model.float()
+with torch.no_grad(), torch.autocast(DEVICE, enabled=False):
+    image_features = model.encode_image(images)
+# steadyclip's "strict" profile is fp32; "fast" uses autocast and records it in every result's provenance"""
+
+FIX_FLAGS = """\
+# before the first forward (steadyclip's strict profile sets and restores these for you):
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cudnn.benchmark = False          # autotuning may pick a different kernel each process
+torch.use_deterministic_algorithms(True)
+torch.set_float32_matmul_precision("highest")
+# and in the environment, before Python starts:
+#   export CUBLAS_WORKSPACE_CONFIG=:4096:8     # CUDA: deterministic cuBLAS
+#   export MKL_CBWR=AUTO,STRICT                # CPU: batch/thread-invariant MKL GEMMs"""
+
+FIX_BATCH = """\
+# the row for an image depends on the batch *shape*: always run the same batch size (pad the tail)
+engine = steadyclip.Engine(steadyclip.load(MODEL, pretrained=...), micro_batch=8)   # fixed shapes, padded
+# on CPU also set MKL_CBWR=AUTO,STRICT before Python starts (steadyclip does this at import)"""
+
+FIX_THREADS = """\
+# use the same intra-op thread count on every run, set before the first forward
+torch.set_num_threads(1)
+# or: steadyclip classify --threads 1 ...  /  steadyclip.Engine(loaded, threads=1)"""
+
+FIX_DEVICE = """\
+# CPU and GPU kernels round differently: compare results only within one device type,
+# and record it - steadyclip puts the device into every result's provenance"""
+
+
+def _level(sev: float, tol: float) -> Level:
+    return "problem" if sev > tol else "info"
+
+
+def read_flags(device_type: str) -> dict[str, Any]:
+    """The numerics flags in effect now (goes into the environment and the flags check)."""
+    flags: dict[str, Any] = {
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "threads": torch.get_num_threads(),
+        "MKL_CBWR": os.environ.get("MKL_CBWR"),
+    }
+    mkldnn_prec = getattr(torch.backends.mkldnn, "fp32_precision", None)
+    if isinstance(mkldnn_prec, str):
+        flags["mkldnn_fp32_precision"] = mkldnn_prec
+    if device_type == "cuda" or torch.cuda.is_available():
+        flags.update({
+            "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "cudnn_deterministic": torch.backends.cudnn.deterministic,
+            "CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+        })
+    return flags
+
+
+def _risky_flags(flags: dict[str, Any], device_type: str) -> list[str]:
+    issues = []
+    if flags["float32_matmul_precision"] != "highest":
+        issues.append(f"float32_matmul_precision={flags['float32_matmul_precision']!r} allows reduced-precision "
+                      "matmuls (TF32 on CUDA, bf16 via oneDNN on CPU)")
+    if flags.get("mkldnn_fp32_precision") not in (None, "none", "ieee"):
+        issues.append(f"mkldnn fp32_precision={flags['mkldnn_fp32_precision']!r} lowers CPU matmul precision")
+    if device_type == "cuda":
+        if flags.get("cuda_matmul_allow_tf32"):
+            issues.append("TF32 matmuls are on (torch.backends.cuda.matmul.allow_tf32)")
+        if flags.get("cudnn_allow_tf32"):
+            issues.append("TF32 convolutions are on (torch.backends.cudnn.allow_tf32)")
+        if flags.get("cudnn_benchmark"):
+            issues.append("cudnn.benchmark autotunes kernels: the choice can differ between processes")
+        if not flags["deterministic_algorithms"]:
+            issues.append("deterministic algorithms are off: some CUDA kernels use atomics")
+        if not flags.get("CUBLAS_WORKSPACE_CONFIG"):
+            issues.append("CUBLAS_WORKSPACE_CONFIG is not set: cuBLAS may reduce in a varying order")
+    elif (flags.get("MKL_CBWR") or "").upper().find("STRICT") < 0:
+        issues.append(f"MKL_CBWR={flags.get('MKL_CBWR')!r}: MKL GEMMs may differ by batch size and thread count")
+    return issues
+
+
+def check_precision(ctx: Context, findings: Findings) -> list[np.ndarray]:
+    """``precision_drift``: autocast (bf16 on CPU, fp16 on CUDA) or half-precision weights vs fp32."""
+    assert ctx.baseline is not None
+    dev = ctx.device_type
+    dtype = ctx.amp_in_use or amp_dtype(dev)
+    with ctx.strict(), amp_autocast(dev, dtype), eval_temporarily(ctx.fp32):
+        p_amp = head(ctx.fp32, encode(ctx.fp32, ctx.inputs.pixels_user, ctx.inputs.tokens), ctx.inputs.n_templates)
+    d_amp = max_abs_diff(p_amp, ctx.baseline)
+    evidence: dict[str, Any] = {
+        "autocast_dtype": str(dtype).removeprefix("torch."),
+        "autocast_in_use": ctx.amp_in_use is not None,
+        "max_abs_prob_diff_autocast_vs_fp32": d_amp,
+        "top1_agreement": 1.0 - top1_changes(ctx.baseline, [p_amp]) / max(1, ctx.baseline.shape[0]),
+        "min_top1_top2_margin_fp32": top_margin(ctx.baseline),
+    }
+    outputs = [p_amp]
+    in_use = [d_amp] if ctx.amp_in_use is not None else []
+    wdtype = model_float_dtype(ctx.model)
+    evidence["weights_dtype"] = str(wdtype).removeprefix("torch.")
+    if wdtype != torch.float32:
+        p_half = ctx.eval_probs(model=ctx.model)
+        d_half = max_abs_diff(p_half, ctx.baseline)
+        evidence["max_abs_prob_diff_weights_vs_fp32"] = d_half
+        in_use.append(d_half)
+        outputs.append(p_half)
+    if in_use:
+        sev = max(in_use)
+        what = " and ".join(([f"autocast to {evidence['autocast_dtype']}"] if ctx.amp_in_use else [])
+                            + ([f"{evidence['weights_dtype']} weights"] if wdtype != torch.float32 else []))
+        findings.add(Cause("precision_drift", sev, _level(sev, PROB_TOL),
+                           f"your code runs with {what}: probabilities differ from float32 by up to {sev:.3g}",
+                           evidence, FIX_PRECISION.replace("DEVICE", repr(dev))))
+    elif d_amp > 0:
+        findings.add(Cause("precision_drift", d_amp, "info",
+                           f"not in use; if you enabled {evidence['autocast_dtype']} autocast, probabilities would "
+                           f"move by up to {d_amp:.3g}", evidence, FIX_PRECISION.replace("DEVICE", repr(dev))))
+    else:
+        findings.ok("precision_drift", "autocast gives bitwise the fp32 result here")
+    return outputs
+
+
+def check_flags(ctx: Context, findings: Findings) -> None:
+    """``nondeterministic_flags``: the caller's numerics flags vs steadyclip's strict ones, measured."""
+    assert ctx.baseline is not None
+    flags = ctx.ambient_flags
+    issues = _risky_flags(flags, ctx.device_type)
+    with eval_temporarily(ctx.fp32), no_autocast(ctx.device_type):
+        p_ambient = head(ctx.fp32, encode(ctx.fp32, ctx.inputs.pixels_user, ctx.inputs.tokens),
+                         ctx.inputs.n_templates)
+    sev = max_abs_diff(p_ambient, ctx.baseline)
+    evidence = {"flags": flags, "issues": issues, "max_abs_prob_diff_your_flags_vs_strict": sev}
+    if not issues and sev == 0.0:
+        findings.ok("nondeterministic_flags", "numerics flags are deterministic (results equal the strict profile's)")
+        return
+    level = _level(sev, NUMERIC_TOL)
+    summary = (f"{len(issues)} numerics flag(s) allow run-to-run or cross-machine differences"
+               if issues else "your numerics flags differ from steadyclip's strict profile")
+    findings.add(Cause("nondeterministic_flags", sev, level, f"{summary}; measured effect here {sev:.3g}",
+                       evidence, FIX_FLAGS))
+
+
+def check_batch(ctx: Context, findings: Findings) -> None:
+    """``batch_variance``: the same images at batch size N vs 1 vs reversed order; texts all at once vs singly."""
+    assert ctx.baseline is not None and ctx.baseline_enc is not None
+    base = ctx.baseline_enc
+    n = ctx.inputs.pixels_user.shape[0]
+    p_count = ctx.inputs.tokens.shape[0]
+    evidence: dict[str, Any] = {"images": n, "prompts": p_count}
+    probs: list[np.ndarray] = []
+    if n >= 2:
+        single = ctx.eval_encode(image_chunk=1, text_chunk=None)
+        rev = ctx.eval_encode(order=list(reversed(range(n))))
+        evidence["image_emb_max_abs_diff_batch1_vs_batchN"] = max_abs_diff(single.images, base.images)
+        evidence["image_emb_max_abs_diff_reversed_order"] = max_abs_diff(rev.images, base.images)
+        evidence["batch_sizes"] = [n, 1]
+        probs += [head(ctx.fp32, single, ctx.inputs.n_templates), head(ctx.fp32, rev, ctx.inputs.n_templates)]
+    else:  # one image: compare it alone with it in a batch of four copies
+        px = ctx.inputs.pixels_user.repeat(4, 1, 1, 1)
+        four = ctx.eval_encode(pixels=px)
+        four_images = four.images[:1]
+        evidence["image_emb_max_abs_diff_batch1_vs_batch4"] = max_abs_diff(four_images, base.images)
+        evidence["batch_sizes"] = [1, 4]
+        probs.append(head(ctx.fp32, Encoded(four_images, base.texts), ctx.inputs.n_templates))
+    chunk = 1 if p_count <= 64 else 7
+    texts = ctx.eval_encode(pixels=ctx.inputs.pixels_user[:1], text_chunk=chunk)
+    evidence["text_emb_max_abs_diff_all_vs_chunks_of_%d" % chunk] = max_abs_diff(texts.texts, base.texts)
+    probs.append(head(ctx.fp32, Encoded(base.images, texts.texts), ctx.inputs.n_templates))
+    sev = max(max_abs_diff(p, ctx.baseline) for p in probs)
+    evidence["max_abs_prob_diff"] = sev
+    evidence["images_with_top1_change"] = top1_changes(ctx.baseline, probs)
+    emb_diffs = [v for k, v in evidence.items() if k.endswith(("_emb_max_abs_diff", "_order")) or "emb_max_abs_diff_" in k]
+    if sev == 0.0 and not any(emb_diffs):
+        findings.ok("batch_variance", "bitwise identical across batch sizes and positions")
+        return
+    findings.add(Cause("batch_variance", sev, _level(sev, NUMERIC_TOL),
+                       f"the same input gives slightly different results at another batch size or position "
+                       f"(probabilities up to {sev:.3g})", evidence, FIX_BATCH))
+
+
+def check_threads(ctx: Context, findings: Findings) -> None:
+    """``thread_variance``: the caller's thread count vs another (1, or 2 when already at 1)."""
+    assert ctx.baseline is not None and ctx.baseline_enc is not None
+    if ctx.device_type != "cpu":
+        findings.skipped("thread_variance", f"the model runs on {ctx.device_type}; CPU threads do not apply")
+        return
+    cpus = os.cpu_count() or 1
+    other = 1 if ctx.threads > 1 else (2 if cpus >= 2 else None)
+    if other is None:
+        findings.skipped("thread_variance", "only one CPU: no other thread count to compare")
+        return
+    enc = ctx.eval_encode(threads=other)
+    p = head(ctx.fp32, enc, ctx.inputs.n_templates)
+    sev = max_abs_diff(p, ctx.baseline)
+    evidence = {
+        "threads": [ctx.threads, other],
+        "image_emb_max_abs_diff": max_abs_diff(enc.images, ctx.baseline_enc.images),
+        "text_emb_max_abs_diff": max_abs_diff(enc.texts, ctx.baseline_enc.texts),
+        "max_abs_prob_diff": sev,
+        "images_with_top1_change": top1_changes(ctx.baseline, [p]),
+    }
+    if sev == 0.0 and evidence["image_emb_max_abs_diff"] == 0.0 and evidence["text_emb_max_abs_diff"] == 0.0:
+        findings.ok("thread_variance", f"bitwise identical at {ctx.threads} and {other} threads")
+        return
+    findings.add(Cause("thread_variance", sev, _level(sev, NUMERIC_TOL),
+                       f"{ctx.threads} vs {other} threads changes probabilities by up to {sev:.3g}",
+                       evidence, FIX_THREADS))
+
+
+def check_device(ctx: Context, findings: Findings) -> None:
+    """``device_drift``: CPU vs CUDA, when CUDA exists."""
+    assert ctx.baseline is not None
+    if not torch.cuda.is_available():
+        findings.skipped("device_drift", "CUDA is not available on this machine; nothing to compare the CPU with")
+        return
+    other = "cpu" if ctx.device_type == "cuda" else "cuda"
+    twin = copy.deepcopy(ctx.fp32).to(other)
+    with eval_temporarily(twin), strict_numerics(other, ctx.threads), no_autocast(other):
+        p = head(twin, encode(twin, ctx.inputs.pixels_user, ctx.inputs.tokens), ctx.inputs.n_templates)
+    del twin
+    sev = max_abs_diff(p, ctx.baseline)
+    evidence = {"devices": [ctx.device_type, other], "max_abs_prob_diff": sev,
+                "images_with_top1_change": top1_changes(ctx.baseline, [p]),
+                "top1": {ctx.device_type: top1(ctx.baseline), other: top1(p)}}
+    if sev == 0.0:
+        findings.ok("device_drift", f"{ctx.device_type} and {other} agree bitwise")
+        return
+    findings.add(Cause("device_drift", sev, _level(sev, NUMERIC_TOL),
+                       f"{ctx.device_type} vs {other}: probabilities differ by up to {sev:.3g}", evidence, FIX_DEVICE))
