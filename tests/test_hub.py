@@ -7,7 +7,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytest
 from open_clip import pretrained as ocp
@@ -207,7 +207,7 @@ class _FakeResponse(io.BytesIO):
         super().__init__(data)
         self.headers = {"Content-Length": str(len(data))}
 
-    def __enter__(self) -> _FakeResponse:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -239,7 +239,7 @@ def url_tag(monkeypatch: pytest.MonkeyPatch, demo_arch_checkpoint: Path, tmp_pat
 
 
 class _NoBar:
-    def __enter__(self) -> _NoBar:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

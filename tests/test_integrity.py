@@ -38,8 +38,7 @@ def big_file(tmp_path: Path) -> Path:
     path = tmp_path / "big.bin"
     chunk = hashlib.sha256(b"seed").digest() * (1 << 15)  # 1 MiB, not all zeros
     with open(path, "wb") as f:
-        for _ in range(48):
-            f.write(chunk)
+        f.writelines(chunk for _ in range(48))
         f.write(b"tail not on a chunk boundary")
     return path
 

@@ -333,9 +333,7 @@ def test_real_architectures_load_exactly_what_was_saved(arch: str, random_checkp
     assert not any(mod.training for mod in m.model.modules())
     m.check_buffers()
     with torch.no_grad():
-        size = m.info.preprocess.size
-        hw = size if isinstance(size, tuple) else (size, size)
-        image = m.model.encode_image(torch.zeros(1, 3, *hw))
+        image = m.model.encode_image(torch.zeros(1, 3, *m.info.preprocess.size))
         text = m.model.encode_text(m.tokenizer(["a photo"]))
     assert image.shape[-1] == text.shape[-1]
     m.check_buffers()  # an eval forward changes nothing

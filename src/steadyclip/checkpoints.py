@@ -31,18 +31,18 @@ from typing import Any
 
 import torch
 
-from steadyclip.errors import ModelSourceError, UnsafeCheckpointError, WeightsError
+from steadyclip.errors import ModelSourceError, SteadyClipError, UnsafeCheckpointError, WeightsError
 
 _logger = logging.getLogger(__name__)
 
 __all__ = [
     "CheckpointFormat",
-    "detect_format",
-    "read_state_dict",
-    "normalize_state_dict",
     "apply_state_dict",
     "convert_to_safetensors",
+    "detect_format",
     "format_keys",
+    "normalize_state_dict",
+    "read_state_dict",
 ]
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
@@ -127,7 +127,7 @@ def read_state_dict(path: str | os.PathLike[str], *, allow_torchscript: bool = F
             )
         _logger.warning("loading TorchScript archive %s (allow_torchscript=True)", p)
         try:
-            scripted = torch.jit.load(str(p), map_location="cpu")
+            scripted = torch.jit.load(str(p), map_location="cpu")  # type: ignore[no-untyped-call]
         except RuntimeError as e:
             raise WeightsError(f"{p} is not a loadable TorchScript archive ({e})") from e
         obj = dict(scripted.state_dict())
@@ -165,9 +165,9 @@ def normalize_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Ten
         sd = convert_to_custom_text_state_dict(sd)
     for name in ("logit_scale", "logit_bias"):
         target = getattr(model, name, None)
-        if name in sd and isinstance(target, torch.Tensor) and sd[name].ndim != target.ndim:
-            if sd[name].numel() == target.numel():
-                sd[name] = sd[name].reshape(target.shape)
+        if (name in sd and isinstance(target, torch.Tensor) and sd[name].ndim != target.ndim
+                and sd[name].numel() == target.numel()):
+            sd[name] = sd[name].reshape(target.shape)
     position_id_key = "text.transformer.embeddings.position_ids"
     if position_id_key in sd and position_id_key not in model.state_dict():
         del sd[position_id_key]
@@ -252,8 +252,12 @@ def convert_to_safetensors(
         out[k] = t
     dst_p = Path(dst)
     tmp = dst_p.with_name(dst_p.name + ".partial")
-    save_file(out, str(tmp), metadata={"converted_by": "steadyclip", "source_format": fmt.value})
-    os.replace(tmp, dst_p)
+    try:
+        save_file(out, str(tmp), metadata={"converted_by": "steadyclip", "source_format": fmt.value})
+        os.replace(tmp, dst_p)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise SteadyClipError(f"cannot write {dst_p}: {e}; check that its folder exists and is writable") from e
     return {"source": os.fspath(src), "output": os.fspath(dst_p), "tensors": len(out),
             "cloned_shared": cloned, "source_format": fmt.value}
 

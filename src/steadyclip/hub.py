@@ -23,11 +23,16 @@ from typing import Any
 
 from steadyclip import integrity
 from steadyclip.errors import IntegrityError, ModelSourceError
-from steadyclip.sources import ResolvedSource, builtin_model_cfg, move_aside, read_open_clip_config
+from steadyclip.sources import (
+    ResolvedSource,
+    builtin_model_cfg,
+    move_aside,
+    read_open_clip_config,
+)
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["resolve_tag", "resolve_hf_hub", "url_sha256", "hub_commit", "hub_lfs_sha256", "fetch_verified"]
+__all__ = ["fetch_verified", "hub_commit", "hub_lfs_sha256", "resolve_hf_hub", "resolve_tag", "url_sha256"]
 
 _PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode", "fill_color")
 _SNAPSHOT_RE = re.compile(r"[/\\]snapshots[/\\]([0-9a-f]{40})[/\\]")

@@ -34,18 +34,18 @@ _logger = logging.getLogger(__name__)
 __all__ = [
     "CHUNK_SIZE",
     "HashCache",
+    "buffers_fingerprint",
     "cache_dir",
+    "compare_lock",
+    "fingerprint_from_digests",
     "get_hash_cache",
+    "param_sample_fingerprint",
+    "read_lock",
     "sha256_file",
-    "verify_sha256",
     "state_fingerprint",
     "tensor_digests",
-    "fingerprint_from_digests",
-    "buffers_fingerprint",
-    "param_sample_fingerprint",
+    "verify_sha256",
     "write_lock",
-    "read_lock",
-    "compare_lock",
 ]
 
 CHUNK_SIZE = 1 << 20  # 1 MiB: large enough to amortise syscalls, small enough to stream
@@ -229,7 +229,7 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
         t = t.cpu()
     t = t.contiguous().reshape(-1)
     # Reinterpret as bytes (works for bf16 and other dtypes numpy lacks); no copy when contiguous.
-    return memoryview(t.view(torch.uint8).numpy())
+    return memoryview(t.view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def _header(name: str, t: torch.Tensor) -> bytes:
@@ -327,4 +327,4 @@ def buffers_fingerprint(module: torch.nn.Module) -> str:
 
 
 # Lockfile functions are part of this module's contract (docs/INTERFACES.md).
-from steadyclip.lockfile import compare_lock, read_lock, write_lock  # noqa: E402
+from steadyclip.lockfile import compare_lock, read_lock, write_lock

@@ -25,11 +25,17 @@ from typing import Any, Literal
 import torch
 
 from steadyclip import checkpoints, integrity, sources
-from steadyclip.errors import DeviceError, InferenceStateError, IntegrityError, LockMismatchError, NumericsError
+from steadyclip.errors import (
+    DeviceError,
+    InferenceStateError,
+    IntegrityError,
+    LockMismatchError,
+    NumericsError,
+)
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["PreprocessConfig", "ModelInfo", "LoadedModel", "load", "source_from_lock", "Guard"]
+__all__ = ["Guard", "LoadedModel", "ModelInfo", "PreprocessConfig", "load", "source_from_lock"]
 
 Guard = Literal["warn", "raise"]
 
@@ -38,7 +44,7 @@ Guard = Literal["warn", "raise"]
 class PreprocessConfig:
     """How images must be prepared for this model (from the pretrained tag or model config)."""
 
-    size: int | tuple[int, int]
+    size: tuple[int, int]  # (height, width); open_clip's int sizes are normalised to (n, n)
     mode: str
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -50,7 +56,7 @@ class PreprocessConfig:
     def from_open_clip(cls, cfg: dict[str, Any]) -> PreprocessConfig:
         size = cfg["size"]
         return cls(
-            size=tuple(size) if isinstance(size, (list, tuple)) else int(size),  # type: ignore[arg-type]
+            size=(int(size[0]), int(size[1])) if isinstance(size, (list, tuple)) else (int(size), int(size)),
             mode=str(cfg.get("mode", "RGB")),
             mean=tuple(float(x) for x in cfg["mean"]),
             std=tuple(float(x) for x in cfg["std"]),
@@ -61,7 +67,7 @@ class PreprocessConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["size"] = list(self.size) if isinstance(self.size, tuple) else self.size
+        d["size"] = list(self.size)
         d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
 

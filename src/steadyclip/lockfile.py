@@ -29,11 +29,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
-from steadyclip.errors import IntegrityError, LockMismatchError
+from steadyclip.errors import IntegrityError, LockMismatchError, SteadyClipError
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["LOCK_VERSION", "LOCKED_FIELDS", "library_versions", "make_lock", "write_lock", "read_lock", "compare_lock"]
+__all__ = ["LOCKED_FIELDS", "LOCK_VERSION", "compare_lock", "library_versions", "make_lock", "read_lock", "write_lock"]
 
 LOCK_VERSION = 1
 
@@ -86,7 +86,10 @@ def write_lock(path: str | os.PathLike[str], info: _HasToDict | Mapping[str, Any
     """Write a lockfile atomically; returns the document written."""
     doc = make_lock(info, **extra)
     p = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=p.parent if str(p.parent) else ".", prefix=p.name + ".", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=p.name + ".", suffix=".tmp")
+    except OSError as e:
+        raise SteadyClipError(f"cannot write lockfile {p}: {e}; check that its folder exists and is writable") from e
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=2, sort_keys=True, allow_nan=False)

@@ -30,7 +30,7 @@ from steadyclip.registry import DEMO_SPEC, get_spec, register_demo_config
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["ResolvedSource", "resolve", "config_hash"]
+__all__ = ["ResolvedSource", "config_hash", "resolve"]
 
 _PREPROCESS_KEYS = ("size", "mode", "mean", "std", "interpolation", "resize_mode", "fill_color")
 _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
@@ -99,7 +99,7 @@ def resolve(
     spec = get_spec(source)
     if spec is not None and pretrained_s is None:
         return _resolve_bundled(source)
-    if source.startswith("hf-hub:") or source.startswith("local-dir:"):
+    if source.startswith(("hf-hub:", "local-dir:")):
         if pretrained_s is not None:
             raise ModelSourceError(
                 f"pretrained={pretrained_s!r} cannot be combined with {source!r}, which names its own weights"
