@@ -31,7 +31,12 @@ from typing import Any
 
 import torch
 
-from steadyclip.errors import ModelSourceError, SteadyClipError, UnsafeCheckpointError, WeightsError
+from steadyclip.errors import (
+    ModelSourceError,
+    SteadyClipError,
+    UnsafeCheckpointError,
+    WeightsError,
+)
 
 _logger = logging.getLogger(__name__)
 
