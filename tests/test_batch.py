@@ -321,6 +321,16 @@ def test_finished_output_is_not_recomputed_or_overwritten(engine: Engine, small_
     assert pq.read_table(not_ours).column_names == ["x"], "a foreign file is never overwritten without --restart"
 
 
+def test_a_second_process_on_the_same_job_is_refused(engine: Engine, small_folder: Path, tmp_path: Path) -> None:
+    from filelock import FileLock
+
+    out = tmp_path / "out.parquet"
+    parts = out.with_name(out.name + ".parts")
+    parts.mkdir()
+    with FileLock(str(parts / "lock")), pytest.raises(BatchJobError, match="another process is already running"):
+        run_batch(small_folder, engine, labels=LABELS, out=out, workers=1)
+
+
 # ---- robustness -------------------------------------------------------------------------------
 def test_a_decoder_that_dies_costs_one_error_row(engine: Engine, small_folder: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
