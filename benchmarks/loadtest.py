@@ -88,7 +88,7 @@ def run_loadtest(url: str, image_bytes: bytes, labels: Sequence[str], *, clients
         raise ValueError(f"clients 1..{MAX_CLIENTS}, requests 1..{MAX_REQUESTS}, max_seconds (0, {MAX_SECONDS}] "
                          f"- got {clients}, {requests}, {max_seconds}")
     headers = {"authorization": f"Bearer {token}"} if token else {}
-    files_labels = [("labels", (None, lab)) for lab in labels]
+    form = {"labels": list(labels)}
     lock = threading.Lock()
     issued = 0
     latencies: list[float] = []
@@ -98,7 +98,7 @@ def run_loadtest(url: str, image_bytes: bytes, labels: Sequence[str], *, clients
     deadline = time.monotonic() + max_seconds
     with httpx.Client(base_url=url, headers=headers, timeout=timeout_s) as http:
         for _ in range(warmup):
-            http.post("/v1/classify", files=[("image", ("image.png", image_bytes)), *files_labels])
+            http.post("/v1/classify", files={"image": ("image.png", image_bytes)}, data=form)
         before = _batching(http)
 
     def take() -> bool:
@@ -112,10 +112,9 @@ def run_loadtest(url: str, image_bytes: bytes, labels: Sequence[str], *, clients
     def client() -> None:
         with httpx.Client(base_url=url, headers=headers, timeout=timeout_s) as http:
             while take():
-                files = [("image", ("image.png", image_bytes, "application/octet-stream")), *files_labels]
                 t0 = time.perf_counter()
                 try:
-                    resp = http.post("/v1/classify", files=files)
+                    resp = http.post("/v1/classify", files={"image": ("image.png", image_bytes)}, data=form)
                     status, body = str(resp.status_code), resp.content
                 except httpx.HTTPError as e:
                     status, body = type(e).__name__, b""
@@ -230,12 +229,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bool(args.url) == bool(args.spawn):
         p.error("give exactly one of --url or --spawn")
     image, labels = args.image.read_bytes(), [s for s in args.labels.split(",") if s.strip()]
-    kw = dict(clients=args.clients, requests=args.requests, max_seconds=args.max_seconds, token=args.token)
+    def run(url: str) -> dict[str, Any]:
+        return run_loadtest(url, image, labels, clients=args.clients, requests=args.requests,
+                            max_seconds=args.max_seconds, token=args.token)
+
     if args.spawn:
         with spawned_server(*args.serve_arg) as url:
-            report = run_loadtest(url, image, labels, **kw)  # type: ignore[arg-type]
+            report = run(url)
     else:
-        report = run_loadtest(args.url, image, labels, **kw)  # type: ignore[arg-type]
+        report = run(args.url)
     report["client_threads"] = args.clients
     json.dump(report, sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")

@@ -9,8 +9,13 @@ from typing import Any
 import httpx
 import pytest
 import torch
-
-from _server_fixtures import LABELS, cli_classify, demo_images, import_loadtest, serve_process
+from _server_fixtures import (
+    LABELS,
+    cli_classify,
+    demo_images,
+    import_loadtest,
+    serve_process,
+)
 
 torch.set_num_threads(1)
 

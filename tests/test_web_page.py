@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _server_fixtures import LABELS, demo_images, expected_label, serve_process
 
 torch.set_num_threads(1)

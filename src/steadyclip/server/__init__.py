@@ -8,4 +8,4 @@ from __future__ import annotations
 from steadyclip.server.app import create_app
 from steadyclip.server.settings import ServerSettings
 
-__all__ = ["create_app", "ServerSettings"]
+__all__ = ["ServerSettings", "create_app"]

@@ -149,7 +149,8 @@ class Batcher:
 
     def _gather(self, first: _PixelJob) -> tuple[list[_PixelJob], list[_CallJob], bool]:
         """Collect pixel jobs behind ``first`` up to ``max_rows`` rows or the wait deadline."""
-        batch, deferred = [first], []
+        batch: list[_PixelJob] = [first]
+        deferred: list[_CallJob] = []
         rows = first.pixels.shape[0]
         deadline = time.monotonic() + self.max_wait_s
         while rows < self.max_rows:

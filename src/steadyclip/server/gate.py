@@ -49,14 +49,14 @@ class GateMiddleware:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        if self._token is not None and scope["path"].startswith(PROTECTED_PREFIX):
-            if not self._authorised(headers.get("authorization", "")):
-                await _send_json(send, 401, error_body(
-                    "Unauthorized",
-                    "missing or wrong bearer token: send the header 'Authorization: Bearer <token>' with the "
-                    "token the server was started with (--token or $STEADYCLIP_TOKEN)",
-                ), {"www-authenticate": "Bearer"})
-                return
+        protected = self._token is not None and scope["path"].startswith(PROTECTED_PREFIX)
+        if protected and not self._authorised(headers.get("authorization", "")):
+            await _send_json(send, 401, error_body(
+                "Unauthorized",
+                "missing or wrong bearer token: send the header 'Authorization: Bearer <token>' with the "
+                "token the server was started with (--token or $STEADYCLIP_TOKEN)",
+            ), {"www-authenticate": "Bearer"})
+            return
         declared = headers.get("content-length")
         if declared is not None:
             if not declared.isdigit():

@@ -20,7 +20,12 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from steadyclip.errors import InputError, TemplateError
-from steadyclip.prompts import BUILTIN_TEMPLATE_SETS, TemplateSet, get_template_set, validate_labels
+from steadyclip.prompts import (
+    BUILTIN_TEMPLATE_SETS,
+    TemplateSet,
+    get_template_set,
+    validate_labels,
+)
 from steadyclip.server.http_errors import ApiError, describe_validation_errors
 from steadyclip.server.schemas import ClassifyJSON, EmbedJSON
 from steadyclip.server.settings import ServerSettings
@@ -236,7 +241,7 @@ async def read_embed(request: Request, settings: ServerSettings) -> EmbedInput:
         doc = await _parse_json(request, EmbedJSON)
         _check_count(len(doc.images), settings, required=False)
         images = _named([decode_base64_image(s, i) for i, s in enumerate(doc.images)], doc.names)
-        texts, encoding = list(doc.texts), doc.encoding
+        texts, encoding = list(doc.texts), str(doc.encoding)
     elif media == "multipart/form-data":
         form = await _parse_form(request, settings)
         images = await _form_images(form)

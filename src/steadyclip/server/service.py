@@ -84,8 +84,9 @@ class Service:
 
     async def _probe_embedding(self) -> np.ndarray:
         pixels = await run_in_threadpool(lambda: self.engine.preprocess(golden_mod.probe_image()).unsqueeze(0))
-        emb = await self._embed_pixels(pixels)
-        return emb[0]
+        emb = await self._embed_pixels(pixels)  # (1, D)
+        row: np.ndarray = emb[0]
+        return row
 
     async def _preprocess(self, images: list[ImagePayload]) -> torch.Tensor:
         """Decode + preprocess in the thread pool, a bounded number of requests at a time."""
