@@ -55,20 +55,33 @@ def info(model: str, pretrained: str | None, allow_torchscript: bool, as_json: b
 @_torchscript_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("steadyclip.lock"),
               show_default=True, help="Lockfile to write.")
+@click.option("--probe/--no-probe", default=True, show_default=True,
+              help="Also pin the outputs of a fixed behaviour probe (recomputed by verify).")
+@click.option("--profile", type=click.Choice(["strict", "fast"]), default="strict", show_default=True)
+@click.option("--micro-batch", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None)
 @_json_option
 @handle_errors
-def lock(model: str, pretrained: str | None, allow_torchscript: bool, output: Path, as_json: bool) -> None:
-    """Write a lockfile pinning MODEL: source, revision, hashes, fingerprint, config, versions."""
+def lock(model: str, pretrained: str | None, allow_torchscript: bool, output: Path, probe: bool, profile: str,
+         micro_batch: int, threads: int | None, as_json: bool) -> None:
+    """Write a lockfile pinning MODEL: source, revision, hashes, fingerprint, config, versions, behaviour."""
     from steadyclip.integrity import write_lock
     from steadyclip.loading import load
 
     loaded = load(model, pretrained=pretrained, allow_torchscript=allow_torchscript)
-    doc = write_lock(output, loaded.info)
+    extra: dict[str, Any] = {}
+    if probe:
+        from steadyclip.engine import Engine
+        from steadyclip.probe import run_probe
+
+        engine = Engine(loaded, profile=profile, micro_batch=micro_batch, threads=threads, text_cache=None)
+        extra["probe"] = run_probe(engine)
+    doc = write_lock(output, loaded.info, **extra)
     if as_json:
         echo_json({"lockfile": str(output), **doc})
     else:
         click.echo(f"wrote {output}: {loaded.info.model_id} sha256 {loaded.info.weights_sha256} "
-                   f"fingerprint {loaded.info.fingerprint}")
+                   f"fingerprint {loaded.info.fingerprint}" + (" + behaviour probe" if probe else ""))
 
 
 @click.command()
@@ -108,12 +121,34 @@ def verify(model: str | None, pretrained: str | None, lock_path: Path, allow_tor
             raise
         echo_json({"ok": False, "lockfile": str(lock_path), "field": None, "error": str(e)})
         sys.exit(EXIT_CHECK_FAILED)
-    doc = {"ok": True, "lockfile": str(lock_path), "model_id": loaded.info.model_id,
-           "weights_sha256": loaded.info.weights_sha256, "fingerprint": loaded.info.fingerprint}
+    doc: dict[str, Any] = {"ok": True, "lockfile": str(lock_path), "model_id": loaded.info.model_id,
+                           "weights_sha256": loaded.info.weights_sha256, "fingerprint": loaded.info.fingerprint}
+    report = _check_probe(loaded, lock_doc.get("probe"))
+    if report is not None:
+        doc["probe"] = report.to_dict()
+        doc["ok"] = report.ok
     if as_json:
         echo_json(doc)
     else:
-        click.echo(f"ok: {loaded.info.model_id} matches {lock_path} (fingerprint {loaded.info.fingerprint})")
+        click.echo(f"{'ok' if doc['ok'] else 'FAILED'}: {loaded.info.model_id} vs {lock_path} "
+                   f"(fingerprint {loaded.info.fingerprint})")
+        if report is not None:
+            click.echo(report.describe())
+    if not doc["ok"]:
+        sys.exit(EXIT_CHECK_FAILED)
+
+
+def _check_probe(loaded: Any, stored: dict[str, Any] | None) -> Any:
+    """Recompute the lock's behaviour probe with the engine settings it was written with."""
+    if not stored:
+        return None
+    from steadyclip.engine import Engine
+    from steadyclip.probe import compare_probe
+
+    stack = stored.get("stack", {})
+    engine = Engine(loaded, profile=stack.get("profile", "strict"), micro_batch=int(stack.get("micro_batch", 8)),
+                    threads=int(stack["threads"]) if stack.get("threads") else None, text_cache=None)
+    return compare_probe(stored, engine)
 
 
 @click.command()

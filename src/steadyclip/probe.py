@@ -1,0 +1,141 @@
+"""Behaviour pinning: a fixed probe whose outputs a lockfile stores and ``verify`` recomputes.
+
+The probe is a deterministic set of synthetic images (drawn with numpy, then
+passed through the model's own preprocessing, so resizing is covered too) and
+a few texts. Outputs are stored exactly (little-endian float32, base64). On the
+same software stack a re-run must be bitwise identical; on another stack
+(other CPU, GPU, torch version) the measured drift is reported against tolerances.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import platform
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from steadyclip.engine import Engine
+
+_logger = logging.getLogger(__name__)
+
+PROBE_VERSION = 1
+PROBE_TEXTS = ("a photo of a red circle.", "a photo of a dog.", "a diagram", "an empty white page", "x")
+# Across stacks, fp32 CLIP embeddings typically move ~1e-6..1e-5; more is a behaviour change.
+DEFAULT_TOLERANCE = {"max_abs": 1e-4, "min_cosine": 0.9999}
+
+
+def probe_images(size: tuple[int, int] | int, n: int = 6) -> list[Any]:
+    """``n`` deterministic RGB images slightly larger than the model input (so resizing runs)."""
+    from PIL import Image
+
+    h, w = (size, size) if isinstance(size, int) else size
+    hh, ww = h * 3 // 2, w * 3 // 2
+    rng = np.random.default_rng(20261130)
+    yy, xx = np.mgrid[0:hh, 0:ww].astype(np.float64)
+    images = []
+    for i in range(n):
+        base = np.stack([(xx / ww) * 255, (yy / hh) * 255, ((xx + yy) % 64) * 4], axis=-1)
+        noise = rng.integers(0, 64, (hh, ww, 3))
+        arr = (base * (i + 1) / n + noise) % 256
+        images.append(Image.fromarray(arr.astype(np.uint8), "RGB"))
+    return images
+
+
+def stack_id(engine: Engine) -> dict[str, str]:
+    """What must match for a bitwise comparison to be meaningful."""
+    import PIL
+    import torch
+
+    build = engine.provenance.flags.get("build", {})
+    return {
+        "torch": torch.__version__, "numpy": np.__version__, "pillow": PIL.__version__,
+        "device": str(engine.device), "cpu_capability": str(build.get("cpu_capability")),
+        "machine": platform.machine(), "profile": engine.profile.name, "threads": str(engine.profile.threads),
+        "micro_batch": str(engine.micro_batch),
+    }
+
+
+def _pack(arr: np.ndarray) -> dict[str, Any]:
+    raw = np.ascontiguousarray(arr, dtype="<f4").tobytes()
+    return {"shape": list(arr.shape), "sha256": hashlib.sha256(raw).hexdigest(),
+            "data": base64.b64encode(raw).decode("ascii")}
+
+
+def _unpack(doc: dict[str, Any]) -> np.ndarray:
+    raw = base64.b64decode(doc["data"])
+    if hashlib.sha256(raw).hexdigest() != doc["sha256"]:
+        from steadyclip.errors import IntegrityError
+
+        raise IntegrityError("the lockfile's probe data does not match its own hash; the lock was edited or corrupted")
+    return np.frombuffer(raw, dtype="<f4").reshape(doc["shape"])
+
+
+def run_probe(engine: Engine) -> dict[str, Any]:
+    """The probe section of a lockfile: exact outputs plus the stack they came from."""
+    images = engine.embed_images(probe_images(engine.loaded.info.preprocess.size))
+    texts = engine.embed_texts(list(PROBE_TEXTS))
+    return {"version": PROBE_VERSION, "stack": stack_id(engine), "tolerance": dict(DEFAULT_TOLERANCE),
+            "images": _pack(images), "texts": _pack(texts)}
+
+
+@dataclass(frozen=True)
+class ProbeReport:
+    """Outcome of recomputing a stored probe."""
+
+    status: str  # "bitwise-identical" | "within-tolerance" | "drift" | "regression"
+    same_stack: bool
+    max_abs: float
+    min_cosine: float
+    stack_differences: dict[str, tuple[str, str]]
+    tolerance: dict[str, float]
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("bitwise-identical", "within-tolerance")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        if self.status == "bitwise-identical":
+            return "behaviour probe: bitwise identical to the lock"
+        diffs = ", ".join(f"{k}: {a} -> {b}" for k, a, b in
+                          ((k, *v) for k, v in sorted(self.stack_differences.items()))) or "none"
+        return (f"behaviour probe: {self.status}; max |diff| {self.max_abs:.3g}, min cosine {self.min_cosine:.8f} "
+                f"(tolerance {self.tolerance}); stack differences: {diffs}")
+
+
+def compare_probe(stored: dict[str, Any], engine: Engine) -> ProbeReport:
+    """Recompute the probe and compare with the stored outputs.
+
+    On the stack the lock was written on, anything short of bitwise identity is
+    a ``regression``; on another stack, drift inside the tolerance is accepted.
+    """
+    fresh = run_probe(engine)
+    old_stack: dict[str, str] = stored.get("stack", {})
+    diffs = {k: (old_stack.get(k, "?"), v) for k, v in fresh["stack"].items() if old_stack.get(k) != v}
+    tol = {**DEFAULT_TOLERANCE, **stored.get("tolerance", {})}
+    max_abs, min_cos = 0.0, 1.0
+    identical = True
+    for part in ("images", "texts"):
+        a, b = _unpack(stored[part]), _unpack(fresh[part])
+        if a.shape != b.shape:
+            return ProbeReport("drift", not diffs, float("inf"), -1.0, diffs, tol)
+        identical &= a.tobytes() == b.tobytes()
+        max_abs = max(max_abs, float(np.abs(a.astype(np.float64) - b).max(initial=0.0)))
+        cos = (a.astype(np.float64) * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+        min_cos = min(min_cos, float(cos.min(initial=1.0)))
+    if identical:
+        status = "bitwise-identical"
+    elif not diffs:
+        status = "regression"
+    elif max_abs <= tol["max_abs"] and min_cos >= tol["min_cosine"]:
+        status = "within-tolerance"
+    else:
+        status = "drift"
+    _logger.info("probe comparison: %s (max abs %.3g)", status, max_abs)
+    return ProbeReport(status, not diffs, max_abs, min_cos, diffs, tol)
