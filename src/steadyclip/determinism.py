@@ -23,6 +23,11 @@ engine funnels forwards through one worker (queue + micro-batches) anyway, so th
 lock is uncontended there, and parallelism comes from intra-op threads. Don't
 enter in one thread and leave in another (e.g. across ``await``).
 
+MKL_CBWR measured here (AMD EPYC, MKL 2024.2): it reaches MKL (``mkl_cbwr_effective``)
+but changed no result: a row at batch 1-3 differs from batch >= 4 with or without it
+(another GEMM kernel), rows at batch >= 4 agree either way. Fixed batch shapes, not
+MKL_CBWR, are what make rows batch-independent; the engine pads to them.
+
 Environment that must precede first use (set by ``steadyclip/__init__`` via
 :mod:`steadyclip._early`, and here with ``setdefault`` - a user's value wins):
     MKL_CBWR=AUTO,STRICT           MKL reads it at the process's first GEMM.
@@ -50,7 +55,6 @@ from steadyclip.errors import DeviceError, InputError
 
 CUBLAS_WORKSPACE = ":4096:8"
 _CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")
-STRICT_MKL_CBWR = "AUTO,STRICT"
 
 
 def early_init() -> None:
@@ -114,10 +118,14 @@ class Profile:
             raise InputError(f"unknown precision {self.precision!r}; choose one of {', '.join(_PRECISIONS)}")
         if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
             raise InputError(f"threads must be an int >= 1, got {self.threads!r}")
-        if self.name == "strict" and (self.precision != "fp32" or self.tf32 or not self.deterministic_algorithms
-                                      or self.cudnn_benchmark):
-            raise InputError(f"a strict profile is fp32, no TF32, deterministic, no cuDNN benchmark; got {self}; "
+        if not self.deterministic_algorithms or self.cudnn_benchmark:
+            raise InputError(f"every steadyclip profile is deterministic run to run (deterministic algorithms on, "
+                             f"cuDNN benchmark off); got {self}")
+        if self.name == "strict" and (self.precision != "fp32" or self.tf32):
+            raise InputError(f"a strict profile is fp32 without TF32, got {self}; "
                              "use get_profile('fast', ...) for reduced precision")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise InputError(f"seed must be an int, got {self.seed!r}")
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -194,8 +202,10 @@ def applied(profile: Profile, device: str | torch.device = "cpu") -> Iterator[di
             flags["guarantee"] = _GUARANTEE[profile.name]
             flags["autocast_dtype"] = str(profile.autocast_dtype).removeprefix("torch.") if profile.autocast_dtype else None
             yield flags
-        finally:
-            _undo(undo)
+        except BaseException:
+            _undo(undo, raise_errors=False)  # the block's own error is the one to see
+            raise
+        _undo(undo, raise_errors=True)
 
 
 def autocast(profile: Profile, device: str | torch.device = "cpu") -> contextlib.AbstractContextManager[Any]:
@@ -241,6 +251,7 @@ def current_flags(device: str | torch.device = "cpu") -> dict[str, Any]:
     env = {k: os.environ.get(k) for k in ("MKL_CBWR", "CUBLAS_WORKSPACE_CONFIG", "OMP_NUM_THREADS",
                                           "MKL_NUM_THREADS")}
     early = early_state()
+    requested, effective = mkl_cbwr_state(), mkl_cbwr_effective()
     flags: dict[str, Any] = {
         "device": kind if index is None else f"{kind}:{index}",
         "threads": torch.get_num_threads(),
@@ -254,10 +265,13 @@ def current_flags(device: str | torch.device = "cpu") -> dict[str, Any]:
         "cudnn_allow_tf32": _try(lambda: bool(torch.backends.cudnn.allow_tf32)),
         "fp32_precision": {f"{backend}.{op}": _leaf_get((backend, op)) for backend, op in _FP32_LEAVES},
         "grad_enabled": torch.is_grad_enabled(),
-        "mkl_cbwr": mkl_cbwr_state(),
+        "mkl_cbwr": requested,
         "mkl_cbwr_source": "user" if early.get("user_value") is not None else "steadyclip",
         "mkl_cbwr_set_after_torch_import": early.get("torch_imported_before") == "yes",
-        "mkl_cbwr_effective": mkl_cbwr_effective(),
+        "mkl_cbwr_effective": effective,
+        "mkl_cbwr_status": ("unknown" if effective is None or requested is None
+                            else "too late" if "STRICT" in requested.upper() and "STRICT" not in effective
+                            else "in effect"),
         "env": env,
         "build": _build_info(),
     }
@@ -334,7 +348,8 @@ def _apply(profile: Profile, kind: str, index: int | None, undo: list[Callable[[
         cuda_index = torch.cuda.current_device() if index is None else index
         cuda_rng = torch.cuda.get_rng_state(cuda_index)
         undo.append(lambda: torch.cuda.set_rng_state(cuda_rng, cuda_index))
-        torch.cuda.manual_seed(profile.seed)
+        with torch.cuda.device(cuda_index):
+            torch.cuda.manual_seed(profile.seed)
 
 
 def _set_deterministic(mode: bool, *, warn_only: bool) -> None:
@@ -352,7 +367,7 @@ def _swap(undo: list[Callable[[], None]], get: Callable[[], Any], put: Callable[
     put(value)
 
 
-def _undo(undo: list[Callable[[], None]]) -> None:
+def _undo(undo: list[Callable[[], None]], *, raise_errors: bool) -> None:
     failures: list[BaseException] = []
     for restore in reversed(undo):
         try:
@@ -360,7 +375,7 @@ def _undo(undo: list[Callable[[], None]]) -> None:
         except Exception as e:  # keep restoring the rest; report after
             _logger.error("could not restore a torch flag: %s", e)
             failures.append(e)
-    if failures:
+    if failures and raise_errors:
         raise DeviceError(f"{len(failures)} torch flag(s) could not be restored: {failures[0]}") from failures[0]
 
 
@@ -368,7 +383,7 @@ def _undo(undo: list[Callable[[], None]]) -> None:
 # cudnn.allow_tf32) and per-backend fp32_precision leaves; torch raises when reading a
 # legacy switch that disagrees with its leaves. So: set legacy then leaves (consistent
 # inside), restore legacy then leaves (exactly what was there). A legacy value that was
-# unreadable (already inconsistent) is restored to torch's default.
+# unreadable (the user mixed the APIs) is restored to one that is unreadable again.
 def _save_precision() -> tuple[str | None, bool | None, tuple[str | None, ...]]:
     return (_try(torch.get_float32_matmul_precision), _try(lambda: bool(torch.backends.cudnn.allow_tf32)),
             tuple(_leaf_get(leaf) for leaf in _FP32_LEAVES))
@@ -384,8 +399,13 @@ def _set_precision(tf32: bool) -> None:
 
 def _restore_precision(saved: tuple[str | None, bool | None, tuple[str | None, ...]]) -> None:
     matmul, cudnn_tf32, leaves = saved
-    torch.set_float32_matmul_precision(matmul or "highest")
-    torch.backends.cudnn.allow_tf32 = True if cudnn_tf32 is None else cudnn_tf32
+    by_leaf = dict(zip(_FP32_LEAVES, leaves))
+    if matmul is None:  # unreadable = the hidden legacy value disagreed with the leaves; keep it so
+        matmul = "highest" if by_leaf.get(("cuda", "matmul")) == "tf32" else "high"
+    if cudnn_tf32 is None:
+        cudnn_tf32 = by_leaf.get(("cuda", "conv")) != "tf32"
+    torch.set_float32_matmul_precision(matmul)
+    torch.backends.cudnn.allow_tf32 = cudnn_tf32
     for leaf, value in zip(_FP32_LEAVES, leaves):
         if value is not None:
             _leaf_set(leaf, value)
