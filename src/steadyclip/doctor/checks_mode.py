@@ -170,7 +170,8 @@ def check_train_mode(
             "spread_eval": eval_spread,
             "images_with_top1_changing_between_runs": top1_changes(train_runs[0], train_runs[1:]) if train_runs else 0,
         },
-        FIX_EVAL.replace("# once,", f"# switches off {len(active)} stochastic layer(s); once,"),
+        FIX_EVAL.replace("# once, right after creating/loading the model, before any forward",
+                         f"# switches off all {len(active)} of them; once, before any forward"),
     ))
 
 

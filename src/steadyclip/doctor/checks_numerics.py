@@ -20,6 +20,7 @@ from steadyclip.doctor.harness import (
 )
 from steadyclip.doctor.state import eval_temporarily, strict_numerics
 from steadyclip.doctor.result import NUMERIC_TOL, PROB_TOL, Cause, Findings, Level
+from steadyclip.errors import DeviceError
 
 _logger = logging.getLogger(__name__)
 
@@ -242,10 +243,14 @@ def check_device(ctx: Context, findings: Findings) -> None:
         findings.skipped("device_drift", "CUDA is not available on this machine; nothing to compare the CPU with")
         return
     other = "cpu" if ctx.device_type == "cuda" else "cuda"
-    twin = copy.deepcopy(ctx.fp32).to(other)
-    with eval_temporarily(twin), strict_numerics(other, ctx.threads), no_autocast(other):
-        p = head(twin, encode(twin, ctx.inputs.pixels_user, ctx.inputs.tokens), ctx.inputs.n_templates)
-    del twin
+    try:
+        twin = copy.deepcopy(ctx.fp32).to(other)
+        with eval_temporarily(twin), strict_numerics(other, ctx.threads), no_autocast(other):
+            p = head(twin, encode(twin, ctx.inputs.pixels_user, ctx.inputs.tokens), ctx.inputs.n_templates)
+        del twin
+    except (DeviceError, RuntimeError) as e:  # out of memory, CUDA set up without deterministic cuBLAS, ...
+        findings.skipped("device_drift", f"could not run the model on {other}: {type(e).__name__}: {e}")
+        return
     sev = max_abs_diff(p, ctx.baseline)
     evidence = {"devices": [ctx.device_type, other], "max_abs_prob_diff": sev,
                 "images_with_top1_change": top1_changes(ctx.baseline, [p]),

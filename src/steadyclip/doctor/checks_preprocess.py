@@ -153,8 +153,8 @@ def check_preprocess(ctx: Context, findings: Findings, *, expected: dict[str, An
                                                 "visual.preprocess_cfg and none was given)")
         return fix_needed
     diffs = compare_to_cfg(desc, cfg) if desc is not None else []
-    same_shape = inp.pixels_expected.shape == inp.pixels_user.shape
-    pixel_diff = max_abs_diff(inp.pixels_user.numpy(), inp.pixels_expected.numpy()) if same_shape else None
+    comparable = inp.pixels_expected.shape == inp.pixels_user.shape
+    pixel_diff = max_abs_diff(inp.pixels_user.numpy(), inp.pixels_expected.numpy()) if comparable else None
     p_expected = ctx.eval_probs(pixels=inp.pixels_expected)
     sev = max_abs_diff(ctx.baseline, p_expected)
     evidence: dict[str, Any] = {

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from steadyclip.doctor.result import Cause, Findings
-from steadyclip.doctor.state import bitwise_equal
+from steadyclip.doctor.state import bitwise_equal, cuda_initialized
 
 _logger = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def call_loader(loader: Callable[[], object], *, seed: int, weights_file: Path |
     """Run the user's loader under a known RNG seed (the caller's RNG state is left alone)."""
     from steadyclip.integrity import state_fingerprint
 
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    devices = list(range(torch.cuda.device_count())) if cuda_initialized() else []
     with torch.random.fork_rng(devices=devices), _captured_warnings() as log:
         torch.manual_seed(seed)
         out = loader()

@@ -83,8 +83,8 @@ def environment(model: torch.nn.Module, device_type: str, flags: dict[str, Any],
         "cpu_count": os.cpu_count(),
         "MKL_CBWR": os.environ.get("MKL_CBWR"),
         "mkl_cbwr_at_import": early_state(),
-        "mkl_available": torch.backends.mkl.is_available(),
-        "mkldnn_available": torch.backends.mkldnn.is_available(),
+        "mkl_available": bool(torch.backends.mkl.is_available()),  # type: ignore[no-untyped-call]
+        "mkldnn_available": bool(torch.backends.mkldnn.is_available()),  # type: ignore[no-untyped-call]
         "weights_dtype": str(model_float_dtype(model)).removeprefix("torch."),
         "autocast_in_use": str(amp_in_use).removeprefix("torch.") if amp_in_use is not None else None,
         "flags": flags,
@@ -156,6 +156,11 @@ def diagnose(
         raise InputError("give images=[...] (a few paths or PIL images) and labels=[...] to classify against")
     if not isinstance(runs, int) or runs < 1:
         raise InputError(f"runs must be a positive integer, got {runs!r}")
+    if image_names is not None:
+        count = images.shape[0] if isinstance(images, torch.Tensor) else (
+            len(images) if isinstance(images, Sequence) and not isinstance(images, (str, bytes)) else 1)
+        if len(image_names) != count:
+            raise InputError(f"image_names has {len(image_names)} name(s) for {count} image(s); give one per image")
     t0 = time.perf_counter()
     wfile = Path(weights_file).expanduser() if weights_file is not None else None
     glob = GlobalSnapshot.take()
@@ -168,10 +173,7 @@ def diagnose(
         if changed:
             _logger.debug("restored process state changed during the diagnosis: %s", changed)
     if image_names is not None:
-        names = tuple(str(n) for n in image_names)
-        if len(names) != len(d.images):
-            raise InputError(f"image_names has {len(names)} names for {len(d.images)} images")
-        d = dataclasses.replace(d, images=names)
+        d = dataclasses.replace(d, images=tuple(str(n) for n in image_names))
     return d
 
 

@@ -131,8 +131,8 @@ def default_tokenizer(model: torch.nn.Module) -> Callable[[list[str]], torch.Ten
             "pass tokenizer=open_clip.get_tokenizer('<model name>')"
         )
     ctx = int(getattr(model, "context_length", 77) or 77)
-    tok = open_clip.SimpleTokenizer(context_length=ctx)
-    return tok  # type: ignore[return-value]
+    tok: Callable[[list[str]], torch.Tensor] = open_clip.SimpleTokenizer(context_length=ctx)
+    return tok
 
 
 def prepare_inputs(

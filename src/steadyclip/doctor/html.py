@@ -70,7 +70,7 @@ def _chart(series: list[tuple[str, list[float | None]]], title: str) -> str:
 def _image_section(d: Diagnosis, image: int) -> str:
     cols = _top_labels(d, image, len(_COLOURS))
     as_is = [(d.labels[j], [None if r.as_is is None else r.as_is[image][j] for r in d.runs]) for j in cols]
-    fixed = [(d.labels[j], [r.fixed[image][j] for r in d.runs]) for j in cols]
+    fixed: list[tuple[str, list[float | None]]] = [(d.labels[j], [r.fixed[image][j] for r in d.runs]) for j in cols]
     legend = "".join(f'<span><i class="sw" style="background:{_COLOURS[k]}"></i>{escape(d.labels[j])}</span>'
                      for k, j in enumerate(cols))
     name = d.images[image] if image < len(d.images) else f"image {image}"

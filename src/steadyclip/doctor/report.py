@@ -58,6 +58,8 @@ def _evidence_lines(ev: dict[str, Any]) -> Text:
         if i >= _KEY_EVIDENCE:
             out.append(f"  ... {len(ev) - _KEY_EVIDENCE} more in --json\n", style="dim")
             break
+        if isinstance(v, (list, tuple)) and v and all(isinstance(x, dict) and "path" in x for x in v):
+            v = [x["path"] for x in v]  # layers: their paths say it all
         if isinstance(v, float):
             shown = format_severity(v)
         elif isinstance(v, (list, tuple)) and len(v) > 4:
@@ -108,8 +110,8 @@ def render(d: Diagnosis, console: Console | None = None, *, show_runs: bool = Tr
     passed = [c.id for c in d.checks if c.status == "ok"]
     if passed:
         console.print(f"[green]passed:[/green] {', '.join(passed)}", highlight=False)
-    for c in skipped:
-        console.print(f"[dim]skipped {c.id}: {c.detail}[/dim]", highlight=False)
+    for s in skipped:
+        console.print(f"[dim]skipped {s.id}: {s.detail}[/dim]", highlight=False)
     env = d.environment
     console.print(f"[dim]torch {env.get('torch')}, open_clip {env.get('open_clip')}, device {env.get('device')}, "
                   f"threads {env.get('threads')}, MKL_CBWR={env.get('MKL_CBWR')}[/dim]", highlight=False)

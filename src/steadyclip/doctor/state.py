@@ -112,6 +112,11 @@ def changed_tensors(model: torch.nn.Module, snapshot: ModelSnapshot) -> dict[str
     return out
 
 
+def cuda_initialized() -> bool:
+    """Whether this process has already started CUDA (asking does not start it)."""
+    return bool(torch.cuda.is_initialized())  # type: ignore[no-untyped-call]
+
+
 def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     a, b = a.detach(), b.detach()
     if a.device != b.device:
@@ -139,7 +144,7 @@ class GlobalSnapshot:
 
     @classmethod
     def take(cls) -> GlobalSnapshot:
-        cuda = torch.cuda.is_available()
+        cuda = cuda_initialized()  # never start CUDA just to save its RNG
         return cls(
             grad_enabled=torch.is_grad_enabled(),
             threads=torch.get_num_threads(),
