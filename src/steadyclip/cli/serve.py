@@ -34,7 +34,8 @@ def _is_loopback(host: str) -> bool:
               help="Rows per image forward; concurrent requests share micro-batches.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (default: profile's).")
 @click.option("--token", default=None, envvar="STEADYCLIP_TOKEN", show_envvar=True,
-              help="Require 'Authorization: Bearer TOKEN' on /v1/*.")
+              help="Require 'Authorization: Bearer TOKEN' on /v1/*. Prefer the env var: a command line is "
+                   "visible to other local users.")
 @click.option("--batch-wait-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
               help="How long to wait for more images before running a partial micro-batch.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.001), default=30.0, show_default=True,

@@ -51,7 +51,14 @@
   }
 
   root.replaceChildren();
-  if (spec.info && spec.info.description) root.appendChild(el("p", "intro", spec.info.description));
+  // Descriptions use `backticks` for code; show those as <code>, everything else as plain text.
+  function prose(tag, cls, text) {
+    const node = el(tag, cls);
+    String(text).split("`").forEach((part, i) => node.appendChild(i % 2 ? el("code", "", part) : document.createTextNode(part)));
+    return node;
+  }
+
+  if (spec.info && spec.info.description) root.appendChild(prose("p", "intro", spec.info.description));
   for (const [path, ops] of Object.entries(spec.paths || {})) {
     for (const [method, op] of Object.entries(ops)) {
       const card = el("section", "panel endpoint");
@@ -59,7 +66,7 @@
       head.append(el("span", "method " + method, method.toUpperCase()), el("code", "path", path));
       card.appendChild(head);
       if (op.summary) card.appendChild(el("p", "summary", op.summary));
-      if (op.description) card.appendChild(el("pre", "desc", op.description));
+      if (op.description) card.appendChild(prose("p", "desc", op.description));
       const body = op.requestBody && op.requestBody.content;
       if (body) {
         for (const [ctype, media] of Object.entries(body)) {
