@@ -34,7 +34,7 @@ def snapshot() -> dict[str, Any]:
         "cudnn_tf32": safe(lambda: torch.backends.cudnn.allow_tf32),
         "cuda_tf32": safe(lambda: torch.backends.cuda.matmul.allow_tf32),
         "matmul_precision": safe(torch.get_float32_matmul_precision),
-        "mkldnn_matmul": torch.backends.mkldnn.matmul.fp32_precision,
+        "mkldnn_matmul": torch.backends.mkldnn.matmul.fp32_precision,  # type: ignore[attr-defined]
         "grad": torch.is_grad_enabled(),
     }
 
@@ -56,10 +56,9 @@ def test_strict_flags_inside_and_everything_restored_after() -> None:
 
 def test_restored_after_an_exception_inside_the_block() -> None:
     before = snapshot()
-    with pytest.raises(ZeroDivisionError):
-        with applied(get_profile("fast")):
-            assert snapshot()["cuda_tf32"] is True
-            1 / 0  # noqa: B018
+    with pytest.raises(ZeroDivisionError), applied(get_profile("fast")):
+        assert snapshot()["cuda_tf32"] is True
+        1 / 0  # noqa: B018
     assert snapshot() == before
 
 
@@ -145,7 +144,7 @@ def test_threads_are_serialised_and_each_sees_its_own_profile() -> None:
                     time.sleep(0.002)
                     seen.append((name, snapshot()["cuda_tf32"] is (name == "fast") and active[0] == 1))
                     active[0] -= 1
-        except BaseException as e:  # surfaced below
+        except BaseException as e:  # noqa: BLE001 - surfaced below
             errors.append(e)
 
     before = snapshot()
@@ -286,6 +285,7 @@ def test_mkl_strict_makes_batch_one_equal_batch_eight(fresh: dict[str, Any]) -> 
 def test_user_mkl_cbwr_wins_and_state_is_recorded_in_process() -> None:
     env = {**os.environ, "MKL_CBWR": "COMPATIBLE"}
     code = "import os, steadyclip; print(os.environ['MKL_CBWR'])"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
+                         check=True)
     assert out.stdout.strip() == "COMPATIBLE"
     assert mkl_cbwr_state() == os.environ.get("MKL_CBWR")

@@ -16,7 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
-from steadyclip.errors import ImageDecodeError, ImageError, ImageSourceError, ImageTooLargeError
+from steadyclip.errors import (
+    ImageDecodeError,
+    ImageError,
+    ImageSourceError,
+    ImageTooLargeError,
+)
 from steadyclip.images import EXIF_INFO_KEY, image_sha256, load_image
 
 

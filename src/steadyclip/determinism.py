@@ -68,7 +68,7 @@ def early_init() -> None:
 
 early_init()
 
-import torch  # noqa: E402 - importing torch runs no GEMM; early_init above is belt and braces
+import torch
 
 __all__ = [
     "PROFILES",
@@ -312,14 +312,18 @@ def _ensure_cublas_config() -> None:
     value = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     if value in _CUBLAS_DETERMINISTIC:
         return
-    if value is None and not torch.cuda.is_initialized():
+    if value is None and not _cuda_initialized():
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE
         return
     raise DeviceError(
         f"deterministic CUDA needs CUBLAS_WORKSPACE_CONFIG={CUBLAS_WORKSPACE} (or :16:8) before CUDA starts, "
-        f"but it is {value!r}{' and CUDA is already initialised' if torch.cuda.is_initialized() else ''}; "
+        f"but it is {value!r}{' and CUDA is already initialised' if _cuda_initialized() else ''}; "
         f"run `export CUBLAS_WORKSPACE_CONFIG={CUBLAS_WORKSPACE}` (or import steadyclip before using CUDA)"
     )
+
+
+def _cuda_initialized() -> bool:
+    return bool(torch.cuda.is_initialized())  # type: ignore[no-untyped-call]
 
 
 def _apply(profile: Profile, kind: str, index: int | None, undo: list[Callable[[], None]]) -> None:
@@ -372,7 +376,7 @@ def _undo(undo: list[Callable[[], None]], *, raise_errors: bool) -> None:
     for restore in reversed(undo):
         try:
             restore()
-        except Exception as e:  # keep restoring the rest; report after
+        except Exception as e:  # noqa: BLE001 - keep restoring the rest; report after
             _logger.error("could not restore a torch flag: %s", e)
             failures.append(e)
     if failures and raise_errors:
@@ -441,7 +445,7 @@ _CBWR_BRANCHES = {0: "OFF", 1: "OFF", 2: "AUTO", 3: "COMPATIBLE", 4: "SSE2", 6: 
 
 @functools.lru_cache(maxsize=1)
 def _mkl_cbwr_getter() -> Callable[[int], int] | None:
-    if not torch.backends.mkl.is_available():
+    if not torch.backends.mkl.is_available():  # type: ignore[no-untyped-call]
         return None
     lib_dir = Path(torch.__file__).parent / "lib"
     for name in ("libtorch_cpu.so", "libtorch_cpu.dylib", "torch_cpu.dll"):
@@ -465,14 +469,15 @@ def _build_info() -> dict[str, Any]:
     config = torch.__config__.show()
     mkl = next((ln.strip(" -") for ln in config.splitlines() if "Math Kernel Library" in ln), None)
     onednn = next((ln.strip(" -") for ln in config.splitlines() if "MKL-DNN" in ln or "oneDNN" in ln), None)
+    cudnn = bool(torch.backends.cudnn.is_available())  # type: ignore[no-untyped-call]
     parallel = next((ln.split(":", 1)[1].strip() for ln in torch.__config__.parallel_info().splitlines()
                      if "parallel backend" in ln), None)
     return {
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "mkl_available": torch.backends.mkl.is_available(),
-        "mkldnn_available": torch.backends.mkldnn.is_available(),
+        "cudnn": torch.backends.cudnn.version() if cudnn else None,  # type: ignore[no-untyped-call]
+        "mkl_available": bool(torch.backends.mkl.is_available()),  # type: ignore[no-untyped-call]
+        "mkldnn_available": bool(torch.backends.mkldnn.is_available()),  # type: ignore[no-untyped-call]
         "mkl": mkl,
         "onednn": onednn,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),

@@ -37,12 +37,17 @@ import os
 import struct
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from steadyclip.errors import ImageDecodeError, ImageError, ImageSourceError, ImageTooLargeError
+from steadyclip.errors import (
+    ImageDecodeError,
+    ImageError,
+    ImageSourceError,
+    ImageTooLargeError,
+)
 
 __all__ = [
     "DEFAULT_FORMATS",
@@ -187,7 +192,7 @@ def _open_path(src: str | os.PathLike[str]) -> tuple[IO[bytes], str, bool]:
     try:
         is_dir = path.is_dir()
         if not is_dir:
-            return open(path, "rb"), name, True  # noqa: SIM115 - closed by load_image
+            return open(path, "rb"), name, True
     except FileNotFoundError as e:
         where = "" if path.is_absolute() else f" (relative to {os.getcwd()})"
         raise ImageSourceError(f"no such image file: {name}; check the path{where}") from e
@@ -232,7 +237,7 @@ def _decode_file(fp: IO[bytes], name: str, cap: int, bg: tuple[int, int, int],
                  formats: Sequence[str] | None) -> Image.Image:
     try:
         im = Image.open(fp, formats=_installed(formats))
-    except Image.UnidentifiedImageError as e:
+    except UnidentifiedImageError as e:
         accepted = ", ".join(formats) if formats is not None else "any Pillow format"
         raise ImageDecodeError(
             f"{name} is not a recognised image (accepted formats: {accepted}); "
@@ -269,7 +274,7 @@ def _decode_pil(im: Image.Image, name: str, cap: int, bg: tuple[int, int, int]) 
         )
     if width < 1 or height < 1:
         raise ImageDecodeError(f"{name} has no pixels ({width}x{height}); re-export the image")
-    info: dict[str, object] = {"steadyclip_format": str(im.format or "PIL"), "steadyclip_mode": im.mode}
+    info: dict[str | tuple[int, int], Any] = {"steadyclip_format": str(im.format or "PIL"), "steadyclip_mode": im.mode}
     try:
         info["steadyclip_animated"] = bool(getattr(im, "is_animated", False))
         frame = _first_frame(im)
