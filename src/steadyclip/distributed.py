@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -97,12 +98,13 @@ class _EmbedActor:
         if ok:
             pixels = torch.from_numpy(np.stack([prepared[i].pixels for i in ok]))  # (K, 3, H, W)
             emb[ok] = self.engine.embed_pixels(pixels)
+        # Strings travel as "" rather than None: an all-None column would lose its type on the way.
         return {
             "index": np.array([p.index for p in prepared], dtype=np.int64),
             "path": np.array([p.path for p in prepared], dtype=object),
-            "sha256": np.array([p.sha256 for p in prepared], dtype=object),
-            "error_type": np.array([p.error_type for p in prepared], dtype=object),
-            "error_message": np.array([p.error_message for p in prepared], dtype=object),
+            "sha256": np.array([p.sha256 or "" for p in prepared], dtype=object),
+            "error_type": np.array([p.error_type or "" for p in prepared], dtype=object),
+            "error_message": np.array([p.error_message or "" for p in prepared], dtype=object),
             "ok": np.array([p.pixels is not None for p in prepared], dtype=bool),
             "embedding": emb,
         }
@@ -121,6 +123,7 @@ class RayPipeline:
         self.actors = actors
         self.max_file_bytes = max_file_bytes
         self.batch_size = batch_size or 4 * engine.micro_batch
+        self.spec = engine_spec(engine)  # what actors rebuild; they verify it against the driver's provenance
         self.model_s = 0.0  # not measured: the model runs in the actors
         self.wait_s = 0.0
 
@@ -151,35 +154,50 @@ class RayPipeline:
             expected = self.engine.provenance.to_dict()
             ds = ray.data.from_items(rows).map_batches(
                 _EmbedActor,
-                fn_constructor_kwargs={"spec": engine_spec(self.engine), "expected": expected, "dim": self.dim,
+                fn_constructor_kwargs={"spec": self.spec, "expected": expected, "dim": self.dim,
                                        "max_file_bytes": self.max_file_bytes},
-                batch_size=self.batch_size, batch_format="numpy", concurrency=self.actors,
+                batch_size=self.batch_size, batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=self.actors),
                 num_cpus=self.engine.profile.threads,
             )
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 yield _results(batch)
+        except SteadyClipError:
+            raise
         except Exception as e:
-            cause = getattr(e, "cause", None)
-            if isinstance(cause, SteadyClipError):
-                raise cause from e
-            if isinstance(e, SteadyClipError):
-                raise
-            raise BatchJobError(f"the Ray job failed: {type(e).__name__}: {e}") from e
+            raise _steadyclip_cause(e) or BatchJobError(f"the Ray job failed: {type(e).__name__}: {e}") from e
         finally:
             ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
             if started:
                 ray.shutdown()
 
 
+def _steadyclip_cause(e: BaseException) -> SteadyClipError | None:
+    """The steadyclip error an actor raised, recovered from Ray's wrapper (which may keep only its text)."""
+    from steadyclip import errors
+
+    seen: BaseException | None = e
+    while seen is not None:
+        cause = getattr(seen, "cause", None)
+        if isinstance(cause, SteadyClipError):
+            return cause
+        seen = seen.__cause__ or seen.__context__
+    found = re.findall(r"steadyclip\.errors\.(\w+): (.+)", str(e))
+    if found:
+        name, message = found[-1]
+        cls = getattr(errors, name, None)
+        if isinstance(cls, type) and issubclass(cls, SteadyClipError) and cls is not errors.LockMismatchError:
+            return cls(f"{message} (raised in a Ray actor)")
+    return None
+
+
 def _results(batch: dict[str, np.ndarray]) -> list[ItemResult]:
-    emb = batch["embedding"]
-    return [
-        ItemResult(int(batch["index"][i]), str(batch["path"][i]), _opt(batch["sha256"][i]),
-                   np.array(emb[i], dtype=np.float32) if batch["ok"][i] else None,
-                   _opt(batch["error_type"][i]), _opt(batch["error_message"][i]))
-        for i in range(len(batch["index"]))
-    ]
-
-
-def _opt(value: Any) -> str | None:
-    return None if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
+    out = []
+    for i in range(len(batch["index"])):
+        ok = bool(batch["ok"][i])
+        out.append(ItemResult(
+            int(batch["index"][i]), str(batch["path"][i]), str(batch["sha256"][i]) or None,
+            np.array(batch["embedding"][i], dtype=np.float32) if ok else None,
+            None if ok else str(batch["error_type"][i]), None if ok else str(batch["error_message"][i]),
+        ))
+    return out

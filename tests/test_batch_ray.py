@@ -1,0 +1,88 @@
+"""The same batch job on Ray Data gives the same table, bit for bit, as the local engine."""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from steadyclip.batch import read_metadata, run_batch
+from steadyclip.engine import Engine
+from steadyclip.errors import IntegrityError
+from steadyclip.loading import load
+from steadyclip.registry import DEMO_SPEC, demo_labels
+
+torch.set_num_threads(1)
+
+pytestmark = pytest.mark.slow
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def engine(demo_arch_checkpoint: Path) -> Engine:
+    if DEMO_SPEC.weights_file is not None and DEMO_SPEC.weights_file.is_file():
+        return Engine(load(), micro_batch=4, text_cache=None)
+    return Engine(load(DEMO_SPEC.arch, pretrained=str(demo_arch_checkpoint)), micro_batch=4, text_cache=None)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from steadyclip.demo.shapes import generate
+
+    root = tmp_path_factory.mktemp("ray-images")
+    for i, (img, _, _) in enumerate(generate(21, seed=5)):
+        img.save(root / f"{i:03d}.png")
+    (root / "zz-broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _no_ray_left_running() -> Iterator[None]:
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def test_ray_engine_equals_local_engine_bitwise(engine: Engine, folder: Path, tmp_path: Path) -> None:
+    local, remote = tmp_path / "local.parquet", tmp_path / "ray.parquet"
+    kw = dict(labels=demo_labels(), embeddings=True, all_probs=True, part_size=5)
+    a = run_batch(folder, engine, out=local, backend="local", workers=1, **kw)  # type: ignore[arg-type]
+    b = run_batch(folder, engine, out=remote, backend="ray", workers=1, **kw)  # type: ignore[arg-type]
+    assert not ray.is_initialized(), "a local Ray started by the job must be shut down by it"
+    assert (a.total, a.ok, a.errors) == (b.total, b.ok, b.errors) == (22, 21, 1)
+    assert pq.read_table(remote).equals(pq.read_table(local))
+    assert read_metadata(remote) == read_metadata(local)
+    assert remote.read_bytes() == local.read_bytes()
+
+
+def test_ray_job_resumes_a_local_one(engine: Engine, folder: Path, tmp_path: Path) -> None:
+    """Parts written by the local engine and by Ray actors mix into the same file as one local run."""
+    from steadyclip.batch.runner import BatchProgress
+
+    ref, out = tmp_path / "ref.parquet", tmp_path / "out.parquet"
+    run_batch(folder, engine, labels=demo_labels(), out=ref, workers=1, part_size=4)
+
+    def stop(p: BatchProgress) -> None:
+        if p.done >= 8:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_batch(folder, engine, labels=demo_labels(), out=out, workers=1, part_size=4, progress=stop)
+    summary = run_batch(folder, engine, labels=demo_labels(), out=out, backend="ray", workers=1, part_size=4)
+    assert summary.resumed >= 8 and summary.backend == "ray"
+    assert out.read_bytes() == ref.read_bytes()
+
+
+def test_actor_with_different_settings_is_refused(engine: Engine, folder: Path) -> None:
+    """An actor checks its own weights and settings against the driver's before computing anything."""
+    from steadyclip.batch.inputs import open_inputs
+    from steadyclip.distributed import RayPipeline
+
+    pipeline = RayPipeline(engine, dim=64, actors=1)
+    pipeline.spec["micro_batch"] = 3  # as if a node had a different steadyclip configuration
+    with pytest.raises(IntegrityError, match="micro_batch: driver 4, actor 3"):
+        list(pipeline.run(iter(list(open_inputs(folder))[:2]), part_size=4))
