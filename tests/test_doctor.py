@@ -96,6 +96,9 @@ def test_batchnorm_in_train_mode_ranks_train_mode_and_reports_mutated_stats(imag
     assert d.top is not None and d.top.id == "train_mode"
     stoch = d.cause("stochastic_layers")
     assert stoch is not None and set(stoch.evidence["count_by_kind"]) == {"batch_statistics"}
+    # same batch every run -> no run-to-run spread, but an image's answer depends on its batch-mates
+    assert stoch.evidence["spread_train_mode"] == 0.0
+    assert stoch.evidence["batch_composition_effect"] > 1e-3
     mutated = d.cause("buffers_mutated")
     assert mutated is not None and mutated.level == "problem"
     assert any(n.endswith("running_mean") for n in mutated.evidence["names"])
@@ -244,6 +247,16 @@ def test_weights_corrupted_against_lock_and_hash(images: list[Any], tmp_path: Pa
     assert ok.verdict == "stable" and ok.cause("weights_corrupted") is None
 
 
+def test_half_precision_weights_are_precision_drift_and_stay_half(images: list[Any]) -> None:
+    model = build(DEMO_ARCH).eval().to(torch.bfloat16)
+    d = diagnose(model, images=images, labels=LABELS, runs=2)
+    c = d.cause("precision_drift")
+    assert c is not None and c.level == "problem" and c.evidence["weights_dtype"] == "bfloat16"
+    assert c.evidence["max_abs_prob_diff_weights_vs_fp32"] > PROB_TOL
+    assert d.top is c
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())  # the user's model is not converted
+
+
 # ---- no false alarms, no side effects ---------------------------------------------------
 
 def test_healthy_model_is_stable_and_numeric_noise_is_only_info(images: list[Any]) -> None:
@@ -259,6 +272,27 @@ def test_healthy_model_is_stable_and_numeric_noise_is_only_info(images: list[Any
     assert statuses["train_mode"] == "ok" and statuses["buffers_mutated"] == "ok"
     assert statuses["device_drift"] == "skipped" or torch.cuda.is_available()
     assert all(r.as_is == r.fixed for r in d.runs)  # eval fp32 as-is is already the fixed result
+
+
+def test_train_mode_without_stochastic_layers_is_only_a_note(images: list[Any]) -> None:
+    model = build(DEMO_ARCH)
+    for m in model.modules():  # no DropPath/Dropout left: train mode changes nothing here
+        if hasattr(m, "drop_prob"):
+            m.drop_prob = 0.0
+    model.visual.head.drop.p = 0.0
+    d = diagnose(model, images=images, labels=LABELS, runs=2)
+    c = d.cause("train_mode")
+    assert c is not None and c.level == "info" and c.severity == 0.0
+    assert d.verdict == "stable"
+
+
+def test_preprocessed_tensor_input_skips_preprocess_checks() -> None:
+    model = build(DEMO_ARCH).eval()
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    d = diagnose(model, images=pixels, labels=LABELS, runs=1, image_names=["x", "y"])
+    assert d.verdict == "stable" and d.images == ("x", "y")
+    statuses = {c.id: c.status for c in d.checks}
+    assert statuses["preprocess_mismatch"] == "skipped" and statuses["preprocess_random"] == "skipped"
 
 
 def _process_state() -> dict[str, Any]:
@@ -343,6 +377,7 @@ def test_report_renders_ranked_causes(images: list[Any]) -> None:
     {"labels": ["only one"]},
     {"images": []},
     {"runs": 0},
+    {"image_names": ["just one"]},
 ])
 def test_bad_arguments_are_input_errors(images: list[Any], bad: dict[str, Any]) -> None:
     from steadyclip.errors import InputError

@@ -145,6 +145,9 @@ def doctor(images: tuple[Path, ...], demo: bool, model: str | None, pretrained: 
     if demo and model is not None and get_spec(model) is None:
         raise click.UsageError("--demo uses the bundled model; drop --model (or drop --demo)")
     bundled = demo or (model is not None and get_spec(model) is not None and pretrained is None)
+    spec_of_model = get_spec(model) if model is not None else None
+    if spec_of_model is not None and pretrained is not None:
+        model = spec_of_model.arch  # the bundled id with other weights: its architecture, those weights
     if not bundled and model is None:
         raise click.UsageError("say what to diagnose: --demo, or --model ARCH [--pretrained TAG_OR_FILE]")
     if not demo and not images:

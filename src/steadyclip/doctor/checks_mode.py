@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from steadyclip.doctor.harness import max_abs_diff, spread, top1, top1_changes
+from steadyclip.doctor.context import Context
+from steadyclip.doctor.harness import max_abs_diff, probs_of, spread, top1, top1_changes
 from steadyclip.doctor.result import PROB_TOL, Cause, Findings, Level
 
 _logger = logging.getLogger(__name__)
@@ -87,6 +88,32 @@ def find_stochastic_layers(model: torch.nn.Module) -> list[Layer]:
     return out
 
 
+def batch_composition_effect(ctx: Context) -> float | None:
+    """In the model's own (train) mode: how much an image's probabilities change when its batch-mates change.
+
+    BatchNorm in train mode normalises with the statistics of the current batch, so
+    the same image gets a different answer next to different images. Compares the
+    full batch with the batch minus its last image (or, for one image, alone vs next
+    to its mirror image). ``None`` if the forward fails (e.g. a batch of one).
+    """
+    px = ctx.inputs.pixels_user
+    if px.shape[0] >= 2:
+        other, rows = px[:-1], px.shape[0] - 1
+    else:
+        other, rows = torch.cat([px, torch.flip(px, dims=[-1])]), 1
+    try:
+        with ctx.strict():
+            full = probs_of(ctx.fp32, px, ctx.inputs)
+        with ctx.strict():
+            alt = probs_of(ctx.fp32, other, ctx.inputs)
+    except Exception as e:  # a train-mode BatchNorm refuses some batch shapes; that is the user's model
+        _logger.debug("batch-composition probe failed: %s", e)
+        return None
+    finally:
+        ctx.restore_weights()
+    return max_abs_diff(full[:rows], alt[:rows])
+
+
 def training_modules(model: torch.nn.Module) -> list[str]:
     return [name or "<root>" for name, m in model.named_modules() if m.training]
 
@@ -101,6 +128,7 @@ def check_train_mode(
     error: str | None,
     labels: list[str],
     eval_spread: float,
+    composition: float | None = None,
 ) -> None:
     """``train_mode`` (how far train-mode results are from eval) and ``stochastic_layers`` (run-to-run spread)."""
     training = training_modules(model)
@@ -156,11 +184,14 @@ def check_train_mode(
         findings.ok("stochastic_layers", "no Dropout/DropPath/PatchDropout/BatchNorm layer is active")
         return
     kinds = Counter(lay.kind for lay in active)
+    sev = max(run_spread, composition or 0.0)
+    summary = (f"{len(active)} random or batch-dependent layer(s) are active in train mode "
+               f"({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}); probabilities spread by "
+               f"{run_spread:.3g} over {len(train_runs)} runs")
+    if composition is not None:
+        summary += f" and move by {composition:.3g} when the other images in the batch change"
     findings.add(Cause(
-        "stochastic_layers", run_spread, "problem",
-        f"{len(active)} random or batch-dependent layer(s) are active in train mode "
-        f"({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}); probabilities spread by {run_spread:.3g} "
-        f"over {len(train_runs)} runs",
+        "stochastic_layers", sev, "problem", summary,
         {
             "count_by_kind": dict(sorted(kinds.items())),
             "layers": [lay.to_dict() for lay in active[:_LIST]],
@@ -168,6 +199,7 @@ def check_train_mode(
             "runs": len(train_runs),
             "spread_train_mode": run_spread,
             "spread_eval": eval_spread,
+            "batch_composition_effect": composition,
             "images_with_top1_changing_between_runs": top1_changes(train_runs[0], train_runs[1:]) if train_runs else 0,
         },
         FIX_EVAL.replace("# once, right after creating/loading the model, before any forward",

@@ -20,6 +20,7 @@ from steadyclip.doctor.harness import (
 )
 from steadyclip.doctor.state import eval_temporarily, strict_numerics
 from steadyclip.doctor.result import NUMERIC_TOL, PROB_TOL, Cause, Findings, Level
+from steadyclip import determinism
 from steadyclip.errors import DeviceError
 
 _logger = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ def read_flags(device_type: str) -> dict[str, Any]:
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
         "threads": torch.get_num_threads(),
         "MKL_CBWR": os.environ.get("MKL_CBWR"),
+        "MKL_CBWR_effective": determinism.mkl_cbwr_effective(),  # what MKL itself reports
     }
     mkldnn_prec = getattr(torch.backends.mkldnn, "fp32_precision", None)
     if isinstance(mkldnn_prec, str):
@@ -103,8 +105,13 @@ def _risky_flags(flags: dict[str, Any], device_type: str) -> list[str]:
             issues.append("deterministic algorithms are off: some CUDA kernels use atomics")
         if not flags.get("CUBLAS_WORKSPACE_CONFIG"):
             issues.append("CUBLAS_WORKSPACE_CONFIG is not set: cuBLAS may reduce in a varying order")
-    elif (flags.get("MKL_CBWR") or "").upper().find("STRICT") < 0:
-        issues.append(f"MKL_CBWR={flags.get('MKL_CBWR')!r}: MKL GEMMs may differ by batch size and thread count")
+    else:
+        asked, effective = flags.get("MKL_CBWR") or "", flags.get("MKL_CBWR_effective")
+        if "STRICT" not in asked.upper():
+            issues.append(f"MKL_CBWR={asked or None!r}: MKL GEMMs may differ by batch size and thread count")
+        elif effective is not None and "STRICT" not in effective.upper():
+            issues.append(f"MKL_CBWR={asked!r} was set after MKL's first GEMM (MKL reports {effective!r}); set it "
+                          "before Python starts or import steadyclip before running any model")
     return issues
 
 

@@ -59,7 +59,7 @@ def environment(model: torch.nn.Module, device_type: str, flags: dict[str, Any],
     """Versions, threads, MKL_CBWR and device: what a result on this machine depends on."""
     import open_clip
 
-    from steadyclip import __version__
+    from steadyclip import __version__, determinism
     from steadyclip._early import early_state
 
     try:
@@ -83,11 +83,13 @@ def environment(model: torch.nn.Module, device_type: str, flags: dict[str, Any],
         "cpu_count": os.cpu_count(),
         "MKL_CBWR": os.environ.get("MKL_CBWR"),
         "mkl_cbwr_at_import": early_state(),
+        "mkl_cbwr_effective": determinism.mkl_cbwr_effective(),
         "mkl_available": bool(torch.backends.mkl.is_available()),  # type: ignore[no-untyped-call]
         "mkldnn_available": bool(torch.backends.mkldnn.is_available()),  # type: ignore[no-untyped-call]
         "weights_dtype": str(model_float_dtype(model)).removeprefix("torch."),
         "autocast_in_use": str(amp_in_use).removeprefix("torch.") if amp_in_use is not None else None,
         "flags": flags,
+        "build": determinism.current_flags("cpu")["build"],
     }
 
 
@@ -291,15 +293,22 @@ def _measure(
                     train_error = f"{type(e).__name__}: {e}"
                     break
         ctx.restore_weights()
+        if ctx.fp32 is not model:  # a float32 copy ran in train mode: take a clean one again
+            ctx.fp32 = fp32_view(model)
 
     # -- 9. preprocessing; decides which pixels the fixed runs use
     fix_pre = checks_preprocess.check_preprocess(ctx, findings, expected=expected, repeats=repeats)
     fixed_px = inputs.pixels_expected if (fix_pre and inputs.pixels_expected is not None) else inputs.pixels_user
     fixed = [ctx.eval_probs(pixels=fixed_px) for _ in range(n)]
 
+    composition = None
+    if any(lay.kind == "batch_statistics" and lay.active for lay in layers) and training:
+        composition = checks_mode.batch_composition_effect(ctx)
+        if ctx.fp32 is not model:
+            ctx.fp32 = fp32_view(model)
     checks_mode.check_train_mode(findings, model=model, layers=layers, train_runs=train_runs, baseline=baseline,
                                  error=train_error if training else None, labels=inputs.labels,
-                                 eval_spread=spread(fixed))
+                                 eval_spread=spread(fixed), composition=composition)
     bn_training = [lay.path for lay in layers if lay.kind == "batch_statistics" and lay.active]
     checks_mode.check_buffers_mutated(findings, changed=changed, effect=mut_effect, runs=n,
                                       batchnorm_training=bn_training)
