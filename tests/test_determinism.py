@@ -289,3 +289,15 @@ def test_user_mkl_cbwr_wins_and_state_is_recorded_in_process() -> None:
                          check=True)
     assert out.stdout.strip() == "COMPATIBLE"
     assert mkl_cbwr_state() == os.environ.get("MKL_CBWR")
+
+
+def test_strict_turns_onednn_off_and_restores_it() -> None:
+    from steadyclip.determinism import applied, get_profile
+
+    before = torch._C._get_mkldnn_enabled()
+    with applied(get_profile("strict")) as flags:
+        assert flags["onednn_enabled"] is False
+        assert not torch._C._get_mkldnn_enabled()
+    assert torch._C._get_mkldnn_enabled() == before
+    with applied(get_profile("fast")):
+        assert torch._C._get_mkldnn_enabled()

@@ -21,6 +21,8 @@ def early_init() -> None:
     _STATE["torch_imported_before"] = "yes" if "torch" in sys.modules else "no"
     if user is None:
         os.environ["MKL_CBWR"] = "AUTO,STRICT"
+    # Deterministic cuBLAS needs its workspace fixed before CUDA initialises.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     _STATE["value"] = os.environ["MKL_CBWR"]
 
 

@@ -110,6 +110,9 @@ class Profile:
     deterministic_algorithms: bool  # torch.use_deterministic_algorithms
     cudnn_benchmark: bool = False  # autotuning picks kernels by timing: run-to-run drift
     seed: int = 0  # torch CPU/CUDA generators are seeded inside applied() and restored after
+    # oneDNN convolutions give thread-count-dependent rows (RN50: 1 vs 2 threads differ ~1e-8);
+    # torch's native convolutions (GEMM-based) do not, at about the same speed on one thread.
+    onednn: bool = True
 
     def __post_init__(self) -> None:
         if self.name not in PROFILES:
@@ -172,7 +175,8 @@ def get_profile(
     else:
         chosen = precision or ("fp16" if kind == "cuda" else "bf16")
     profile = Profile(name=name, precision=chosen, threads=1 if threads is None else threads,
-                      tf32=name == "fast", deterministic_algorithms=True, cudnn_benchmark=False, seed=seed)
+                      tf32=name == "fast", deterministic_algorithms=True, cudnn_benchmark=False, seed=seed,
+                      onednn=name != "strict")
     _check_supported(profile, device)
     if profile.threads > (os.cpu_count() or 1):
         _logger.warning("threads=%d exceeds the %s CPUs here; expect slower forwards", profile.threads, os.cpu_count())
@@ -260,6 +264,7 @@ def current_flags(device: str | torch.device = "cpu") -> dict[str, Any]:
         "deterministic_warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
         "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
         "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+        "onednn_enabled": bool(torch._C._get_mkldnn_enabled()),
         "float32_matmul_precision": _try(torch.get_float32_matmul_precision),
         "cuda_matmul_allow_tf32": _try(lambda: bool(torch.backends.cuda.matmul.allow_tf32)),
         "cudnn_allow_tf32": _try(lambda: bool(torch.backends.cudnn.allow_tf32)),
@@ -339,6 +344,7 @@ def _apply(profile: Profile, kind: str, index: int | None, undo: list[Callable[[
         _swap(undo, lambda: cudnn.deterministic, lambda v: setattr(cudnn, "deterministic", v),
               profile.deterministic_algorithms)
         _swap(undo, lambda: cudnn.benchmark, lambda v: setattr(cudnn, "benchmark", v), profile.cudnn_benchmark)
+        _swap(undo, torch._C._get_mkldnn_enabled, torch._C._set_mkldnn_enabled, profile.onednn)
         saved = _save_precision()
         undo.append(lambda: _restore_precision(saved))
         _set_precision(profile.tf32)
