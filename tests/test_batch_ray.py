@@ -17,7 +17,7 @@ from steadyclip.registry import DEMO_SPEC, demo_labels
 
 torch.set_num_threads(1)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")]
 ray = pytest.importorskip("ray")
 
 
@@ -49,7 +49,7 @@ def _no_ray_left_running() -> Iterator[None]:
 
 def test_ray_engine_equals_local_engine_bitwise(engine: Engine, folder: Path, tmp_path: Path) -> None:
     local, remote = tmp_path / "local.parquet", tmp_path / "ray.parquet"
-    kw = dict(labels=demo_labels(), embeddings=True, all_probs=True, part_size=5)
+    kw = {"labels": demo_labels(), "embeddings": True, "all_probs": True, "part_size": 5}
     a = run_batch(folder, engine, out=local, backend="local", workers=1, **kw)  # type: ignore[arg-type]
     b = run_batch(folder, engine, out=remote, backend="ray", workers=1, **kw)  # type: ignore[arg-type]
     assert not ray.is_initialized(), "a local Ray started by the job must be shut down by it"

@@ -43,7 +43,7 @@ def require_ray() -> Any:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
         import ray
-        import ray.data  # noqa: F401
+        import ray.data
     except ImportError as e:
         raise BatchJobError(
             "the Ray backend needs Ray Data: pip install 'steadyclip[ray]' (or use --engine local)"
@@ -87,8 +87,6 @@ class _EmbedActor:
         self.max_file_bytes = max_file_bytes
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
         items = [InputItem(int(i), str(p), str(loc))
                  for i, p, loc in zip(batch["index"], batch["path"], batch["location"])]
         transform = self.engine.loaded.preprocess
@@ -96,8 +94,7 @@ class _EmbedActor:
         emb = np.zeros((len(items), self.dim), dtype=np.float32)  # (N, D); error rows stay zero, flagged below
         ok = [i for i, p in enumerate(prepared) if p.pixels is not None]
         if ok:
-            pixels = torch.from_numpy(np.stack([prepared[i].pixels for i in ok]))  # (K, 3, H, W)
-            emb[ok] = self.engine.embed_pixels(pixels)
+            emb[ok] = self.engine.embed_pixels(_prep.pixel_batch([prepared[i] for i in ok]))  # (K, D)
         # Strings travel as "" rather than None: an all-None column would lose its type on the way.
         return {
             "index": np.array([p.index for p in prepared], dtype=np.int64),

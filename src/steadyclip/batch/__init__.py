@@ -10,7 +10,12 @@ See ``runner`` for the flow, ``writer`` for the on-disk layout and crash safety,
 from __future__ import annotations
 
 from steadyclip.batch.inputs import InputItem, InputSource, open_inputs
-from steadyclip.batch.runner import BatchProgress, BatchSummary, default_workers, run_batch
+from steadyclip.batch.runner import (
+    BatchProgress,
+    BatchSummary,
+    default_workers,
+    run_batch,
+)
 from steadyclip.batch.throughput import ThroughputReport, measure_throughput
 from steadyclip.batch.writer import read_metadata
 

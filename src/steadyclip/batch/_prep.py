@@ -21,7 +21,12 @@ from typing import Any
 import numpy as np
 
 from steadyclip.batch.inputs import InputItem
-from steadyclip.errors import ImageDecodeError, ImageError, ImageSourceError, ImageTooLargeError
+from steadyclip.errors import (
+    ImageDecodeError,
+    ImageError,
+    ImageSourceError,
+    ImageTooLargeError,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -101,9 +106,16 @@ def prepare(item: InputItem, transform: Transform, max_file_bytes: int = DEFAULT
         return Prepared(item.index, item.path, sha, pixels.numpy())
     except ImageError as e:
         return Prepared(item.index, item.path, sha, None, type(e).__name__, str(e))
-    except Exception as e:  # a decoder bug must not abort the job: record it with its real type
+    except Exception as e:  # noqa: BLE001 - a decoder bug must not abort the job: record it with its real type
         _logger.warning("unexpected %s while preparing %s: %s", type(e).__name__, item.path, e)
         return Prepared(item.index, item.path, sha, None, type(e).__name__, f"{e} (unexpected; please report)")
+
+
+def pixel_batch(prepared: Sequence[Prepared]) -> Any:
+    """The successful items' pixels as one tensor (N, 3, H, W), in order."""
+    import torch
+
+    return torch.from_numpy(np.stack([p.pixels for p in prepared if p.pixels is not None]))
 
 
 # ---- decoder worker processes ----------------------------------------------------------

@@ -40,7 +40,7 @@ from steadyclip.prompts import TemplateSet, get_template_set, validate_labels
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["BatchProgress", "BatchSummary", "run_batch", "default_workers"]
+__all__ = ["BatchProgress", "BatchSummary", "default_workers", "run_batch"]
 
 Backend = Literal["local", "ray"]
 DEFAULT_PART_SIZE = 1000
@@ -376,13 +376,11 @@ class LocalPipeline:
         return out
 
     def _embed(self, batch: list[Prepared]) -> list[ItemResult]:
-        import torch
-
         ok = [p for p in batch if p.pixels is not None]
         emb: dict[int, np.ndarray] = {}
         if ok:
             t = time.perf_counter()
-            vectors = self.engine.embed_pixels(torch.from_numpy(np.stack([p.pixels for p in ok])))  # (N, D)
+            vectors = self.engine.embed_pixels(_prep.pixel_batch(ok))  # (N, D)
             self.model_s += time.perf_counter() - t
             emb = {p.index: vectors[i] for i, p in enumerate(ok)}
             kill_point("embedded")

@@ -197,7 +197,7 @@ class PartStore:
             meta = pq.read_schema(self.out).metadata or {}
             doc = json.loads(meta[METADATA_KEY])
             return not self.job.differences(JobSpec.from_dict(doc["job"]))
-        except Exception:  # missing, not Parquet, not ours: all mean "not this job"
+        except Exception:  # noqa: BLE001 - missing, not Parquet, not ours: all mean "not this job"
             return False
 
     def _scan_parts(self) -> StoreState:
@@ -209,7 +209,7 @@ class PartStore:
             k = int(p.stem.split("-")[1])
             try:
                 status = pq.read_table(p, columns=["status"]).column("status")
-            except Exception as e:  # a part damaged outside our control: recompute it
+            except Exception as e:  # noqa: BLE001 - a part damaged outside our control: recompute it
                 _logger.warning("part %s is unreadable (%s); it will be recomputed", p.name, e)
                 p.unlink()
                 continue
