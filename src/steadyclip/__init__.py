@@ -16,7 +16,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 # MKL's reproducibility mode must be chosen before the process's first GEMM.
-from steadyclip._early import early_init as _early_init  # noqa: E402
+from steadyclip._early import early_init as _early_init
 
 _early_init()
 
@@ -35,7 +35,10 @@ _LAZY: dict[str, str] = {
     "errors": "steadyclip.errors",
 }
 
-__all__ = sorted([*_LAZY, "__version__"])
+__all__ = [
+    "Classification", "Engine", "LoadedModel", "ModelInfo", "Provenance", "TextCache", "__version__",
+    "diagnose", "errors", "get_profile", "get_template_set", "load", "load_image",
+]
 
 
 def __getattr__(name: str) -> Any:

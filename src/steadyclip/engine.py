@@ -15,7 +15,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -196,12 +196,10 @@ class Engine:
 
     def embed_images(self, images: Sequence[ImageInput]) -> np.ndarray:
         """Embed images from paths, bytes or PIL images -> L2-normalised float32 (N, D)."""
-        if isinstance(images, (str, bytes)) or not isinstance(images, Sequence):
-            images = [images]  # type: ignore[list-item]
-        pixels = torch.stack([self.preprocess(im) for im in images]) if images else torch.zeros((0,))
+        images = _as_list(images)
         if not images:
             return np.zeros((0, 0), dtype=np.float32)
-        return self.embed_pixels(pixels)
+        return self.embed_pixels(torch.stack([self.preprocess(im) for im in images]))
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Embed texts -> L2-normalised float32 (N, D). Over-long texts are truncated, with a warning."""
@@ -261,8 +259,7 @@ class Engine:
         clean = validate_labels(labels)
         tset = get_template_set(templates)
         classes = self.class_embeddings(clean, tset)
-        if isinstance(images, (str, bytes)) or not isinstance(images, Sequence):
-            images = [images]  # type: ignore[list-item]
+        images = _as_list(images)
         emb = self.embed_images(images)
         if sources is None:
             sources = [str(im) if isinstance(im, str) else None for im in images]
@@ -275,7 +272,7 @@ class Engine:
         """The zero-shot head on precomputed embeddings (float64, row-independent)."""
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
-        scale = float(self.loaded.model.logit_scale.detach().float().exp().cpu())  # type: ignore[union-attr, operator]
+        scale = float(self.loaded.model.logit_scale.detach().float().exp().cpu())  # type: ignore[operator]
         cls = class_emb.astype(np.float64)
         prov = self.provenance
         prov = Provenance(**{**prov.to_dict(), "template_set": templates.name, "template_sha256": templates.sha256})
@@ -306,7 +303,15 @@ def _normalise(x: np.ndarray, what: str) -> np.ndarray:
     norms = np.sqrt((x64 * x64).sum(axis=-1, keepdims=True))
     if (norms == 0).any():
         raise NumericsError(f"a {what} embedding is all zeros and cannot be normalised")
-    return (x64 / norms).astype(np.float32)
+    out: np.ndarray = (x64 / norms).astype(np.float32)
+    return out
+
+
+def _as_list(images: Sequence[ImageInput] | ImageInput) -> list[ImageInput]:
+    """One image (path, bytes, PIL) or a sequence of them -> a list."""
+    if isinstance(images, (str, bytes, bytearray)) or not isinstance(images, Sequence):
+        return [images]
+    return [cast(ImageInput, im) for im in images]
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

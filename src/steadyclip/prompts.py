@@ -70,7 +70,7 @@ def get_template_set(spec: str | os.PathLike[str] | Sequence[str] | TemplateSet 
     return _validated("custom", list(spec))
 
 
-def _validated(name: str, templates: list[object]) -> TemplateSet:
+def _validated(name: str, templates: Sequence[object]) -> TemplateSet:
     if not templates:
         raise TemplateError(f"template set {name!r} is empty; give at least one template containing '{{}}'")
     for t in templates:

@@ -1,0 +1,158 @@
+"""The engine's promises: batch invariance, thread invariance, the text cache, output checks."""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from steadyclip.engine import Engine
+from steadyclip.errors import LabelError, NumericsError
+from steadyclip.loading import load
+from steadyclip.registry import demo_labels
+from steadyclip.textcache import TextCache
+
+
+def _images(n: int, seed: int, size: int = 64) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def _pil(arrs: list[np.ndarray]) -> list[object]:
+    from PIL import Image
+
+    return [Image.fromarray(a) for a in arrs]
+
+
+@pytest.fixture(scope="module")
+def demo_engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    cache = TextCache(tmp_path_factory.mktemp("tc") / "t.db")
+    return Engine(load(), text_cache=cache)
+
+
+def _row_in_batches(engine: Engine, sizes: list[int], seed: int = 0) -> list[np.ndarray]:
+    """Embed the same target image at a random position inside batches of various sizes."""
+    target = _pil(_images(1, 999, 96))[0]
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n in sizes:
+        others = _pil(_images(n - 1, int(rng.integers(1 << 30)), 96))
+        pos = int(rng.integers(n))
+        batch = others[:pos] + [target] + others[pos:]
+        rows.append(engine.embed_images(batch)[pos])  # type: ignore[arg-type]
+    return rows
+
+
+def _assert_all_bitwise_equal(rows: list[np.ndarray]) -> None:
+    for r in rows[1:]:
+        assert r.tobytes() == rows[0].tobytes(), f"max diff {np.abs(r - rows[0]).max()}"
+
+
+def test_demo_same_image_any_batch_is_bitwise_identical(demo_engine: Engine) -> None:
+    _assert_all_bitwise_equal(_row_in_batches(demo_engine, [1, 3, 8, 17]))
+    assert demo_engine.provenance.batch_path in ("fixed-shape", "verified-invariant")
+
+
+def test_fixed_shape_path_also_invariant() -> None:
+    engine = Engine(load(), text_cache=None, batch_invariance="fixed", micro_batch=4)
+    assert engine.provenance.batch_path == "fixed-shape"
+    _assert_all_bitwise_equal(_row_in_batches(engine, [1, 3, 8, 17], seed=1))
+
+
+def test_strict_results_do_not_depend_on_caller_threads(demo_engine: Engine) -> None:
+    imgs = _pil(_images(5, 3, 80))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = demo_engine.embed_images(imgs)  # type: ignore[arg-type]
+        torch.set_num_threads(2)
+        b = demo_engine.embed_images(imgs)  # type: ignore[arg-type]
+        assert torch.get_num_threads() == 2, "the engine must restore the caller's thread count"
+    finally:
+        torch.set_num_threads(before)
+    assert a.tobytes() == b.tobytes()
+
+
+def test_strict_one_vs_two_engine_threads_demo() -> None:
+    imgs = _pil(_images(5, 4, 80))
+    one = Engine(load(), threads=1, text_cache=None).embed_images(imgs)  # type: ignore[arg-type]
+    two = Engine(load(), threads=2, text_cache=None).embed_images(imgs)  # type: ignore[arg-type]
+    assert one.tobytes() == two.tobytes()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["ViT-B-32", "RN50"])
+def test_real_architectures_batch_and_thread_invariant(arch: str, arch_checkpoint: Callable[[str], Path]) -> None:
+    loaded = load(arch, pretrained=str(arch_checkpoint(arch)))
+    engine = Engine(loaded, micro_batch=4, text_cache=None)
+    rows = _row_in_batches(engine, [1, 3, 8, 17], seed=2)
+    _assert_all_bitwise_equal(rows)
+    two = Engine(loaded, micro_batch=4, threads=2, text_cache=None)
+    _assert_all_bitwise_equal([rows[0], _row_in_batches(two, [3], seed=5)[0]])
+
+
+def test_classification_is_sane(demo_engine: Engine) -> None:
+    res = demo_engine.classify(["examples/red_circle.png"], demo_labels(), top_k=3)[0]
+    assert res.label == "red circle"
+    assert abs(sum(res.probs) - 1.0) <= 1e-5
+    assert [p for _, p in res.top] == sorted((p for _, p in res.top), reverse=True)
+    prov = res.provenance
+    assert prov.weights_sha256 == demo_engine.loaded.info.weights_sha256
+    assert prov.profile == "strict" and prov.precision == "fp32" and prov.template_set == "photo"
+    assert prov.versions["torch"] == torch.__version__
+
+
+def test_text_cache_hit_skips_text_tower(tmp_path: Path) -> None:
+    labels = [f"{c} thing number {i}" for i, c in enumerate(["red", "blue", "green"] * 10)]
+    cache_path = tmp_path / "tc.db"
+    first = Engine(load(), text_cache=TextCache(cache_path))
+    a = first.classify(["examples/red_circle.png"], labels, templates="openai-imagenet")
+    assert first.text_forward_rows == len(labels) * 80
+    second = Engine(load(), text_cache=TextCache(cache_path))
+    b = second.classify(["examples/red_circle.png"], labels, templates="openai-imagenet")
+    assert second.text_forward_rows == 0, "a cache hit must not run the text tower"
+    assert a[0].probs == b[0].probs
+
+
+def test_corrupted_cache_entry_is_recomputed(tmp_path: Path) -> None:
+    import sqlite3
+
+    cache_path = tmp_path / "tc.db"
+    engine = Engine(load(), text_cache=TextCache(cache_path))
+    labels = ["red circle", "blue square"]
+    want = engine.classify(["examples/red_circle.png"], labels)[0].probs
+    engine.text_cache.close()  # type: ignore[union-attr]
+    with sqlite3.connect(cache_path) as db:
+        db.execute("UPDATE entries SET value = zeroblob(LENGTH(value))")
+    again = Engine(load(), text_cache=TextCache(cache_path))
+    got = again.classify(["examples/red_circle.png"], labels)[0].probs
+    assert again.text_cache.corrupt == 2  # type: ignore[union-attr]
+    assert again.text_forward_rows == 2
+    assert got == want
+
+
+def test_bad_labels_rejected(demo_engine: Engine) -> None:
+    with pytest.raises(LabelError):
+        demo_engine.classify(["examples/red_circle.png"], [])
+    with pytest.raises(LabelError):
+        demo_engine.classify(["examples/red_circle.png"], ["a", "a"])
+
+
+def test_train_mode_is_undone_before_inference(demo_engine: Engine) -> None:
+    want = demo_engine.embed_images(["examples/red_circle.png"])
+    demo_engine.loaded.model.train()
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        got = demo_engine.embed_images(["examples/red_circle.png"])
+    assert not demo_engine.loaded.model.training
+    assert got.tobytes() == want.tobytes()
+
+
+def test_non_finite_embeddings_are_an_error() -> None:
+    from steadyclip.engine import _normalise
+
+    with pytest.raises(NumericsError, match="NaN"):
+        _normalise(np.array([[1.0, np.nan]]), "image")
