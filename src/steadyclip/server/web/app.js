@@ -203,7 +203,7 @@
       const li = el("li", { class: i === 0 ? "first" : "", "data-label": label, "data-prob": String(p) }, [
         el("span", { class: "name", title: label, text: label }),
         el("div", { class: "track" }, [fill]),
-        el("span", { class: "pct", text: (100 * p).toFixed(p >= 0.001 ? 1 : 3) + "%" }),
+        el("span", { class: "pct", text: p < 0.00001 ? "<0.001%" : (100 * p).toFixed(p >= 0.001 ? 1 : 3) + "%" }),
       ]);
       bars.appendChild(li);
       requestAnimationFrame(() => { fill.style.width = Math.max(0.5, 100 * p).toFixed(2) + "%"; });
