@@ -130,6 +130,30 @@ def test_doctor_is_listed_in_help() -> None:
     assert "--demo" in run("doctor", "--help").output
 
 
+def test_demo_path_with_stand_in_weights(monkeypatch: pytest.MonkeyPatch, demo_arch_checkpoint: Path,
+                                         tmp_path: Path) -> None:
+    """--demo's careless loader, generated images and 48 labels, on random-init weights of the demo architecture."""
+    import dataclasses
+
+    import steadyclip.registry as registry
+
+    monkeypatch.setattr(registry, "DEMO_SPEC", dataclasses.replace(registry.DEMO_SPEC, weights_file=demo_arch_checkpoint))
+    page = tmp_path / "demo.html"
+    r = run("doctor", "--demo", "--runs", "3", "--json", "--html", str(page))
+    assert r.exit_code == 3, r.output
+    doc = doc_of(r)
+    assert doc["causes"][0]["id"] in ("stochastic_layers", "train_mode")
+    assert len(doc["labels"]) == 48 and len(doc["images"]) == 4
+    assert all(name.endswith("(generated)") for name in doc["images"])
+    assert doc["runs"][0]["as_is"] != doc["runs"][1]["as_is"]
+    assert doc["runs"][0]["fixed"] == doc["runs"][1]["fixed"] == doc["runs"][2]["fixed"]
+    checks = {c["id"]: c["status"] for c in doc["checks"]}
+    assert checks["random_init"] == "ok" and checks["weights_changed"] == "ok"
+    assert page.read_text(encoding="utf-8").count("<svg") == 8
+
+    assert run("doctor", "--demo", "--eval", "--runs", "2", "--json").exit_code == 0
+
+
 needs_demo = pytest.mark.skipif(DEMO_SPEC.weights_file is None or not DEMO_SPEC.weights_file.is_file(),
                                 reason="bundled demo weights not built yet (python -m steadyclip.demo.train)")
 

@@ -182,7 +182,10 @@ def doctor(images: tuple[Path, ...], demo: bool, model: str | None, pretrained: 
 
     import open_clip
 
-    tokenizer = open_clip.get_tokenizer(tokenizer_name)
+    try:
+        tokenizer = open_clip.get_tokenizer(tokenizer_name)
+    except Exception as e:  # unknown name, hub unreachable: open_clip raises assorted types
+        raise ModelSourceError(f"open_clip has no tokenizer for {tokenizer_name!r}: {type(e).__name__}: {e}") from e
     d = diagnose(None, tokenizer=tokenizer, images=image_list, labels=label_list, loader=loader, runs=runs,
                  amp=amp, weights_file=weights_file, lock=lock_path, expected_sha256=expected_sha,
                  image_names=names)
