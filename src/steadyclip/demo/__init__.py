@@ -1,0 +1,1 @@
+"""The bundled offline demo model: its data generator, training and examples."""
