@@ -306,6 +306,17 @@ def test_resume_refused_when_model_changes(engine: Engine, small_folder: Path, t
         run_batch(small_folder, other, labels=LABELS, out=out, workers=1, part_size=4)
 
 
+def test_resume_refused_when_label_embeddings_drift(engine: Engine, small_folder: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stale text cache or a changed numerics stack must not mix two sets of probabilities in one file."""
+    out = tmp_path / "out.parquet"
+    _interrupted(engine, small_folder, out, 5, labels=LABELS)
+    real = engine.class_embeddings
+    monkeypatch.setattr(engine, "class_embeddings", lambda *a, **k: real(*a, **k) * np.float32(1 + 2**-20))
+    with pytest.raises(BatchJobError, match="label embeddings computed now differ"):
+        run_batch(small_folder, engine, labels=LABELS, out=out, workers=1, part_size=4)
+
+
 def test_finished_output_is_not_recomputed_or_overwritten(engine: Engine, small_folder: Path,
                                                           tmp_path: Path) -> None:
     out = tmp_path / "out.parquet"

@@ -72,6 +72,10 @@ class JobSpec:
     labels_sha256: str | None
     templates_sha256: str | None
     options: dict[str, Any]
+    # SHA-256 of the class (label) embeddings the job classifies against. They come from the
+    # text tower or the text cache; if the stack's numerics drifted since the first run, a
+    # resume would mix two sets of probabilities, so this is part of the job's identity.
+    class_embeddings_sha256: str | None = None
     format_version: int = FORMAT_VERSION
     description: dict[str, Any] = field(default_factory=dict, compare=False)  # informational only
 
@@ -95,6 +99,10 @@ class JobSpec:
             out.append("the labels changed")
         if self.templates_sha256 != other.templates_sha256:
             out.append("the prompt templates changed")
+        elif self.labels_sha256 == other.labels_sha256 and \
+                self.class_embeddings_sha256 != other.class_embeddings_sha256:
+            out.append("the label embeddings computed now differ bitwise from the first run's (the software "
+                       "stack, numerics settings or text cache changed since)")
         for key in sorted(set(self.options) | set(other.options)):
             if self.options.get(key) != other.options.get(key):
                 out.append(f"option {key} changed ({other.options.get(key)!r} -> {self.options.get(key)!r})")
