@@ -332,6 +332,11 @@ def test_finished_output_is_not_recomputed_or_overwritten(engine: Engine, small_
     assert pq.read_table(not_ours).column_names == ["x"], "a foreign file is never overwritten without --restart"
 
 
+def test_out_must_be_a_file(engine: Engine, small_folder: Path, tmp_path: Path) -> None:
+    with pytest.raises(BatchJobError, match="is a folder; give a file name"):
+        run_batch(small_folder, engine, labels=LABELS, out=tmp_path, workers=1)
+
+
 def test_a_second_process_on_the_same_job_is_refused(engine: Engine, small_folder: Path, tmp_path: Path) -> None:
     from filelock import FileLock
 

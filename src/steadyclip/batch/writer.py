@@ -139,8 +139,11 @@ class PartStore:
         """Hold the job's lock (one process per job); released even on SIGKILL (flock)."""
         from filelock import FileLock, Timeout
 
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.parts_dir.mkdir(exist_ok=True)
+        if self.out.is_dir():
+            raise BatchJobError(f"--out {self.out} is a folder; give a file name such as {self.out / 'results.parquet'}")
+        with _io_errors(f"create {self.parts_dir}"):
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.parts_dir.mkdir(exist_ok=True)
         lock = FileLock(str(self.parts_dir / "lock"))
         try:
             lock.acquire(timeout=0)
@@ -246,11 +249,12 @@ class PartStore:
             raise BatchJobError(f"internal error: part {k} does not hold rows {expected[0]}..{expected[-1]}")
         final = self.part_path(k)
         tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-        pq.write_table(table, tmp)
-        _fsync_path(tmp)
-        kill_point("part-tmp")
-        os.replace(tmp, final)
-        _fsync_path(self.parts_dir)
+        with _io_errors(f"write {final}"):
+            pq.write_table(table, tmp)
+            _fsync_path(tmp)
+            kill_point("part-tmp")
+            os.replace(tmp, final)
+            _fsync_path(self.parts_dir)
         kill_point("part-written")
 
     def assemble(self, schema: pa.Schema, metadata: dict[str, Any]) -> tuple[int, int]:
@@ -264,25 +268,33 @@ class PartStore:
             p = self.part_path(k)
             if not p.is_file():
                 raise BatchJobError(f"part {p} is missing; re-run the same command to compute it")
-            status = pq.read_table(p, columns=["status"]).column("status")
-            n_err = int(pc.sum(pc.equal(status, "error")).as_py() or 0)
+            cols = pq.read_table(p, columns=["index", "status"])
+            start = k * self.part_size
+            if cols.num_rows != self._part_len(k) or cols.column("index")[0].as_py() != start:
+                raise BatchJobError(f"part {p} does not hold rows {start}.. of this job; use --restart")
+            n_err = int(pc.sum(pc.equal(cols.column("status"), "error")).as_py() or 0)
             errors += n_err
-            ok += len(status) - n_err
+            ok += cols.num_rows - n_err
         doc = {**metadata, "job": self.job.to_dict(), "rows": ok + errors, "ok": ok, "errors": errors}
         full = schema.with_metadata({METADATA_KEY: json.dumps(doc, sort_keys=True).encode()})
         tmp = self.out.with_name(f".{self.out.name}.tmp-{os.getpid()}")
-        with pq.ParquetWriter(tmp, full) as writer:
-            for k in range(self.n_parts):
-                table = pq.read_table(self.part_path(k))
-                if not table.schema.equals(schema):
-                    raise BatchJobError(
-                        f"part {self.part_path(k)} has a different schema than this job; use --restart"
-                    )
-                writer.write_table(table.replace_schema_metadata(full.metadata), row_group_size=self.part_size)
-        _fsync_path(tmp)
-        kill_point("assemble-tmp")
-        os.replace(tmp, self.out)
-        _fsync_path(self.out.parent)
+        try:
+            with _io_errors(f"write {self.out}"):
+                with pq.ParquetWriter(tmp, full) as writer:
+                    for k in range(self.n_parts):
+                        table = pq.read_table(self.part_path(k))
+                        if not table.schema.equals(schema):
+                            raise BatchJobError(
+                                f"part {self.part_path(k)} has a different schema than this job; use --restart"
+                            )
+                        writer.write_table(table.replace_schema_metadata(full.metadata),
+                                           row_group_size=self.part_size)
+                _fsync_path(tmp)
+                kill_point("assemble-tmp")
+                os.replace(tmp, self.out)
+                _fsync_path(self.out.parent)
+        finally:
+            tmp.unlink(missing_ok=True)
         kill_point("assembled")
         shutil.rmtree(self.parts_dir, ignore_errors=True)
         return ok, errors
@@ -300,6 +312,18 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise BatchJobError(f"{path} has no steadyclip metadata; it was not written by `steadyclip batch`")
     result: dict[str, Any] = json.loads(meta[METADATA_KEY])
     return result
+
+
+@contextlib.contextmanager
+def _io_errors(what: str) -> Iterator[None]:
+    """Turn an OSError (disk full, permissions) into advice: the job resumes once it is fixed."""
+    try:
+        yield
+    except OSError as e:
+        raise BatchJobError(
+            f"cannot {what}: {e.strerror or e}; fix that (disk space, permissions) and run the same "
+            "command again - finished parts are kept and the job resumes"
+        ) from e
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
