@@ -72,6 +72,7 @@ def read_flags(device_type: str) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "MKL_CBWR": os.environ.get("MKL_CBWR"),
         "MKL_CBWR_effective": determinism.mkl_cbwr_effective(),  # what MKL itself reports
+        "onednn_enabled": bool(torch.backends.mkldnn.enabled),
     }
     mkldnn_prec = getattr(torch.backends.mkldnn, "fp32_precision", None)
     if isinstance(mkldnn_prec, str):

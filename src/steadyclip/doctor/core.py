@@ -194,6 +194,10 @@ def _diagnose(
             model = first.model
             preprocess = preprocess if preprocess is not None else first.preprocess
     assert model is not None
+    if not (callable(getattr(model, "encode_image", None)) and callable(getattr(model, "encode_text", None))):
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        hint = " (it wraps one: pass model.module / model._orig_mod)" if inner is not None else ""
+        raise InputError(f"{type(model).__name__} is not an open_clip model with encode_image/encode_text{hint}")
     device_type = model_device(model).type
     amp_in_use, amp_ambient = _resolve_amp(amp, device_type)
     flags = checks_numerics.read_flags(device_type)

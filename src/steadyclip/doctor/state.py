@@ -138,6 +138,7 @@ class GlobalSnapshot:
     matmul_precision: str
     cudnn: dict[str, Any]
     cuda_matmul: dict[str, Any]
+    mkldnn_enabled: bool
     cpu_rng: torch.Tensor
     cuda_rng: list[torch.Tensor] | None
     env: dict[str, str | None]
@@ -153,6 +154,7 @@ class GlobalSnapshot:
             matmul_precision=torch.get_float32_matmul_precision(),
             cudnn={k: getattr(torch.backends.cudnn, k) for k in ("benchmark", "deterministic", "allow_tf32")},
             cuda_matmul={"allow_tf32": torch.backends.cuda.matmul.allow_tf32},
+            mkldnn_enabled=bool(torch.backends.mkldnn.enabled),
             cpu_rng=torch.random.get_rng_state(),
             cuda_rng=torch.cuda.get_rng_state_all() if cuda else None,
             env={k: os.environ.get(k) for k in ("CUBLAS_WORKSPACE_CONFIG", "MKL_CBWR")},
@@ -181,6 +183,9 @@ class GlobalSnapshot:
         if torch.backends.cuda.matmul.allow_tf32 != self.cuda_matmul["allow_tf32"]:
             torch.backends.cuda.matmul.allow_tf32 = self.cuda_matmul["allow_tf32"]
             changed.append("cuda.matmul.allow_tf32")
+        if bool(torch.backends.mkldnn.enabled) != self.mkldnn_enabled:
+            setattr(torch.backends.mkldnn, "enabled", self.mkldnn_enabled)  # a ContextProp; typed as such
+            changed.append("mkldnn.enabled")
         for k, v in self.env.items():
             if os.environ.get(k) != v:
                 if v is None:
