@@ -6,7 +6,6 @@ with BatchNorm), random init, 64 px images, 2-3 runs: the whole file runs in sec
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -313,6 +312,7 @@ def _process_state() -> dict[str, Any]:
         "deterministic": torch.are_deterministic_algorithms_enabled(),
         "matmul": torch.get_float32_matmul_precision(),
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "onednn": torch.backends.mkldnn.enabled,
         "rng": torch.random.get_rng_state(),
     }
 
@@ -408,6 +408,3 @@ def test_wrapped_model_is_refused_with_a_hint(images: list[Any]) -> None:
 def test_loader_must_return_a_model(images: list[Any]) -> None:
     with pytest.raises(TypeError, match="loader"):
         diagnose(images=images, labels=LABELS, loader=lambda: "not a model")
-
-
-_Loader = Callable[[], torch.nn.Module]
