@@ -90,6 +90,7 @@ class Engine:
         self._lock = threading.RLock()
         self._paths: dict[str, str] = {}
         self._flags: dict[str, Any] | None = None
+        self._basis: str | None = None
         self.text_forward_rows = 0  # how many text rows the text tower has encoded (cache proof)
 
     # ---- provenance -------------------------------------------------------------------
@@ -237,14 +238,24 @@ class Engine:
         return np.stack([cached[keys[lab]] for lab in labels]).astype(np.float32)
 
     def _class_key(self, label: str, templates: TemplateSet) -> str:
-        info = self.loaded.info
-        basis = {
-            "fingerprint": info.fingerprint, "tokenizer": info.tokenizer, "context": info.context_length,
-            "profile": self.profile.name, "precision": self.profile.precision, "threads": self.profile.threads,
-            "device": self.device.type, "text_batch": self.text_micro_batch, "path": self._batch_path("text"),
-            "torch": torch.__version__, "templates": templates.sha256, "label": label,
-        }
-        return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()
+        return hashlib.sha256(f"{self._text_basis()}\0{templates.sha256}\0{label}".encode()).hexdigest()
+
+    def _text_basis(self) -> str:
+        """Everything a text embedding depends on besides the text: weights, code, numerics, shapes."""
+        if self._basis is None:
+            info = self.loaded.info
+            prov = self.provenance
+            flags = prov.flags
+            basis = {
+                "fingerprint": info.fingerprint, "tokenizer": info.tokenizer, "context": info.context_length,
+                "profile": self.profile.to_dict(), "device": self.device.type,
+                "text_batch": self.text_micro_batch, "path": prov.text_batch_path, "versions": prov.versions,
+                "numerics": {k: flags.get(k) for k in ("onednn_enabled", "mkl_cbwr_effective", "mkl_cbwr",
+                                                       "float32_matmul_precision", "fp32_precision")},
+                "cpu": flags.get("build", {}).get("cpu_capability"),
+            }
+            self._basis = hashlib.sha256(json.dumps(basis, sort_keys=True, default=str).encode()).hexdigest()
+        return self._basis
 
     def classify(
         self,
