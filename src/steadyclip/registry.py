@@ -53,7 +53,7 @@ DEMO_SPEC = ModelSpec(
     arch=DEMO_ARCH,
     weights_file=DEMO_DIR / "steadyclip-shapes.safetensors",
     # Written by `python -m steadyclip.demo.train`; a test re-hashes the file.
-    sha256="0" * 64,
+    sha256="047ec1a9ebd4f7d9b84f0946a9b6982c03c255eb6064400aca3eae9d95a6f2e7",
     config_file=DEMO_DIR / "steadyclip-shapes.json",
     default_templates="photo",
 )
