@@ -341,6 +341,19 @@ def test_user_model_and_process_are_left_exactly_as_found(images: list[Any]) -> 
     assert d.environment["model_restored"] is True
 
 
+def test_steadyclip_loaded_model_passes_and_keeps_its_tamper_checks(images: list[Any],
+                                                                    demo_arch_checkpoint: Path) -> None:
+    import steadyclip
+
+    loaded = steadyclip.load(DEMO_ARCH, pretrained=demo_arch_checkpoint)
+    d = diagnose(loaded.model, loaded.preprocess, loaded.tokenizer, images=images, labels=LABELS, runs=2,
+                 loader=lambda: steadyclip.load(DEMO_ARCH, pretrained=demo_arch_checkpoint))
+    assert d.verdict == "stable", [c.to_dict() for c in d.problems]
+    loaded.check_buffers()  # in-place version counters untouched: no false tamper alarm afterwards
+    loaded.verify_full()
+    loaded.ensure_inference_state()
+
+
 # ---- output -------------------------------------------------------------------------------
 
 def test_to_dict_is_stable_json_schema(images: list[Any]) -> None:
