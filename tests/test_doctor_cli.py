@@ -136,8 +136,11 @@ def test_demo_path_with_stand_in_weights(monkeypatch: pytest.MonkeyPatch, demo_a
     import dataclasses
 
     import steadyclip.registry as registry
+    from steadyclip.integrity import sha256_file
 
-    monkeypatch.setattr(registry, "DEMO_SPEC", dataclasses.replace(registry.DEMO_SPEC, weights_file=demo_arch_checkpoint))
+    stand_in = dataclasses.replace(registry.DEMO_SPEC, weights_file=demo_arch_checkpoint,
+                                   sha256=sha256_file(demo_arch_checkpoint))
+    monkeypatch.setattr(registry, "DEMO_SPEC", stand_in)
     page = tmp_path / "demo.html"
     r = run("doctor", "--demo", "--runs", "3", "--json", "--html", str(page))
     assert r.exit_code == 3, r.output
@@ -149,9 +152,15 @@ def test_demo_path_with_stand_in_weights(monkeypatch: pytest.MonkeyPatch, demo_a
     assert doc["runs"][0]["fixed"] == doc["runs"][1]["fixed"] == doc["runs"][2]["fixed"]
     checks = {c["id"]: c["status"] for c in doc["checks"]}
     assert checks["random_init"] == "ok" and checks["weights_changed"] == "ok"
+    assert checks["weights_corrupted"] == "ok"  # checked against the registry's pinned hash
     assert page.read_text(encoding="utf-8").count("<svg") == 8
 
     assert run("doctor", "--demo", "--eval", "--runs", "2", "--json").exit_code == 0
+
+    # a bundled file that is not the pinned bytes
+    monkeypatch.setattr(registry, "DEMO_SPEC", dataclasses.replace(stand_in, sha256="ab" * 32))
+    bad = run("doctor", "--demo", "--eval", "--runs", "1", "--json")
+    assert bad.exit_code == 3 and doc_of(bad)["causes"][0]["id"] == "weights_corrupted"
 
 
 needs_demo = pytest.mark.skipif(DEMO_SPEC.weights_file is None or not DEMO_SPEC.weights_file.is_file(),
