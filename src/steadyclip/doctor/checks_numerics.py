@@ -15,7 +15,7 @@ import torch
 
 from steadyclip.doctor.context import Context
 from steadyclip.doctor.harness import (
-    Encoded, amp_autocast, amp_dtype, encode, head, max_abs_diff, model_float_dtype, no_autocast, top1,
+    Encoded, amp_dtype, encode, head, max_abs_diff, model_float_dtype, no_autocast, top1,
     top1_changes, top_margin,
 )
 from steadyclip.doctor.state import eval_temporarily, strict_numerics
@@ -121,8 +121,8 @@ def check_precision(ctx: Context, findings: Findings) -> list[np.ndarray]:
     assert ctx.baseline is not None
     dev = ctx.device_type
     dtype = ctx.amp_in_use or amp_dtype(dev)
-    with ctx.strict(), amp_autocast(dev, dtype), eval_temporarily(ctx.fp32):
-        p_amp = head(ctx.fp32, encode(ctx.fp32, ctx.inputs.pixels_user, ctx.inputs.tokens), ctx.inputs.n_templates)
+    # under the caller's own flags: reduced-precision kernels are what their process would run
+    p_amp = ctx.ambient_probs(amp=dtype)
     d_amp = max_abs_diff(p_amp, ctx.baseline)
     evidence: dict[str, Any] = {
         "autocast_dtype": str(dtype).removeprefix("torch."),
@@ -136,7 +136,7 @@ def check_precision(ctx: Context, findings: Findings) -> list[np.ndarray]:
     wdtype = model_float_dtype(ctx.model)
     evidence["weights_dtype"] = str(wdtype).removeprefix("torch.")
     if wdtype != torch.float32:
-        p_half = ctx.eval_probs(model=ctx.model)
+        p_half = ctx.ambient_probs(model=ctx.model)
         d_half = max_abs_diff(p_half, ctx.baseline)
         evidence["max_abs_prob_diff_weights_vs_fp32"] = d_half
         in_use.append(d_half)
@@ -162,9 +162,7 @@ def check_flags(ctx: Context, findings: Findings) -> None:
     assert ctx.baseline is not None
     flags = ctx.ambient_flags
     issues = _risky_flags(flags, ctx.device_type)
-    with eval_temporarily(ctx.fp32), no_autocast(ctx.device_type):
-        p_ambient = head(ctx.fp32, encode(ctx.fp32, ctx.inputs.pixels_user, ctx.inputs.tokens),
-                         ctx.inputs.n_templates)
+    p_ambient = ctx.ambient_probs()
     sev = max_abs_diff(p_ambient, ctx.baseline)
     evidence = {"flags": flags, "issues": issues, "max_abs_prob_diff_your_flags_vs_strict": sev}
     if not issues and sev == 0.0:

@@ -136,7 +136,7 @@ def check_preprocess(ctx: Context, findings: Findings, *, expected: dict[str, An
         pix = max((max_abs_diff(px.numpy(), inp.pixels_user.numpy()) for px in same_shape), default=None)
         findings.add(Cause(
             "preprocess_random", sev, "problem",
-            f"your preprocess gives different pixels for the same image on each call"
+            "your preprocess gives different pixels for the same image on each call"
             + (f" ({', '.join(desc['random_steps'])})" if desc and desc["random_steps"] else "")
             + f"; probabilities spread by {sev:.3g} over {len(runs)} calls in eval mode",
             {"calls": len(repeats) + 1, "pixel_max_abs_diff": pix, "spread_eval": sev,

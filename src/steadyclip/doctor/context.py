@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from steadyclip.doctor.harness import Encoded, Inputs, encode, head, no_autocast
+from steadyclip.doctor.harness import Encoded, Inputs, amp_autocast, encode, head, no_autocast
 from steadyclip.doctor.state import ModelSnapshot, eval_temporarily, strict_numerics
 
 _logger = logging.getLogger(__name__)
@@ -67,6 +67,13 @@ class Context:
                    **kw: Any) -> np.ndarray:
         m = self.fp32 if model is None else model
         return head(m, self.eval_encode(pixels, m, **kw), self.inputs.n_templates)
+
+    def ambient_probs(self, model: torch.nn.Module | None = None, amp: torch.dtype | None = None) -> np.ndarray:
+        """Eval mode under the caller's own numerics flags, fp32 or the given autocast dtype."""
+        m = self.fp32 if model is None else model
+        cast = amp_autocast(self.device_type, amp) if amp is not None else no_autocast(self.device_type)
+        with eval_temporarily(m), cast:
+            return head(m, encode(m, self.inputs.pixels_user, self.inputs.tokens), self.inputs.n_templates)
 
     def compute_baseline(self) -> np.ndarray:
         self.baseline_enc = self.eval_encode()
