@@ -69,9 +69,9 @@ def test_no_pretrained_means_random_init_every_load(image_files: list[str]) -> N
 
 def test_lock_mismatch_is_weights_corrupted(image_files: list[str], demo_arch_checkpoint: Path,
                                             tmp_path: Path) -> None:
+    import open_clip
     from safetensors.torch import save_file
 
-    import open_clip
     import steadyclip
     from steadyclip.integrity import write_lock
 
@@ -135,7 +135,7 @@ def test_demo_path_with_stand_in_weights(monkeypatch: pytest.MonkeyPatch, demo_a
     """--demo's careless loader, generated images and 48 labels, on random-init weights of the demo architecture."""
     import dataclasses
 
-    import steadyclip.registry as registry
+    from steadyclip import registry
     from steadyclip.integrity import sha256_file
 
     stand_in = dataclasses.replace(registry.DEMO_SPEC, weights_file=demo_arch_checkpoint,

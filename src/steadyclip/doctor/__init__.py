@@ -20,10 +20,26 @@ model and process), ``result`` (the dataclasses and thresholds), ``report``
 from __future__ import annotations
 
 from steadyclip.doctor.core import diagnose
-from steadyclip.doctor.result import NUMERIC_TOL, PROB_TOL, Cause, CheckStatus, Diagnosis, Run
+from steadyclip.doctor.result import (
+    NUMERIC_TOL,
+    PROB_TOL,
+    Cause,
+    CheckStatus,
+    Diagnosis,
+    Run,
+)
 
-__all__ = ["diagnose", "Diagnosis", "Cause", "CheckStatus", "Run", "PROB_TOL", "NUMERIC_TOL", "render_report",
-           "to_html"]
+__all__ = [
+    "NUMERIC_TOL",
+    "PROB_TOL",
+    "Cause",
+    "CheckStatus",
+    "Diagnosis",
+    "Run",
+    "diagnose",
+    "render_report",
+    "to_html",
+]
 
 
 def render_report(diagnosis: Diagnosis, console: object | None = None) -> None:

@@ -15,7 +15,7 @@ from steadyclip.doctor.result import PROB_TOL, Cause, Findings, Level
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["Layer", "find_stochastic_layers", "training_modules", "check_train_mode", "check_buffers_mutated"]
+__all__ = ["Layer", "check_buffers_mutated", "check_train_mode", "find_stochastic_layers", "training_modules"]
 
 _LIST = 20  # module paths listed in evidence; the count says how many there are
 
@@ -106,7 +106,7 @@ def batch_composition_effect(ctx: Context) -> float | None:
             full = probs_of(ctx.fp32, px, ctx.inputs)
         with ctx.strict():
             alt = probs_of(ctx.fp32, other, ctx.inputs)
-    except Exception as e:  # a train-mode BatchNorm refuses some batch shapes; that is the user's model
+    except Exception as e:  # noqa: BLE001 - train-mode BatchNorm refuses some batch shapes: the user's model
         _logger.debug("batch-composition probe failed: %s", e)
         return None
     finally:

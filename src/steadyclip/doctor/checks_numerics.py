@@ -13,19 +13,27 @@ from typing import Any
 import numpy as np
 import torch
 
+from steadyclip import determinism
 from steadyclip.doctor.context import Context
 from steadyclip.doctor.harness import (
-    Encoded, amp_dtype, encode, head, max_abs_diff, model_float_dtype, no_autocast, top1,
-    top1_changes, top_margin,
+    Encoded,
+    amp_dtype,
+    encode,
+    head,
+    max_abs_diff,
+    model_float_dtype,
+    no_autocast,
+    top1,
+    top1_changes,
+    top_margin,
 )
-from steadyclip.doctor.state import eval_temporarily, strict_numerics
 from steadyclip.doctor.result import NUMERIC_TOL, PROB_TOL, Cause, Findings, Level
-from steadyclip import determinism
+from steadyclip.doctor.state import eval_temporarily, strict_numerics
 from steadyclip.errors import DeviceError
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["read_flags", "check_precision", "check_flags", "check_batch", "check_threads", "check_device"]
+__all__ = ["check_batch", "check_device", "check_flags", "check_precision", "check_threads", "read_flags"]
 
 FIX_PRECISION = """\
 # run inference in float32 with autocast off (or accept the drift and always use the same precision)
@@ -199,7 +207,7 @@ def check_batch(ctx: Context, findings: Findings) -> None:
         probs.append(head(ctx.fp32, Encoded(four_images, base.texts), ctx.inputs.n_templates))
     chunk = 1 if p_count <= 64 else 7
     texts = ctx.eval_encode(pixels=ctx.inputs.pixels_user[:1], text_chunk=chunk)
-    evidence["text_emb_max_abs_diff_all_vs_chunks_of_%d" % chunk] = max_abs_diff(texts.texts, base.texts)
+    evidence[f"text_emb_max_abs_diff_all_vs_chunks_of_{chunk}"] = max_abs_diff(texts.texts, base.texts)
     probs.append(head(ctx.fp32, Encoded(base.images, texts.texts), ctx.inputs.n_templates))
     sev = max(max_abs_diff(p, ctx.baseline) for p in probs)
     evidence["max_abs_prob_diff"] = sev

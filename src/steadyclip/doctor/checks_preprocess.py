@@ -14,12 +14,17 @@ import numpy as np
 import torch
 
 from steadyclip.doctor.context import Context
-from steadyclip.doctor.harness import max_abs_diff, preprocess_cfg_of, spread, stack_pixels
+from steadyclip.doctor.harness import (
+    max_abs_diff,
+    preprocess_cfg_of,
+    spread,
+    stack_pixels,
+)
 from steadyclip.doctor.result import PROB_TOL, Cause, Findings
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["describe_transform", "compare_to_cfg", "random_pixels", "check_preprocess"]
+__all__ = ["check_preprocess", "compare_to_cfg", "describe_transform", "random_pixels"]
 
 FIX_MISMATCH = """\
 # use the model's own eval transform (the third value create_model_and_transforms returns):

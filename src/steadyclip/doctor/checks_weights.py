@@ -25,7 +25,7 @@ from steadyclip.doctor.state import bitwise_equal, cuda_initialized
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["Loaded", "call_loader", "unpack_loaded", "compare_loads", "check_corrupted", "check_non_finite"]
+__all__ = ["Loaded", "call_loader", "check_corrupted", "check_non_finite", "compare_loads", "unpack_loaded"]
 
 SEED_A, SEED_B = 1234, 5678
 _LIST = 20
@@ -137,9 +137,7 @@ def differing(a: torch.nn.Module, b: torch.nn.Module) -> tuple[list[str], int]:
     diff = []
     for n in names:
         ta, tb = sa.get(n), sb.get(n)
-        if ta is None or tb is None or ta.shape != tb.shape or ta.dtype != tb.dtype:
-            diff.append(n)
-        elif not bitwise_equal(ta, tb):
+        if ta is None or tb is None or ta.shape != tb.shape or ta.dtype != tb.dtype or not bitwise_equal(ta, tb):
             diff.append(n)
     return diff, len(names)
 

@@ -10,7 +10,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from steadyclip.doctor.harness import Encoded, Inputs, amp_autocast, encode, head, no_autocast
+from steadyclip.doctor.harness import (
+    Encoded,
+    Inputs,
+    amp_autocast,
+    encode,
+    head,
+    no_autocast,
+)
 from steadyclip.doctor.state import ModelSnapshot, eval_temporarily, strict_numerics
 
 _logger = logging.getLogger(__name__)

@@ -20,13 +20,33 @@ from typing import Any
 import numpy as np
 import torch
 
-from steadyclip.doctor import checks_mode, checks_numerics, checks_preprocess, checks_weights
+from steadyclip.doctor import (
+    checks_mode,
+    checks_numerics,
+    checks_preprocess,
+    checks_weights,
+)
 from steadyclip.doctor.context import Context
 from steadyclip.doctor.harness import (
-    amp_autocast, amp_dtype, fp32_view, max_abs_diff, model_device, model_float_dtype, prepare_inputs, probs_of,
-    spread, stack_pixels,
+    amp_autocast,
+    amp_dtype,
+    fp32_view,
+    max_abs_diff,
+    model_device,
+    model_float_dtype,
+    prepare_inputs,
+    probs_of,
+    spread,
+    stack_pixels,
 )
-from steadyclip.doctor.result import Cause, Diagnosis, Findings, Run, rank_causes, verdict_of
+from steadyclip.doctor.result import (
+    Cause,
+    Diagnosis,
+    Findings,
+    Run,
+    rank_causes,
+    verdict_of,
+)
 from steadyclip.doctor.state import GlobalSnapshot, ModelSnapshot, changed_tensors
 from steadyclip.errors import InputError
 
@@ -261,7 +281,7 @@ def _measure(
             with amp_ctx():
                 as_is.append(probs_of(m_i, px, inputs))
             errors.append(None)
-        except Exception as e:  # the user's model failing as-is is a finding, not a crash of the doctor
+        except Exception as e:  # noqa: BLE001 - the user's model failing as-is is a finding, not a crash
             as_is.append(None)
             errors.append(f"{type(e).__name__}: {e}")
     del second
@@ -293,7 +313,7 @@ def _measure(
             for _ in range(n):
                 try:
                     train_runs.append(probs_of(ctx.fp32, inputs.pixels_user, inputs))
-                except Exception as e:
+                except Exception as e:  # noqa: BLE001 - same: recorded as evidence of train_mode
                     train_error = f"{type(e).__name__}: {e}"
                     break
         ctx.restore_weights()

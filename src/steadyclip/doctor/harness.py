@@ -23,21 +23,21 @@ from steadyclip.errors import InputError
 _logger = logging.getLogger(__name__)
 
 __all__ = [
-    "Inputs",
     "Encoded",
-    "prepare_inputs",
-    "expected_preprocess",
+    "Inputs",
+    "amp_autocast",
     "encode",
+    "expected_preprocess",
+    "fp32_view",
     "head",
-    "probs_of",
     "max_abs_diff",
-    "spread",
-    "top1_changes",
     "model_device",
     "model_float_dtype",
-    "fp32_view",
     "no_autocast",
-    "amp_autocast",
+    "prepare_inputs",
+    "probs_of",
+    "spread",
+    "top1_changes",
 ]
 
 

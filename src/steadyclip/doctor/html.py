@@ -8,6 +8,7 @@ no external CSS, fonts or images: the file can be mailed or attached to an issue
 from __future__ import annotations
 
 import json
+import math
 from html import escape
 
 from steadyclip.doctor.report import _top_labels, format_severity
@@ -56,12 +57,12 @@ def _chart(series: list[tuple[str, list[float | None]]], title: str) -> str:
                  f'font-weight="600">{escape(title)}</text>')
     for k, (label, values) in enumerate(series):
         colour = _COLOURS[k % len(_COLOURS)]
-        pts = [(x(i), y(v)) for i, v in enumerate(values) if v is not None and v == v]
-        if len(pts) > 1:
-            path = " ".join(f"{px:.1f},{py:.1f}" for px, py in pts)
+        shown = [(i, v) for i, v in enumerate(values) if v is not None and math.isfinite(v)]
+        if len(shown) > 1:
+            path = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in shown)
             parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"/>')
-        for (px, py), v in zip(pts, [v for v in values if v is not None and v == v]):
-            parts.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="3.5" fill="{colour}">'
+        for i, v in shown:
+            parts.append(f'<circle cx="{x(i):.1f}" cy="{y(v):.1f}" r="3.5" fill="{colour}">'
                          f'<title>{escape(label)}: {v:.4f}</title></circle>')
     parts.append("</svg>")
     return "".join(parts)
@@ -83,9 +84,9 @@ def to_html(d: Diagnosis) -> str:
     """The diagnosis as one HTML document (inline CSS and SVG only)."""
     out = ["<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
            f"<title>steadyclip doctor: {escape(d.verdict)}</title><style>{_CSS}</style></head><body>",
-           f'<h1>steadyclip doctor</h1><p><span class="verdict {escape(d.verdict)}">{escape(d.verdict.upper())}</span> '
-           f"{len(d.problems)} problem(s); {len(d.runs)} run(s) of {len(d.images)} image(s) over "
-           f"{len(d.labels)} label(s). Severity = the largest change of any probability a cause produced.</p>",
+           (f'<h1>steadyclip doctor</h1><p><span class="verdict {escape(d.verdict)}">{escape(d.verdict.upper())}</span> '
+            f"{len(d.problems)} problem(s); {len(d.runs)} run(s) of {len(d.images)} image(s) over "
+            f"{len(d.labels)} label(s). Severity = the largest change of any probability a cause produced.</p>"),
            "<h2>The symptom: probability per run</h2>"]
     out += [_image_section(d, i) for i in range(min(len(d.images), _MAX_IMAGES))]
     errors = sorted({r.error for r in d.runs if r.error})

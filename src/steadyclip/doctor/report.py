@@ -1,6 +1,7 @@
 """The terminal report: the symptom (runs), then the causes ranked by how much they move probabilities."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from rich.console import Console, Group
@@ -11,7 +12,7 @@ from rich.text import Text
 
 from steadyclip.doctor.result import Cause, Diagnosis
 
-__all__ = ["render", "runs_table", "format_severity"]
+__all__ = ["format_severity", "render", "runs_table"]
 
 _KEY_EVIDENCE = 6  # evidence entries shown per cause; --json has them all
 
@@ -31,7 +32,7 @@ def _top_labels(d: Diagnosis, image: int, k: int) -> list[int]:
         rows = [r.fixed[image]] + ([r.as_is[image]] if r.as_is is not None else [])
         for row in rows:
             for j, p in enumerate(row):
-                if p == p:  # skip NaN
+                if math.isfinite(p):
                     best[j] = max(best.get(j, 0.0), p)
     return [j for j, _ in sorted(best.items(), key=lambda kv: -kv[1])[:k]]
 

@@ -25,15 +25,15 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 __all__ = [
-    "PROB_TOL",
     "NUMERIC_TOL",
-    "Level",
+    "PROB_TOL",
     "Cause",
     "CheckStatus",
-    "Run",
     "Diagnosis",
-    "rank_causes",
+    "Level",
+    "Run",
     "jsonable",
+    "rank_causes",
 ]
 
 PROB_TOL = 1e-6

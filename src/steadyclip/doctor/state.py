@@ -23,8 +23,15 @@ from steadyclip.errors import IntegrityError
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["ModelSnapshot", "GlobalSnapshot", "preserved", "eval_temporarily", "changed_tensors", "strict_numerics",
-           "bitwise_equal"]
+__all__ = [
+    "GlobalSnapshot",
+    "ModelSnapshot",
+    "bitwise_equal",
+    "changed_tensors",
+    "eval_temporarily",
+    "preserved",
+    "strict_numerics",
+]
 
 
 def _named_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -184,7 +191,7 @@ class GlobalSnapshot:
             torch.backends.cuda.matmul.allow_tf32 = self.cuda_matmul["allow_tf32"]
             changed.append("cuda.matmul.allow_tf32")
         if bool(torch.backends.mkldnn.enabled) != self.mkldnn_enabled:
-            setattr(torch.backends.mkldnn, "enabled", self.mkldnn_enabled)  # a ContextProp; typed as such
+            torch._C._set_mkldnn_enabled(self.mkldnn_enabled)  # what torch.backends.mkldnn.enabled sets
             changed.append("mkldnn.enabled")
         for k, v in self.env.items():
             if os.environ.get(k) != v:
