@@ -82,7 +82,8 @@ def classify(images: tuple[Path, ...], labels: str | None, labels_file: str | No
 
         classes = engine.class_embeddings(label_list, tset)
         emb = engine.embed_pixels(torch.stack([t for _, t in good]))
-        results = engine.classify_embeddings(emb, classes, label_list, tset, top_k=top_k)
+        results = engine.classify_embeddings(emb, classes, label_list, tset, top_k=top_k,
+                                             sources=[str(images[i]) for i, _ in good])
         for (i, _), res in zip(good, results):
             rows[i].update(res.to_dict(with_provenance=False))
     prov = engine.provenance.to_dict() | {"template_set": tset.name, "template_sha256": tset.sha256}
