@@ -156,3 +156,25 @@ def test_non_finite_embeddings_are_an_error() -> None:
 
     with pytest.raises(NumericsError, match="NaN"):
         _normalise(np.array([[1.0, np.nan]]), "image")
+
+
+def test_self_check_verdict_is_remembered_across_engines(monkeypatch: pytest.MonkeyPatch) -> None:
+    first = Engine(load(), text_cache=None)
+    path = first.provenance.batch_path
+    calls: list[str] = []
+    monkeypatch.setattr(Engine, "_self_check", lambda self, fn, kind, size: calls.append(kind) or "fixed-shape")
+    second = Engine(load(), text_cache=None)
+    assert second.provenance.batch_path == path
+    assert calls == [], "a warm start must not re-run the batch self-check"
+    other = Engine(load(), text_cache=None, micro_batch=5)  # another shape: checked anew
+    assert other.provenance.batch_path == "fixed-shape"
+    assert calls == ["image"], "only the image tower changed shape"
+
+
+def test_onednn_is_an_explicit_recorded_choice() -> None:
+    strict = Engine(load(), text_cache=None)
+    fast_convs = Engine(load(), text_cache=None, onednn=True)
+    assert strict.provenance.flags["onednn_enabled"] is False
+    assert fast_convs.provenance.flags["onednn_enabled"] is True
+    img = ["examples/red_circle.png"]
+    assert fast_convs.classify(img, demo_labels())[0].label == strict.classify(img, demo_labels())[0].label

@@ -53,6 +53,7 @@ class Engine:
         threads: intra-op threads during forwards (default: the profile's).
         text_cache: ``"default"`` (on-disk, shared), a :class:`TextCache`, or ``None``.
         batch_invariance: ``"auto"`` self-checks and may skip padding; ``"fixed"`` always pads.
+        onednn: oneDNN convolutions (see :func:`steadyclip.determinism.get_profile`); strict default off.
 
     Example:
         >>> engine = Engine(steadyclip.load())
@@ -70,6 +71,7 @@ class Engine:
         threads: int | None = None,
         text_cache: TextCache | str | None = "default",
         batch_invariance: BatchInvariance = "auto",
+        onednn: bool | None = None,
     ) -> None:
         if micro_batch < 1 or text_micro_batch < 1:
             raise ValueError(f"micro_batch and text_micro_batch must be >= 1, got {micro_batch}, {text_micro_batch}")
@@ -77,7 +79,7 @@ class Engine:
             raise ValueError(f"batch_invariance must be 'auto' or 'fixed', got {batch_invariance!r}")
         self.loaded = loaded
         self.device = next(loaded.model.parameters()).device
-        self.profile = determinism.get_profile(profile, threads=threads, device=self.device.type)
+        self.profile = determinism.get_profile(profile, threads=threads, device=self.device.type, onednn=onednn)
         self.micro_batch = micro_batch
         self.text_micro_batch = text_micro_batch
         self.batch_invariance = batch_invariance
@@ -91,6 +93,7 @@ class Engine:
         self._paths: dict[str, str] = {}
         self._flags: dict[str, Any] | None = None
         self._basis: str | None = None
+        self._numerics: str | None = None
         self.text_forward_rows = 0  # how many text rows the text tower has encoded (cache proof)
 
     # ---- provenance -------------------------------------------------------------------
@@ -155,24 +158,39 @@ class Engine:
         return fn(torch.cat([chunk, pad], dim=0)).float().cpu().numpy()[:n]  # (size, D) -> (n, D)
 
     def _batch_path(self, kind: str) -> str:
-        """Which batching path a tower uses; the self-check runs once, on first need."""
+        """Which batching path a tower uses; the self-check runs once per model and stack.
+
+        Its verdict is remembered on disk under a key naming everything it depends
+        on (weights, code versions, numerics flags, CPU, shape), so a warm start
+        does not pay for it again.
+        """
         if kind in self._paths:
             return self._paths[kind]
         fn, size = self._tower(kind)
         if size == 1 or self.batch_invariance == "fixed":
             path = "fixed-shape"
         else:
-            probe = self._probe_inputs(kind, size)
-            with determinism.applied(self.profile, self.device.type), torch.inference_mode(), \
-                    determinism.autocast(self.profile, self.device.type):
-                full = fn(probe).float().cpu().numpy()
-                rows = [0, size // 2, size - 1]
-                single = [fn(probe[i : i + 1]).float().cpu().numpy()[0] for i in rows]
-            same = all(np.array_equal(full[i], s) for i, s in zip(rows, single))
-            path = "verified-invariant" if same else "fixed-shape"
+            key = hashlib.sha256(f"{self._numerics_basis()}\0{kind}\0{size}".encode()).hexdigest()
+            remembered = _selfcheck_store().get(key)
+            if remembered in ("fixed-shape", "verified-invariant"):
+                path = remembered
+            else:
+                path = self._self_check(fn, kind, size)
+                _selfcheck_store().put(key, path)
         _logger.info("%s tower batch path: %s (micro-batch %d)", kind, path, size)
         self._paths[kind] = path
         return path
+
+    def _self_check(self, fn: Callable[[torch.Tensor], torch.Tensor], kind: str, size: int) -> str:
+        """Are single-row forwards bitwise equal to rows of a full micro-batch?"""
+        probe = self._probe_inputs(kind, size)
+        with determinism.applied(self.profile, self.device.type), torch.inference_mode(), \
+                determinism.autocast(self.profile, self.device.type):
+            full = fn(probe).float().cpu().numpy()
+            rows = [0, size - 1]
+            single = [fn(probe[i : i + 1]).float().cpu().numpy()[0] for i in rows]
+        same = all(np.array_equal(full[i], s) for i, s in zip(rows, single))
+        return "verified-invariant" if same else "fixed-shape"
 
     def _probe_inputs(self, kind: str, size: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(1234)
@@ -241,21 +259,29 @@ class Engine:
         return hashlib.sha256(f"{self._text_basis()}\0{templates.sha256}\0{label}".encode()).hexdigest()
 
     def _text_basis(self) -> str:
-        """Everything a text embedding depends on besides the text: weights, code, numerics, shapes."""
+        """Everything a class embedding depends on besides the text: weights, numerics, shapes."""
         if self._basis is None:
             info = self.loaded.info
-            prov = self.provenance
-            flags = prov.flags
+            basis = {"numerics": self._numerics_basis(), "tokenizer": info.tokenizer,
+                     "context": info.context_length, "text_batch": self.text_micro_batch,
+                     "path": self._batch_path("text")}
+            self._basis = hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()
+        return self._basis
+
+    def _numerics_basis(self) -> str:
+        """Weights, code versions and every numerics flag a forward's bits depend on."""
+        if self._numerics is None:
+            info = self.loaded.info
+            flags = self._flags if self._flags is not None else self._read_flags()
             basis = {
-                "fingerprint": info.fingerprint, "tokenizer": info.tokenizer, "context": info.context_length,
-                "profile": self.profile.to_dict(), "device": self.device.type,
-                "text_batch": self.text_micro_batch, "path": prov.text_batch_path, "versions": prov.versions,
-                "numerics": {k: flags.get(k) for k in ("onednn_enabled", "mkl_cbwr_effective", "mkl_cbwr",
-                                                       "float32_matmul_precision", "fp32_precision")},
+                "fingerprint": info.fingerprint, "config": info.config_hash,
+                "profile": self.profile.to_dict(), "device": str(self.device), "versions": _versions(),
+                "flags": {k: flags.get(k) for k in ("onednn_enabled", "mkl_cbwr_effective", "mkl_cbwr",
+                                                    "float32_matmul_precision", "fp32_precision")},
                 "cpu": flags.get("build", {}).get("cpu_capability"),
             }
-            self._basis = hashlib.sha256(json.dumps(basis, sort_keys=True, default=str).encode()).hexdigest()
-        return self._basis
+            self._numerics = hashlib.sha256(json.dumps(basis, sort_keys=True, default=str).encode()).hexdigest()
+        return self._numerics
 
     def classify(
         self,
@@ -316,6 +342,46 @@ def _normalise(x: np.ndarray, what: str) -> np.ndarray:
         raise NumericsError(f"a {what} embedding is all zeros and cannot be normalised")
     out: np.ndarray = (x64 / norms).astype(np.float32)
     return out
+
+
+class _SelfCheckStore:
+    """A small JSON map of self-check verdicts in the cache dir; a lost update only costs a re-check."""
+
+    def __init__(self) -> None:
+        from steadyclip.textcache import default_cache_dir
+
+        self.path = default_cache_dir() / "batch-selfcheck.json"
+
+    def get(self, key: str) -> str | None:
+        try:
+            value = json.loads(self.path.read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            return None
+        return value if isinstance(value, str) else None
+
+    def put(self, key: str, value: str) -> None:
+        import os
+        import tempfile
+
+        try:
+            doc = json.loads(self.path.read_text()) if self.path.exists() else {}
+            if not isinstance(doc, dict):
+                doc = {}
+        except (OSError, ValueError):
+            doc = {}
+        doc[key] = value
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".selfcheck-")
+            with os.fdopen(fd, "w") as f:
+                json.dump(doc, f)
+            os.replace(tmp, self.path)
+        except OSError as e:  # a read-only cache dir only costs a re-check next time
+            _logger.info("could not remember the batch self-check in %s: %s", self.path, e)
+
+
+def _selfcheck_store() -> _SelfCheckStore:
+    return _SelfCheckStore()
 
 
 def _as_list(images: Sequence[ImageInput] | ImageInput) -> list[ImageInput]:
