@@ -18,7 +18,12 @@ from steadyclip.doctor.harness import (
     head,
     no_autocast,
 )
-from steadyclip.doctor.state import ModelSnapshot, eval_temporarily, strict_numerics
+from steadyclip.doctor.state import (
+    ModelSnapshot,
+    eval_temporarily,
+    strict_numerics,
+    threads_temporarily,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -75,12 +80,18 @@ class Context:
         m = self.fp32 if model is None else model
         return head(m, self.eval_encode(pixels, m, **kw), self.inputs.n_templates)
 
-    def ambient_probs(self, model: torch.nn.Module | None = None, amp: torch.dtype | None = None) -> np.ndarray:
-        """Eval mode under the caller's own numerics flags, fp32 or the given autocast dtype."""
+    def ambient_encode(self, pixels: torch.Tensor | None = None, model: torch.nn.Module | None = None, *,
+                       amp: torch.dtype | None = None, threads: int | None = None, **kw: Any) -> Encoded:
+        """Eval mode under the caller's own numerics flags (the kernels their code runs), fp32 unless ``amp``."""
         m = self.fp32 if model is None else model
+        px = self.inputs.pixels_user if pixels is None else pixels
         cast = amp_autocast(self.device_type, amp) if amp is not None else no_autocast(self.device_type)
-        with eval_temporarily(m), cast:
-            return head(m, encode(m, self.inputs.pixels_user, self.inputs.tokens), self.inputs.n_templates)
+        with eval_temporarily(m), cast, threads_temporarily(threads):
+            return encode(m, px, self.inputs.tokens, **kw)
+
+    def ambient_probs(self, model: torch.nn.Module | None = None, amp: torch.dtype | None = None) -> np.ndarray:
+        m = self.fp32 if model is None else model
+        return head(m, self.ambient_encode(model=m, amp=amp), self.inputs.n_templates)
 
     def compute_baseline(self) -> np.ndarray:
         self.baseline_enc = self.eval_encode()

@@ -31,6 +31,7 @@ __all__ = [
     "eval_temporarily",
     "preserved",
     "strict_numerics",
+    "threads_temporarily",
 ]
 
 
@@ -232,6 +233,24 @@ def eval_temporarily(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     finally:
         for m, was in modes:
             m.training = was
+
+
+@contextlib.contextmanager
+def threads_temporarily(n: int | None) -> Iterator[None]:
+    """Another intra-op thread count for the block, the caller's other flags untouched; restored on exit.
+
+    The one global this package sets itself: the strict profile would also change the
+    kernels (oneDNN off, deterministic), and thread_variance must measure the caller's.
+    """
+    if n is None or n == torch.get_num_threads():
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 @contextlib.contextmanager
