@@ -26,6 +26,7 @@ from steadyclip.images import ImageInput, load_image
 from steadyclip.loading import LoadedModel
 from steadyclip.prompts import TemplateSet, get_template_set, validate_labels
 from steadyclip.results import Classification, Provenance
+from steadyclip.selfcheck import SelfCheckStore
 from steadyclip.textcache import TextCache
 
 _logger = logging.getLogger(__name__)
@@ -171,12 +172,12 @@ class Engine:
             path = "fixed-shape"
         else:
             key = hashlib.sha256(f"{self._numerics_basis()}\0{kind}\0{size}".encode()).hexdigest()
-            remembered = _selfcheck_store().get(key)
+            remembered = SelfCheckStore().get(key)
             if remembered in ("fixed-shape", "verified-invariant"):
                 path = remembered
             else:
                 path = self._self_check(fn, kind, size)
-                _selfcheck_store().put(key, path)
+                SelfCheckStore().put(key, path)
         _logger.info("%s tower batch path: %s (micro-batch %d)", kind, path, size)
         self._paths[kind] = path
         return path
@@ -342,46 +343,6 @@ def _normalise(x: np.ndarray, what: str) -> np.ndarray:
         raise NumericsError(f"a {what} embedding is all zeros and cannot be normalised")
     out: np.ndarray = (x64 / norms).astype(np.float32)
     return out
-
-
-class _SelfCheckStore:
-    """A small JSON map of self-check verdicts in the cache dir; a lost update only costs a re-check."""
-
-    def __init__(self) -> None:
-        from steadyclip.textcache import default_cache_dir
-
-        self.path = default_cache_dir() / "batch-selfcheck.json"
-
-    def get(self, key: str) -> str | None:
-        try:
-            value = json.loads(self.path.read_text()).get(key)
-        except (OSError, ValueError, AttributeError):
-            return None
-        return value if isinstance(value, str) else None
-
-    def put(self, key: str, value: str) -> None:
-        import os
-        import tempfile
-
-        try:
-            doc = json.loads(self.path.read_text()) if self.path.exists() else {}
-            if not isinstance(doc, dict):
-                doc = {}
-        except (OSError, ValueError):
-            doc = {}
-        doc[key] = value
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".selfcheck-")
-            with os.fdopen(fd, "w") as f:
-                json.dump(doc, f)
-            os.replace(tmp, self.path)
-        except OSError as e:  # a read-only cache dir only costs a re-check next time
-            _logger.info("could not remember the batch self-check in %s: %s", self.path, e)
-
-
-def _selfcheck_store() -> _SelfCheckStore:
-    return _SelfCheckStore()
 
 
 def _as_list(images: Sequence[ImageInput] | ImageInput) -> list[ImageInput]:
