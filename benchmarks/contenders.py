@@ -9,6 +9,9 @@
 4. ``steadyclip-strict`` ``steadyclip.load`` + ``Engine(profile="strict")``.
 5. ``steadyclip-fast``  ``Engine(profile="fast")``: bf16 autocast on CPU.
 
+Plus, for conv nets, ``steadyclip-strict-onednn``: strict with the recorded oneDNN
+opt-in (``Engine(onednn=True)``), which strict leaves off by default.
+
 Every contender embeds images to L2-normalised vectors two ways: end to end from
 the files (decode, preprocess, forward), and model-only from the same pre-decoded
 pixel tensors. Peers never import steadyclip (its import sets ``MKL_CBWR``).
@@ -25,8 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-CONTENDERS = ("openclip-readme", "openclip-best", "hf-transformers", "steadyclip-strict", "steadyclip-fast")
-STEADYCLIP = ("steadyclip-strict", "steadyclip-fast")
+CONTENDERS = ("openclip-readme", "openclip-best", "hf-transformers", "steadyclip-strict", "steadyclip-fast",
+              "steadyclip-strict-onednn")
+STEADYCLIP = ("steadyclip-strict", "steadyclip-fast", "steadyclip-strict-onednn")
 
 
 class Contender(Protocol):
@@ -125,12 +129,14 @@ class HFClip:
 class Steady:
     """(4)/(5) steadyclip: verified load, deterministic engine."""
 
-    def __init__(self, source: str, weights: str | None, profile: str, micro_batch: int, threads: int) -> None:
+    def __init__(self, source: str, weights: str | None, profile: str, micro_batch: int, threads: int,
+                 onednn: bool | None = None) -> None:
         import steadyclip
 
         self.loaded = steadyclip.load(source, pretrained=weights)
+        kw = {} if onednn is None else {"onednn": onednn}  # only passed when asked: the default is the profile's
         self.engine = steadyclip.Engine(self.loaded, profile=profile, micro_batch=micro_batch, threads=threads,
-                                        text_cache=None)
+                                        text_cache=None, **kw)
 
     def embed_files(self, paths: Sequence[str]) -> np.ndarray:
         out: np.ndarray = self.engine.embed_images(list(paths))
@@ -155,9 +161,9 @@ def build(spec: dict[str, Any]) -> Contender:
     if name == "hf-transformers":
         return HFClip(spec["hf_dir"], mb)
     if name in STEADYCLIP:
-        if spec.get("bundled"):
-            return Steady("steadyclip-demo", None, name.split("-")[1], mb, int(spec["threads"]))
-        return Steady(arch, spec["weights"], name.split("-")[1], mb, int(spec["threads"]))
+        source, weights = ("steadyclip-demo", None) if spec.get("bundled") else (arch, spec["weights"])
+        onednn = True if name.endswith("-onednn") else None
+        return Steady(source, weights, name.split("-")[1], mb, int(spec["threads"]), onednn)
     raise ValueError(f"unknown contender {name!r}; one of {CONTENDERS}")
 
 

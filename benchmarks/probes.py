@@ -126,10 +126,14 @@ def _startup_steady(spec: dict[str, Any], labels: list[str]) -> tuple[list[float
     integrity.tensor_digests(engine.loaded.model.state_dict())
     fingerprint_s = time.perf_counter() - t
     t = time.perf_counter()
+    integrity.sha256_file(engine.loaded.info.weights_files[0], cache=None)  # what a hash-cache miss costs
+    file_hash_s = time.perf_counter() - t
+    t = time.perf_counter()
     _ = steadyclip.Engine(engine.loaded, threads=int(spec["threads"]), text_cache=None).provenance
     self_checks_s = time.perf_counter() - t
     extra = {"hash_cache_hits": cache.hits, "hash_cache_misses": cache.misses,
              "fingerprint_recompute_s": fingerprint_s, "engine_self_checks_s": self_checks_s,
+             "file_sha256_s": file_hash_s,
              "text_cache_hits": engine.text_cache.hits if engine.text_cache else None,
              "text_cache_misses": engine.text_cache.misses if engine.text_cache else None}
     stages = {"import_lib_s": t_imp - t0, "load_s": t_load - t_imp, "first_call_s": t_first - t_load,
@@ -174,8 +178,11 @@ def run_textcache(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---- the reported symptom ------------------------------------------------------------------
-def _careless_probs(spec: dict[str, Any], runs: int) -> list[list[float]]:
-    """open_clip used as a careless script does: train mode (never .eval()), demo weights loaded."""
+def _careless_probs(spec: dict[str, Any], runs: int) -> list[list[list[float]]]:
+    """open_clip used as a careless script does: train mode (never .eval()), demo weights loaded.
+
+    Returns probabilities as [image][run][label].
+    """
     import open_clip
     from PIL import Image
     from safetensors.torch import load_file
@@ -187,36 +194,39 @@ def _careless_probs(spec: dict[str, Any], runs: int) -> list[list[float]]:
     model.load_state_dict(load_file(spec["weights"]))
     tokenizer = open_clip.get_tokenizer("steadyclip-shapes")
     preprocess = open_clip.image_transform(model.visual.image_size, is_train=False)
-    image = preprocess(Image.open(spec["image"])).unsqueeze(0)
     text = tokenizer([f"a photo of a {lab}." for lab in demo_labels()])
     out = []
-    for _ in range(runs):
-        with torch.no_grad():
-            img = model.encode_image(image)
-            txt = model.encode_text(text)
-            img /= img.norm(dim=-1, keepdim=True)
-            txt /= txt.norm(dim=-1, keepdim=True)
-            out.append((100.0 * img @ txt.T).softmax(dim=-1)[0].tolist())
+    for path in spec["images"]:
+        image = preprocess(Image.open(path)).unsqueeze(0)
+        per_run = []
+        for _ in range(runs):
+            with torch.no_grad():  # the README's zero-shot snippet, minus model.eval()
+                img = model.encode_image(image)
+                txt = model.encode_text(text)
+                img /= img.norm(dim=-1, keepdim=True)
+                txt /= txt.norm(dim=-1, keepdim=True)
+                per_run.append((100.0 * img @ txt.T).softmax(dim=-1)[0].tolist())
+        out.append(per_run)
     return out
 
 
 def run_careless_once(spec: dict[str, Any]) -> dict[str, Any]:
-    """One fresh-process run of the careless script (the parent runs it several times)."""
+    """One fresh-process run of the careless script over every image (the parent runs it several times)."""
     _quiet()
-    return {"probs": _careless_probs(spec, 1)[0]}
+    return {"probs": [runs[0] for runs in _careless_probs(spec, 1)]}
 
 
 def run_stability(spec: dict[str, Any]) -> dict[str, Any]:
-    """The same image classified ``runs`` times in one process: careless open_clip vs steadyclip strict."""
+    """Each image classified ``runs`` times in one process: careless open_clip vs steadyclip strict."""
     _quiet()
     from steadyclip.registry import demo_labels
 
     runs = int(spec["runs"])
     careless = _careless_probs(spec, runs)
     engine = _load_steady(spec, text_cache=None)
-    steady = [list(engine.classify([spec["image"]], demo_labels())[0].probs) for _ in range(runs)]
-    return {"careless_open_clip": spread(careless), "steadyclip_strict": spread(steady),
-            "labels": len(demo_labels()), "image": Path(spec["image"]).name}
+    steady = [[list(engine.classify([path], demo_labels())[0].probs) for _ in range(runs)] for path in spec["images"]]
+    return {"images": [Path(p).name for p in spec["images"]], "labels": len(demo_labels()), "runs": runs,
+            "careless_open_clip": [spread(r) for r in careless], "steadyclip_strict": [spread(r) for r in steady]}
 
 
 # ---- batch jobs ----------------------------------------------------------------------------

@@ -132,9 +132,9 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
     add(f"batch job vs model-only at the same micro-batch/threads ({b['arch'] if b else '-'}; aim)", ">= 0.90x", v,
         None if v is None else v >= 0.9, f"{v:.2f}x" if v is not None else "")
     s = results.get("stability")
-    v = s["steadyclip_strict"]["max_spread"] if s else None
+    v = s["steadyclip_strict_max_spread"] if s else None
     add("steadyclip strict probability spread over repeated runs", "== 0", v, None if v is None else v == 0.0,
-        f"{v:g} (careless open_clip: {s['careless_open_clip']['max_spread']:.3g})" if s else "")
+        f"{v:g} (careless open_clip: up to {s['careless_open_clip_max_spread']:.3g})" if s else "")
     return out
 
 
@@ -145,15 +145,15 @@ def goals_text(gs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _stem(quick: bool) -> str:
+def _stem(partial: bool) -> str:
     host = re.sub(r"[^A-Za-z0-9_.-]+", "-", socket.gethostname()) or "host"
-    return f"{time.strftime('%Y-%m-%d')}-{host}" + ("-quick" if quick else "")
+    return f"{time.strftime('%Y-%m-%d')}-{host}" + ("-partial" if partial else "")
 
 
-def write_all(results: dict[str, Any], out_dir: Path, *, quick: bool) -> list[Path]:
+def write_all(results: dict[str, Any], out_dir: Path, *, partial: bool) -> list[Path]:
     """Write ``<date>-<host>.json``, ``.md`` and ``.png`` into ``out_dir``; return the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = _stem(quick)
+    stem = _stem(partial)
     derived = derive(results)
     gs = goals(results)
     doc = {**results, "derived": derived, "goals": gs}

@@ -10,9 +10,11 @@ NAMES = {
     "hf-transformers": "(3) HF transformers CLIPModel (batched)",
     "steadyclip-strict": "(4) steadyclip strict",
     "steadyclip-fast": "(5) steadyclip fast (bf16 autocast)",
+    "steadyclip-strict-onednn": "(4b) steadyclip strict + oneDNN opt-in",
 }
 SHORT = {"openclip-readme": "(1) oc README", "openclip-best": "(2) oc best", "hf-transformers": "(3) HF",
-         "steadyclip-strict": "(4) sc strict", "steadyclip-fast": "(5) sc fast"}
+         "steadyclip-strict": "(4) sc strict", "steadyclip-fast": "(5) sc fast",
+         "steadyclip-strict-onednn": "(4b) sc strict+oneDNN"}
 
 
 def _f(v: float | None, fmt: str = ".2f", suffix: str = "") -> str:
@@ -53,9 +55,15 @@ def markdown(doc: dict[str, Any], *, chart: str) -> str:
     out += _throughput(d, doc) + _startup(doc) + _textcache(doc) + _batch_server(doc) + _stability(doc)
     out += _profile(doc) + _gemm(doc)
     if doc["errors"]:
-        out += ["## Errors", ""] + [f"- `{k}`: {v.splitlines()[0]}" for k, v in doc["errors"].items()] + [""]
+        out += ["## Errors", ""] + [f"- `{k}`: {v.splitlines()[0]} ... `{_last_line(v)}`"
+                                    for k, v in doc["errors"].items()] + [""]
     out += [f"![throughput chart]({chart})", ""]
     return "\n".join(out)
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1][:200] if lines else ""
 
 
 def _throughput(d: dict[str, Any], doc: dict[str, Any]) -> list[str]:
@@ -103,8 +111,10 @@ def _startup(doc: dict[str, Any]) -> list[str]:
         ["run", "to first result s", "imports s", "load s", "first call s", "peak RSS MB", "hash cache hit/miss",
          "probs sha256"], rows) + [
         "", (f"Inside a warm steadyclip start (measured after the first result): the state fingerprint over all "
-        f"tensors costs {_f(sw.get('fingerprint_recompute_s'))} s (the file itself is not re-hashed); the engine's "
-        f"one-time batch-invariance self-checks (image + text towers) cost {_f(sw.get('engine_self_checks_s'))} s."), ""]
+        f"tensors costs {_f(sw.get('fingerprint_recompute_s'))} s (the file itself is not re-hashed; hashing it "
+        f"costs {_f(sw.get('file_sha256_s'))} s); a second engine resolves its batch paths in "
+        f"{_f(sw.get('engine_self_checks_s'))} s (self-check verdicts are remembered on disk after the first start; "
+        f"what a self-check costs is in the profiling section)."), ""]
 
 
 def _textcache(doc: dict[str, Any]) -> list[str]:
@@ -153,19 +163,18 @@ def _stability(doc: dict[str, Any]) -> list[str]:
     if not s:
         return []
     rows = []
-    for key, label in (("careless_open_clip", "open_clip, careless script (train mode), same process"),
-                       ("careless_fresh_processes", "open_clip, careless script, fresh process per run"),
-                       ("steadyclip_strict", "steadyclip strict, same process")):
-        r = s.get(key)
-        if r:
-            rows.append([label, str(r["runs"]), f"{r['max_spread']:.4g}",
-                         f"{r['top1_prob_min']:.4f} - {r['top1_prob_max']:.4f}", str(r["distinct_top1"]),
-                         "yes" if r["bitwise_identical"] else "no"])
+    for i, name in enumerate(s["images"]):
+        c, f, st = s["careless_open_clip"][i], s["careless_fresh_processes"][i], s["steadyclip_strict"][i]
+        rows.append([f"`{name}`", f"{c['max_spread']:.4g}", f"{c['top1_prob_min']:.3f} - {c['top1_prob_max']:.3f}",
+                     str(c["distinct_top1"]), f"{f['max_spread']:.4g} ({f['runs']} runs)", str(f["distinct_top1"]),
+                     f"{st['max_spread']:g}", "yes" if st["bitwise_identical"] else "NO"])
     return ["## The reported symptom: same image, same labels, repeated runs", "",
-            (f"Demo model ({s['labels']} labels), image `{s['image']}`. Spread = largest max-min of any label's "
-            "probability across runs."), ""] + _table(
-        ["who", "runs", "spread", "top-1 prob range", "distinct top-1", "bitwise identical"], rows) + [
-        ""]
+            (f"Demo model, {s['labels']} labels; open_clip as a careless script runs it (train mode: no `.eval()`, "
+             f"the README's `100 * img @ txt.T` softmax) vs `steadyclip` strict. Spread = largest max-min of any "
+             f"label's probability over {s['runs']} runs in one process (and over fresh processes)."), ""] + _table(
+        ["image", "careless: spread", "careless: top-1 prob range", "careless: distinct top-1",
+         "careless, fresh processes: spread", "distinct top-1", "steadyclip strict: spread", "bitwise identical"],
+        rows) + [""]
 
 
 def _ms(v: float | None) -> str:
@@ -173,33 +182,43 @@ def _ms(v: float | None) -> str:
 
 
 def _profile(doc: dict[str, Any]) -> list[str]:
-    out = ["## Profiling: where steadyclip strict's time goes", ""]
+    out = ["## Profiling: where steadyclip strict's time goes", "",
+           ("Each architecture in one process. Comparisons are timed in adjacent pairs (order alternating) and "
+           "reported as the median of the per-pair ratios with its interquartile range: robust to the bursty "
+           "load of a shared machine."), ""]
     found = False
     for key, p in doc.items():
         if not key.startswith("profile/") or not isinstance(p, dict):
             continue
         found = True
-        c, ab = p["costs"], p["ab"]
+        c, ab, tl = p["costs"], p["ab"], p["tails"]
+        lo, hi = c["strict_flags_slowdown_iqr"]
+        shapes = ", ".join(_shape_note(k, v) for k, v in tl["shapes"].items())
         out += [(f"### {p['arch']} (micro-batch {p['micro_batch']}, {p['threads']} thread(s), batch path "
                 f"`{p['batch_path']}`)"), "",
-                (f"- Interleaved A/B in one process, `Engine.embed_pixels` vs a bare open_clip loop (inference_mode, "
-                f"same micro-batches), {ab['rounds']} rounds x {ab['images']} images: engine {ab['engine_best_ips']:.2f} "
-                f"vs bare {ab['bare_best_ips']:.2f} img/s = **{ab['ratio_best']:.3f}x** best-of "
-                f"({ab['ratio_median']:.3f}x median). Outputs differ by at most {p['engine_vs_bare_max_abs']:.1e}."),
+                (f"- `Engine.embed_pixels` vs the bare open_clip loop on one micro-batch, {ab['pairs']} pairs: engine "
+                 f"speed **{ab['engine_speed_ratio']:.3f}x** of bare (IQR {ab['ratio_q1']:.3f}-{ab['ratio_q3']:.3f}; "
+                 f"medians {_ms(ab['a_median_s'])} vs {_ms(ab['b_median_s'])}). Outputs differ by at most "
+                 f"{p['engine_vs_bare_max_abs']:.1e}."),
                 (f"- Fixed cost per engine call: `check_buffers` {_ms(c['check_buffers_s'])}, "
-                f"`ensure_inference_state` {_ms(c['ensure_inference_state_s'])}, `determinism.applied` enter+exit "
-                f"{_ms(c['applied_enter_exit_s'])}, float64 numpy normalisation {_ms(c['normalise_numpy_f64_s'])} "
-                f"(torch: {_ms(c['normalise_torch_s'])}): total {_ms(c['engine_fixed_overhead_per_call_s'])} = "
-                f"**{100 * c['overhead_share_of_one_batch']:.2f}%** of one {p['micro_batch']}-row forward "
-                f"({_ms(c['forward_s'])})."),
-                f"- The same forward under the strict profile's flags (alternated with a plain one): "
-                f"{_ms(c['forward_under_strict_flags_s'])} vs {_ms(c['forward_s'])} = "
-                f"**x{c['strict_flags_slowdown']:.3f}**. " + _conv_note(p),
-                (f"- Padding: {p['padding']['images']} images -> {p['padding']['forwards']} forwards, "
-                f"{p['padding']['rows_computed']} rows computed ({100 * p['padding']['waste_share']:.0f}% waste). "
-                f"A 2-image tail: engine {_ms(c['tail2_engine_s'])} vs bare {_ms(c['tail2_bare_s'])}."),
-                f"- One-time self-checks when an engine is first used: {p['self_checks_s']:.2f} s.", ""]
-        out += ["Top operators (self CPU time, one micro-batch):", ""] + _table(
+                 f"`ensure_inference_state` {_ms(c['ensure_inference_state_s'])}, `determinism.applied` enter+exit "
+                 f"{_ms(c['applied_enter_exit_s'])}, float64 numpy normalisation {_ms(c['normalise_numpy_f64_s'])} "
+                 f"(torch: {_ms(c['normalise_torch_s'])}): total {_ms(c['engine_fixed_overhead_per_call_s'])} = "
+                 f"**{100 * c['overhead_share_of_one_batch']:.2f}%** of one {p['micro_batch']}-row forward "
+                 f"({_ms(c['forward_s'])})."),
+                (f"- The bare forward under the strict profile's flags vs without, {c['strict_flags_pairs']} pairs: "
+                 f"**x{c['strict_flags_slowdown']:.3f}** (IQR {lo:.3f}-{hi:.3f}). " + _conv_note(p)),
+                (f"- One image: engine {_ms(tl['one_image_engine_s'])} vs bare batch-1 forward "
+                 f"{_ms(tl['one_image_bare_s'])} (path `{tl['batch_path']}`). Under the strict flags a full "
+                 f"{p['micro_batch']}-row forward takes {_ms(tl['full_forward_s'])}; smaller shapes vs its rows: "
+                 f"{shapes}."),
+                (f"- Strict with the recorded oneDNN opt-in (`Engine(onednn=True)`) vs strict, {p['onednn_opt_in']['pairs']} "
+                 f"pairs: **{p['onednn_opt_in']['speed_ratio']:.2f}x** the speed; rows differ by up to "
+                 f"{p['onednn_opt_in']['max_abs_vs_default']:.1e} (its batch path: "
+                 f"`{p['onednn_opt_in']['batch_path']}`)."),
+                (f"- Batch-path self-checks when a model is first used on a stack: {p['self_checks_s']:.2f} s; a later "
+                 f"engine reads the remembered verdicts in {_ms(p['self_checks_remembered_s'])}."), ""]
+        out += ["Top operators (self CPU time, one profiled call each: compare shares, not ms):", ""] + _table(
             ["strict engine op", "ms", "share", "bare open_clip op", "ms", "share"],
             [[a["op"], _f(a["self_ms"], ".1f"), _f(100 * a["share"], ".0f", "%"), b["op"], _f(b["self_ms"], ".1f"),
               _f(100 * b["share"], ".0f", "%")] for a, b in zip(p["top_ops_strict"], p["top_ops_bare"])]) + [""]
@@ -207,11 +226,16 @@ def _profile(doc: dict[str, Any]) -> list[str]:
         if bf:
             top = bf["top_ops_autocast"][0]
             out += [(f"bf16 on this CPU (one micro-batch): fp32 {_ms(bf['fp32_s'])}, bf16 autocast (the `fast` "
-                    f"profile) {_ms(bf['autocast_bf16_s'])} (x{bf['autocast_bf16_s'] / bf['fp32_s']:.2f}), all-bf16 "
-                    f"weights {_ms(bf['pure_bf16_s'])} (x{bf['pure_bf16_s'] / bf['fp32_s']:.2f}). Top autocast op: "
-                    f"`{top['op']}` {100 * top['share']:.0f}% ({top['calls']} calls). Min cosine vs fp32: autocast "
-                    f"{bf['autocast_min_cosine_vs_fp32']:.5f}, all-bf16 {bf['pure_min_cosine_vs_fp32']:.5f}."), ""]
+                     f"profile) {_ms(bf['autocast_bf16_s'])} (x{bf['autocast_bf16_s'] / bf['fp32_s']:.2f}), all-bf16 "
+                     f"weights {_ms(bf['pure_bf16_s'])} (x{bf['pure_bf16_s'] / bf['fp32_s']:.2f}). Top autocast op: "
+                     f"`{top['op']}` {100 * top['share']:.0f}% ({top['calls']} calls). Min cosine vs fp32: autocast "
+                     f"{bf['autocast_min_cosine_vs_fp32']:.5f}, all-bf16 {bf['pure_min_cosine_vs_fp32']:.5f}."), ""]
     return out if found else []
+
+
+def _shape_note(k: str, v: dict[str, Any]) -> str:
+    verdict = "bitwise equal" if v["bitwise_equal_to_full"] else f"differ by {v['max_abs']:.0e}"
+    return f"{k} rows {verdict} ({_ms(v['forward_s'])})"
 
 
 def _conv_note(p: dict[str, Any]) -> str:
