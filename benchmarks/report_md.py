@@ -69,7 +69,7 @@ def _last_line(text: str) -> str:
 def _throughput(d: dict[str, Any], doc: dict[str, Any]) -> list[str]:
     out = ["## Throughput", "",
            (f"fp32 GEMM peak here: {_f(d['gemm_peak_fp32'], '.1f')} GFLOP/s (bf16: {_f(d['gemm_peak_bf16'], '.1f')}). "
-           "Ratios are to (2). `max |d|` compares each contender's embeddings with (2)'s on the same weights and "
+           "GFLOP/s is model-only; bf16 rows are against the bf16 peak. Ratios are to (2). `max |d|` compares each contender's embeddings with (2)'s on the same weights and "
            "pixels (HF is a different random model: `-`)."), ""]
     prep = doc.get("prep", {}).get("archs", {})
     for arch, rows in d["throughput"].items():
@@ -77,11 +77,12 @@ def _throughput(d: dict[str, Any], doc: dict[str, Any]) -> list[str]:
         out += [(f"### {arch} ({rows[0]['images'] if rows else 0} images, {_f(a.get('image_gflop'), '.2f')} GFLOP/image, "
                 f"{a.get('params_m', '-')} M params, weights {a.get('weights_mb', '-')} MB)"), ""]
         out += _table(["contender", "end-to-end img/s", "x (2)", "model-only img/s", "x (2)", "GFLOP/s",
-                       "% fp32 peak", "peak RSS MB", "load s", "max |d| vs (2)", "repeatable"],
+                       "% GEMM peak", "peak RSS MB", "load s", "max |d| vs (2)", "repeatable"],
                       [[NAMES.get(r["contender"], r["contender"]) + (f" [{r['processes']} processes]"
                                                                      if r["processes"] > 1 else ""), _f(r["e2e_ips"]), _f(r["e2e_ratio"], ".2f", "x"),
                         _f(r["model_ips"]), _f(r["model_ratio"], ".2f", "x"), _f(r["gflops"], ".1f"),
-                        _f(None if r["peak_share"] is None else 100 * r["peak_share"], ".0f", "%"),
+                        _f(None if r["peak_share"] is None else 100 * r["peak_share"], ".0f",
+                           "%" + (" (bf16)" if r.get("peak_dtype") == "bf16" else "")),
                         _f(r["peak_rss_mb"], ".0f"), _f(r["load_s"], ".1f"),
                         _f(r["max_abs_vs_baseline"], ".1e"), "yes" if r["repeat_identical"] else "NO"]
                        for r in rows]) + [""]
@@ -107,7 +108,8 @@ def _startup(doc: dict[str, Any]) -> list[str]:
     return [f"## Start-up to first result ({s['arch']}, new process, classify 1 image x 3 labels)", "",
             (f"Cold: new process, empty steadyclip cache dir, weights file ({s['weights_mb']} MB) evicted from the "
             f"page cache (`posix_fadvise(DONTNEED)`: {s.get('cold_page_cache_evicted')}). Warm: new process, hash "
-            "and text caches filled, file in the page cache. Time is from `Popen` to the result."), ""] + _table(
+            "and text caches filled, file in the page cache. Time is from `Popen` to the result. `import steadyclip` "
+             "is lazy: steadyclip's load time includes importing open_clip, which is under imports for open_clip."), ""] + _table(
         ["run", "to first result s", "imports s", "load s", "first call s", "peak RSS MB", "hash cache hit/miss",
          "probs sha256"], rows) + [
         "", (f"Inside a warm steadyclip start (measured after the first result): the state fingerprint over all "
@@ -208,6 +210,7 @@ def _profile(doc: dict[str, Any]) -> list[str]:
                  f"({_ms(c['forward_s'])})."),
                 (f"- The bare forward under the strict profile's flags vs without, {c['strict_flags_pairs']} pairs: "
                  f"**x{c['strict_flags_slowdown']:.3f}** (IQR {lo:.3f}-{hi:.3f}). " + _conv_note(p)),
+                _accounting(p),
                 (f"- One image: engine {_ms(tl['one_image_engine_s'])} vs bare batch-1 forward "
                  f"{_ms(tl['one_image_bare_s'])} (path `{tl['batch_path']}`). Under the strict flags a full "
                  f"{p['micro_batch']}-row forward takes {_ms(tl['full_forward_s'])}; smaller shapes vs its rows: "
@@ -231,6 +234,17 @@ def _profile(doc: dict[str, Any]) -> list[str]:
                      f"`{top['op']}` {100 * top['share']:.0f}% ({top['calls']} calls). Min cosine vs fp32: autocast "
                      f"{bf['autocast_min_cosine_vs_fp32']:.5f}, all-bf16 {bf['pure_min_cosine_vs_fp32']:.5f}."), ""]
     return out if found else []
+
+
+def _accounting(p: dict[str, Any]) -> str:
+    """Split the engine's extra time per micro-batch into the parts measured above."""
+    c = p["costs"]
+    extra = 100 * (1 / p["ab"]["engine_speed_ratio"] - 1)
+    flags = 100 * (c["strict_flags_slowdown"] - 1)
+    fixed = 100 * c["overhead_share_of_one_batch"]
+    return (f"- Accounting: the engine takes {extra:+.1f}% time per micro-batch vs bare; the strict flags explain "
+            f"{flags:+.1f}%, the per-call checks {fixed:+.1f}%, leaving {extra - flags - fixed:+.1f}% (noise, "
+            f"copies, Python).")
 
 
 def _shape_note(k: str, v: dict[str, Any]) -> str:

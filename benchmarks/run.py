@@ -127,7 +127,7 @@ class Run:
         envs: dict[str, dict[str, str]] = {"plain": {}, "mkl_cbwr_strict": {"MKL_CBWR": "AUTO,STRICT"}}
         labels = self.plan.gemm_envs if when == "start" else ("plain",)
         for label in labels:
-            r = self.h.run("gemm", f"gemm-{label}-{when}", {"n": 2048, "reps": 6}, env_extra=envs[label])
+            r = self.h.run("gemm", f"gemm-{label}-{when}", {"n": 2048, "reps": 15}, env_extra=envs[label])
             out[label if when == "start" else f"{label}_{when}"] = r
             self.h.log(f"GEMM peak ({label}, {when}): fp32 {r['fp32_gflops']:.1f} GFLOP/s, bf16 {r['bf16_gflops']:.1f}")
         return out
@@ -316,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
     run.results["machine"] = _machine(plan)
     run.results["plan"] = dataclasses.asdict(plan)
-    run.results["command"] = "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv)
+    run.results["command"] = " ".join(["python -m benchmarks.run", *(sys.argv[1:] if argv is None else argv)])
     h.log(f"work dir {work}; threads {plan.threads}; micro-batch {plan.micro_batch}; quick={plan.quick}")
     try:
         run.section("prep", run.do_prep)
