@@ -178,3 +178,15 @@ def test_onednn_is_an_explicit_recorded_choice() -> None:
     assert fast_convs.provenance.flags["onednn_enabled"] is True
     img = ["examples/red_circle.png"]
     assert fast_convs.classify(img, demo_labels())[0].label == strict.classify(img, demo_labels())[0].label
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["RN50"])
+def test_embedding_dim_is_read_from_the_model(arch: str, arch_checkpoint: Callable[[str], Path]) -> None:
+    engine = Engine(load(arch, pretrained=str(arch_checkpoint(arch))), text_cache=None)
+    assert engine.embedding_dim == 1024
+    assert engine.text_forward_rows == 0
+
+
+def test_embedding_dim_of_demo(demo_engine: Engine) -> None:
+    assert demo_engine.embedding_dim == demo_engine.embed_texts(["x"]).shape[1] == 64

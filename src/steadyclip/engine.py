@@ -202,6 +202,20 @@ class Engine:
         return self.loaded.tokenizer(texts).to(self.device)
 
     # ---- public API -------------------------------------------------------------------
+    @property
+    def embedding_dim(self) -> int:
+        """Width D of the joint embedding space, read from the model (no forward) when it says."""
+        model: Any = self.loaded.model
+        proj = getattr(model, "text_projection", None)
+        if isinstance(proj, torch.Tensor) and proj.ndim == 2:
+            return int(proj.shape[1])
+        if isinstance(proj, torch.nn.Linear):
+            return int(proj.out_features)
+        out = getattr(getattr(model, "visual", None), "output_dim", None)
+        if isinstance(out, int):
+            return out
+        return int(self.embed_texts(["a photo."]).shape[1])
+
     def preprocess(self, image: ImageInput) -> torch.Tensor:
         """Decode and validate one image, then apply the model's own eval transform: (3, H, W)."""
         pil = load_image(image)

@@ -210,7 +210,7 @@ def run_batch(
 def _embedding_dim(engine: Any, class_emb: np.ndarray | None) -> int:
     if class_emb is not None:
         return int(class_emb.shape[1])
-    return int(engine.embed_texts(["a photo."]).shape[1])  # CLIP image and text embeddings share D
+    return int(engine.embedding_dim)  # read from the model: no text forward just to learn D
 
 
 def _sha(obj: Any) -> str:
