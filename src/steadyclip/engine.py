@@ -10,6 +10,7 @@ result for an input never depends on how many inputs came with it.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from steadyclip import determinism
-from steadyclip.errors import DeviceError, NumericsError
+from steadyclip.errors import NumericsError
 from steadyclip.images import ImageInput, load_image
 from steadyclip.loading import LoadedModel
 from steadyclip.prompts import TemplateSet, get_template_set, validate_labels
@@ -95,18 +96,21 @@ class Engine:
         self._flags: dict[str, Any] | None = None
         self._basis: str | None = None
         self._numerics: str | None = None
+        self._provenance: Provenance | None = None
         self.text_forward_rows = 0  # how many text rows the text tower has encoded (cache proof)
 
     # ---- provenance -------------------------------------------------------------------
     @property
     def provenance(self) -> Provenance:
-        """Provenance of results from this engine (self-checks run on first access)."""
+        """Provenance of results from this engine (built once; self-checks run on first access)."""
+        if self._provenance is not None:
+            return self._provenance
         with self._lock:
             image_path = self._batch_path("image")
             text_path = self._batch_path("text")
             flags = self._flags if self._flags is not None else self._read_flags()
         info = self.loaded.info
-        return Provenance(
+        self._provenance = Provenance(
             model_id=info.model_id, arch=info.arch, weights_sha256=info.weights_sha256,
             fingerprint=info.fingerprint, profile=self.profile.name, precision=self.profile.precision,
             deterministic=self.profile.deterministic_algorithms, device=str(self.device),
@@ -114,6 +118,7 @@ class Engine:
             text_micro_batch=self.text_micro_batch, text_batch_path=text_path, flags=flags,
             versions=_versions(),
         )
+        return self._provenance
 
     def _read_flags(self) -> dict[str, Any]:
         with determinism.applied(self.profile, self.device.type) as flags:
@@ -326,8 +331,7 @@ class Engine:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         scale = float(self.loaded.model.logit_scale.detach().float().exp().cpu())  # type: ignore[operator]
         cls = class_emb.astype(np.float64)
-        prov = self.provenance
-        prov = Provenance(**{**prov.to_dict(), "template_set": templates.name, "template_sha256": templates.sha256})
+        prov = dataclasses.replace(self.provenance, template_set=templates.name, template_sha256=templates.sha256)
         results = []
         for i, row in enumerate(image_emb.astype(np.float64)):
             logits = (cls * row[None, :]).sum(axis=-1) * scale  # (C,), per-row: independent of N
@@ -374,11 +378,3 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     if abs(float(probs.sum()) - 1.0) > 1e-5:
         raise NumericsError(f"probabilities sum to {probs.sum()!r}, not 1")
     return probs
-
-
-def require_device(device: str) -> torch.device:
-    """A torch device that exists here, or DeviceError (never a silent CPU fallback)."""
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(f"device {device!r} asked for but CUDA is not available here; use device='cpu'")
-    return dev
