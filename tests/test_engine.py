@@ -144,11 +144,22 @@ def test_bad_labels_rejected(demo_engine: Engine) -> None:
 def test_train_mode_is_undone_before_inference(demo_engine: Engine) -> None:
     want = demo_engine.embed_images(["examples/red_circle.png"])
     demo_engine.loaded.model.train()
-    with warnings.catch_warnings(record=True):
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = demo_engine.embed_images(["examples/red_circle.png"])
+    assert any("eval" in str(w.message) for w in caught), "the user must be told train mode was undone"
     assert not demo_engine.loaded.model.training
     assert got.tobytes() == want.tobytes()
+
+
+def test_model_changed_in_memory_is_refused(tmp_path: Path) -> None:
+    from steadyclip.errors import IntegrityError
+
+    engine = Engine(load(), text_cache=None)
+    with torch.no_grad():
+        next(engine.loaded.model.parameters()).add_(1e-3)
+    with pytest.raises(IntegrityError):
+        engine.embed_images(["examples/red_circle.png"])
 
 
 def test_non_finite_embeddings_are_an_error() -> None:
