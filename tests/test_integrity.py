@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from steadyclip import registry
-from steadyclip.errors import IntegrityError, LockMismatchError
+from steadyclip.errors import InputError, IntegrityError, LockMismatchError
 from steadyclip.integrity import (
     HashCache,
     buffers_fingerprint,
@@ -239,10 +239,10 @@ def test_lock_mismatch_names_field_and_both_values(demo_arch_checkpoint: Path, t
 def test_read_lock_rejects_non_locks(tmp_path: Path) -> None:
     bad = tmp_path / "x.lock"
     bad.write_text('{"hello": 1}')
-    with pytest.raises(IntegrityError, match="not a steadyclip lockfile"):
+    with pytest.raises(InputError, match="not a steadyclip lockfile"):
         read_lock(bad)
     bad.write_text('{"steadyclip_lock": 99, "model": {}}')
-    with pytest.raises(IntegrityError, match="format version 99"):
+    with pytest.raises(InputError, match="format version 99"):
         read_lock(bad)
-    with pytest.raises(IntegrityError, match="does not exist"):
+    with pytest.raises(InputError, match="does not exist"):
         read_lock(tmp_path / "missing.lock")

@@ -29,7 +29,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
-from steadyclip.errors import IntegrityError, LockMismatchError, SteadyClipError
+from steadyclip.errors import (
+    InputError,
+    LockMismatchError,
+    SteadyClipError,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -105,19 +109,20 @@ def read_lock(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and validate a lockfile.
 
     Raises:
-        IntegrityError: unreadable, not a steadyclip lock, or a newer format.
+        InputError: missing, unreadable, not a steadyclip lock, or a newer format (the check cannot run:
+            exit 1, not the exit 3 of a failed check).
     """
     p = Path(path)
     try:
         doc = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
-        raise IntegrityError(f"lockfile {p} does not exist; create one with `steadyclip lock MODEL -o {p}`") from e
+        raise InputError(f"lockfile {p} does not exist; create one with `steadyclip lock MODEL -o {p}`") from e
     except (OSError, ValueError) as e:
-        raise IntegrityError(f"lockfile {p} is not readable JSON ({e}); re-create it with `steadyclip lock`") from e
+        raise InputError(f"lockfile {p} is not readable JSON ({e}); re-create it with `steadyclip lock`") from e
     if not isinstance(doc, dict) or "steadyclip_lock" not in doc or not isinstance(doc.get("model"), dict):
-        raise IntegrityError(f"{p} is not a steadyclip lockfile (no 'steadyclip_lock' version and 'model' section)")
+        raise InputError(f"{p} is not a steadyclip lockfile (no 'steadyclip_lock' version and 'model' section)")
     if doc["steadyclip_lock"] != LOCK_VERSION:
-        raise IntegrityError(
+        raise InputError(
             f"lockfile {p} has format version {doc['steadyclip_lock']!r}; this steadyclip reads version "
             f"{LOCK_VERSION}. Upgrade steadyclip or re-create the lock."
         )
