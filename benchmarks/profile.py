@@ -77,7 +77,7 @@ def run_profile(spec: dict[str, Any]) -> dict[str, Any]:
     logging.getLogger().setLevel(logging.ERROR)
     import steadyclip
     from steadyclip import determinism
-    from steadyclip import engine as engine_mod
+    from steadyclip import head as head_mod
 
     mb, threads = int(spec["micro_batch"]), int(spec["threads"])
     reps = int(spec.get("reps", 3))
@@ -136,7 +136,7 @@ def run_profile(spec: dict[str, Any]) -> dict[str, Any]:
         "ensure_inference_state_s": _med(loaded.ensure_inference_state, 20),
         "check_buffers_s": _med(loaded.check_buffers, 20),
         "applied_enter_exit_s": _med(applied_only, 20),
-        "normalise_numpy_f64_s": _med(lambda: engine_mod._normalise(raw, "image"), 50),
+        "normalise_numpy_f64_s": _med(lambda: head_mod.normalise(raw, "image"), 50),
         "normalise_torch_s": _med(lambda: F.normalize(torch.from_numpy(raw), dim=-1), 50),
     }
     per_call = (costs["ensure_inference_state_s"] + costs["check_buffers_s"] + costs["applied_enter_exit_s"]

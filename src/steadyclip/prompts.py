@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from steadyclip.errors import LabelError, TemplateError
 
@@ -122,3 +123,13 @@ def read_labels_file(path: str | os.PathLike[str]) -> list[str]:
     except (OSError, UnicodeDecodeError) as e:
         raise LabelError(f"cannot read labels file {p}: {e}; give a UTF-8 text file, one label per line") from e
     return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def warn_truncation(tokenizer: Any, texts: Sequence[str], limit: int) -> None:
+    """Log a warning for each text longer than the model's token context (it will be truncated)."""
+    encode = getattr(tokenizer, "encode", None)
+    if encode is None:
+        return
+    for t in texts:
+        if len(encode(t)) + 2 > limit:  # + start and end tokens
+            _logger.warning("text truncated to the model's %d-token context: %.60r", limit, t)
