@@ -163,17 +163,20 @@ def test_model_changed_in_memory_is_refused(tmp_path: Path) -> None:
 
 
 def test_non_finite_embeddings_are_an_error() -> None:
-    from steadyclip.engine import _normalise
+    from steadyclip.head import normalise
 
     with pytest.raises(NumericsError, match="NaN"):
-        _normalise(np.array([[1.0, np.nan]]), "image")
+        normalise(np.array([[1.0, np.nan]]), "image")
 
 
 def test_self_check_verdict_is_remembered_across_engines(monkeypatch: pytest.MonkeyPatch) -> None:
     first = Engine(load(), text_cache=None)
     path = first.provenance.batch_path
     calls: list[str] = []
-    monkeypatch.setattr(Engine, "_self_check", lambda self, fn, kind, size: calls.append(kind) or "fixed-shape")
+    from steadyclip import selfcheck
+
+    monkeypatch.setattr(selfcheck, "rows_equal_single",
+                        lambda fn, probe, profile, device: calls.append("image" if probe.ndim == 4 else "text"))
     second = Engine(load(), text_cache=None)
     assert second.provenance.batch_path == path
     assert calls == [], "a warm start must not re-run the batch self-check"

@@ -86,6 +86,16 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 _LOCK = threading.RLock()
 
+
+def _fresh_lock_after_fork() -> None:
+    # Only the forking thread survives a fork: a lock another thread held would stay held forever
+    # in the child (an engine replica), so the child starts with a fresh one.
+    global _LOCK
+    _LOCK = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_fresh_lock_after_fork)
+
 PROFILES = ("strict", "fast")
 _PRECISIONS = ("fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

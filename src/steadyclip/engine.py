@@ -7,52 +7,65 @@ but differs between batch sizes. So every forward runs at exactly
 that a single-row forward gives bitwise the same rows as a full micro-batch, in
 which case tails run one row at a time (no padding waste). Either way the
 result for an input never depends on how many inputs came with it.
+
+Why replicas: work bigger than one micro-batch is spread over K replica
+processes (:mod:`steadyclip.replicas`), each running the same kernels at the same
+pinned thread count on the same shapes as this process, so every K gives the same
+bits. A replica uses more than one intra-op thread only where a self-check proved
+its rows equal to rows at one thread (:mod:`steadyclip.selfcheck`).
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, cast
+from typing import Any, Literal, Self, cast, overload
 
 import numpy as np
 import torch
 
-from steadyclip import determinism
-from steadyclip.errors import NumericsError
+from steadyclip import determinism, identity, rows, selfcheck
+from steadyclip.determinism import Profile
+from steadyclip.engine_replicas import ReplicaSet
+from steadyclip.errors import InputError
+from steadyclip.head import ZeroShotHead, normalise
 from steadyclip.images import ImageInput, load_image
+from steadyclip.layout import ExecutionRecord, check_count
 from steadyclip.loading import LoadedModel
-from steadyclip.prompts import TemplateSet, get_template_set, validate_labels
-from steadyclip.results import Classification, Provenance
-from steadyclip.selfcheck import SelfCheckStore
+from steadyclip.prompts import (
+    TemplateSet,
+    get_template_set,
+    validate_labels,
+    warn_truncation,
+)
+from steadyclip.results import (
+    Classification,
+    ClassifyReport,
+    EmbedReport,
+    ImageFailure,
+    Provenance,
+)
 from steadyclip.textcache import TextCache
 
 _logger = logging.getLogger(__name__)
 
 BatchInvariance = Literal["auto", "fixed"]
-
-
-def _versions() -> dict[str, str]:
-    import open_clip
-
-    from steadyclip import __version__
-
-    return {"torch": torch.__version__, "open_clip": open_clip.__version__, "steadyclip": __version__,
-            "numpy": np.__version__}
+OnError = Literal["raise", "row"]
 
 
 class Engine:
-    """Runs a verified model deterministically.
+    """Runs a verified model deterministically, on every core this process may use.
 
     Args:
         loaded: a model from :func:`steadyclip.load`.
-        profile: ``"strict"`` (fp32, bitwise reproducible) or ``"fast"`` (autocast, TF32).
+        profile: ``"strict"`` (fp32, bitwise reproducible), ``"fast"``, or a :class:`Profile`.
         micro_batch: rows per image forward; 1 gives the lowest latency.
         text_micro_batch: rows per text forward.
-        threads: intra-op threads during forwards (default: the profile's).
+        threads: intra-op threads per replica (default 1). More than 1 is used only where a
+            self-check proves rows equal to rows at 1 thread; otherwise 1, logged and recorded.
+        replicas: processes running forwards for inputs bigger than one micro-batch (default:
+            one per ``threads`` CPUs this process may use; 1 = only this process).
         text_cache: ``"default"`` (on-disk, shared), a :class:`TextCache`, or ``None``.
         batch_invariance: ``"auto"`` self-checks and may skip padding; ``"fixed"`` always pads.
         onednn: oneDNN convolutions (see :func:`steadyclip.determinism.get_profile`); strict default off.
@@ -67,28 +80,32 @@ class Engine:
         self,
         loaded: LoadedModel,
         *,
-        profile: str = "strict",
+        profile: str | Profile = "strict",
         micro_batch: int = 8,
         text_micro_batch: int = 32,
-        threads: int | None = None,
+        threads: int | str | None = None,
+        replicas: int | str | None = None,
         text_cache: TextCache | str | None = "default",
         batch_invariance: BatchInvariance = "auto",
         onednn: bool | None = None,
     ) -> None:
-        if micro_batch < 1 or text_micro_batch < 1:
-            raise ValueError(f"micro_batch and text_micro_batch must be >= 1, got {micro_batch}, {text_micro_batch}")
+        check_count("micro_batch", micro_batch, allow_auto=False)
+        check_count("text_micro_batch", text_micro_batch, allow_auto=False)
         if batch_invariance not in ("auto", "fixed"):
-            raise ValueError(f"batch_invariance must be 'auto' or 'fixed', got {batch_invariance!r}")
+            raise InputError(f"batch_invariance must be 'auto' or 'fixed', got {batch_invariance!r}")
         self.loaded = loaded
         self.device = next(loaded.model.parameters()).device
-        self.profile = determinism.get_profile(profile, threads=threads, device=self.device.type, onednn=onednn)
+        self.profile = _identity_profile(profile, self.device.type, onednn)
+        requested = check_count("threads", threads)
+        if isinstance(profile, Profile) and requested is None and profile.threads != 1:
+            requested = profile.threads
         self.micro_batch = micro_batch
         self.text_micro_batch = text_micro_batch
         self.batch_invariance = batch_invariance
         if text_cache == "default":
             self.text_cache: TextCache | None = TextCache()
         elif isinstance(text_cache, str):
-            raise ValueError(f"text_cache must be 'default', a TextCache or None, got {text_cache!r}")
+            raise InputError(f"text_cache must be 'default', a TextCache or None, got {text_cache!r}")
         else:
             self.text_cache = text_cache
         self._lock = threading.RLock()
@@ -97,18 +114,31 @@ class Engine:
         self._basis: str | None = None
         self._numerics: str | None = None
         self._provenance: Provenance | None = None
+        self._replicas = ReplicaSet(self, requested_threads=requested, requested_replicas=check_count(
+            "replicas", replicas))
         self.text_forward_rows = 0  # how many text rows the text tower has encoded (cache proof)
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the replica processes (also done when the engine is garbage-collected)."""
+        self._replicas.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ---- provenance -------------------------------------------------------------------
     @property
     def provenance(self) -> Provenance:
-        """Provenance of results from this engine (built once; self-checks run on first access)."""
+        """Numerics provenance of results from this engine (built once; self-checks run on first access)."""
         if self._provenance is not None:
             return self._provenance
         with self._lock:
             image_path = self._batch_path("image")
             text_path = self._batch_path("text")
-            flags = self._flags if self._flags is not None else self._read_flags()
+            flags = identity.numerics_flags(self._read_flags())
         info = self.loaded.info
         self._provenance = Provenance(
             model_id=info.model_id, arch=info.arch, weights_sha256=info.weights_sha256,
@@ -116,95 +146,92 @@ class Engine:
             deterministic=self.profile.deterministic_algorithms, device=str(self.device),
             threads=self.profile.threads, micro_batch=self.micro_batch, batch_path=image_path,
             text_micro_batch=self.text_micro_batch, text_batch_path=text_path, flags=flags,
-            versions=_versions(),
+            versions=identity.software_stack(),
         )
         return self._provenance
 
+    @property
+    def execution(self) -> ExecutionRecord:
+        """How work is laid out on this machine (replicas, threads): speed only, never identity."""
+        return self._replicas.record()
+
+    @property
+    def threads(self) -> int:
+        """Intra-op threads each forward runs at (1, or more where proven not to change a bit)."""
+        return self._replicas.threads
+
+    @property
+    def replicas(self) -> int:
+        """Replica processes used for work bigger than one micro-batch."""
+        return self._replicas.count
+
     def _read_flags(self) -> dict[str, Any]:
-        with determinism.applied(self.profile, self.device.type) as flags:
-            self._flags = dict(flags)
+        if self._flags is None:
+            with determinism.applied(self.profile, self.device.type) as flags:
+                self._flags = dict(flags)
         return self._flags
 
+    def run_profile(self) -> Profile:
+        """The profile forwards run under: the identity profile at this engine's proven thread count."""
+        return dataclasses.replace(self.profile, threads=self.threads)
+
     # ---- low-level forwards -------------------------------------------------------------
-    def _tower(self, kind: str) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
+    def tower(self, kind: str) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
+        """The encode function and micro-batch rows of the ``"image"`` or ``"text"`` tower."""
         model: Any = self.loaded.model
         if kind == "image":
             return model.encode_image, self.micro_batch
         return model.encode_text, self.text_micro_batch
 
+    def check_state(self) -> None:
+        """Refuse (or repair, per the guard) a model not in inference state or changed in memory."""
+        self.loaded.ensure_inference_state()
+        self.loaded.check_buffers()
+
     def _forward(self, kind: str, x: torch.Tensor) -> np.ndarray:
         """Encode rows of ``x`` at the engine's fixed shapes; L2-normalised float32 (N, D)."""
-        fn, size = self._tower(kind)
+        _, size = self.tower(kind)
+        if x.shape[0] > size and self._replicas.wanted():
+            raw = self._replicas.forward(kind, x)
+        else:
+            raw = self.forward_local(kind, x)
+        if kind == "text":
+            self.text_forward_rows += int(x.shape[0])
+        return normalise(raw, kind)
+
+    def forward_local(self, kind: str, x: torch.Tensor) -> np.ndarray:
+        """Encode rows of ``x`` in this process at the fixed shapes; raw float32 (N, D)."""
+        fn, size = self.tower(kind)
         with self._lock:
-            self.loaded.ensure_inference_state()
-            self.loaded.check_buffers()
+            self.check_state()
             path = self._batch_path(kind)
             outs: list[np.ndarray] = []
-            with determinism.applied(self.profile, self.device.type) as flags:
-                if self._flags is None:
-                    self._flags = dict(flags)
-                with torch.inference_mode(), determinism.autocast(self.profile, self.device.type):
-                    for start in range(0, x.shape[0], size):
-                        chunk = x[start : start + size].to(self.device)
-                        outs.append(self._run_chunk(fn, chunk, size, path))
-            if kind == "text":
-                self.text_forward_rows += int(x.shape[0])
-        raw = np.concatenate(outs, axis=0) if outs else np.zeros((0, 0), dtype=np.float32)
-        return _normalise(raw, kind)
-
-    @staticmethod
-    def _run_chunk(fn: Callable[[torch.Tensor], torch.Tensor], chunk: torch.Tensor, size: int,
-                   path: str) -> np.ndarray:
-        n = chunk.shape[0]
-        if n == size:
-            return fn(chunk).float().cpu().numpy()
-        if path == "verified-invariant":
-            return np.concatenate([fn(chunk[i : i + 1]).float().cpu().numpy() for i in range(n)], axis=0)
-        pad = torch.zeros((size - n, *chunk.shape[1:]), dtype=chunk.dtype, device=chunk.device)
-        return fn(torch.cat([chunk, pad], dim=0)).float().cpu().numpy()[:n]  # (size, D) -> (n, D)
+            profile = self.run_profile()
+            with determinism.applied(profile, self.device.type), torch.inference_mode(), \
+                    determinism.autocast(profile, self.device.type):
+                for start in range(0, x.shape[0], size):
+                    chunk = x[start : start + size].to(self.device)
+                    outs.append(_run_chunk(fn, chunk, size, path))
+        return np.concatenate(outs, axis=0) if outs else np.zeros((0, 0), dtype=np.float32)
 
     def _batch_path(self, kind: str) -> str:
-        """Which batching path a tower uses; the self-check runs once per model and stack.
+        """Which batching path a tower uses (self-checked once per model and stack, remembered)."""
+        if kind not in self._paths:
+            self._paths[kind] = selfcheck.batch_path(self, kind)
+        return self._paths[kind]
 
-        Its verdict is remembered on disk under a key naming everything it depends
-        on (weights, code versions, numerics flags, CPU, shape), so a warm start
-        does not pay for it again.
-        """
-        if kind in self._paths:
-            return self._paths[kind]
-        fn, size = self._tower(kind)
-        if size == 1 or self.batch_invariance == "fixed":
-            path = "fixed-shape"
-        else:
-            key = hashlib.sha256(f"{self._numerics_basis()}\0{kind}\0{size}".encode()).hexdigest()
-            remembered = SelfCheckStore().get(key)
-            if remembered in ("fixed-shape", "verified-invariant"):
-                path = remembered
-            else:
-                path = self._self_check(fn, kind, size)
-                SelfCheckStore().put(key, path)
-        _logger.info("%s tower batch path: %s (micro-batch %d)", kind, path, size)
-        self._paths[kind] = path
-        return path
+    def probe_inputs(self, kind: str, size: int) -> torch.Tensor:
+        """Fixed pseudo-random inputs of one micro-batch, for self-checks."""
+        return selfcheck.probe_inputs(self, kind, size)
 
-    def _self_check(self, fn: Callable[[torch.Tensor], torch.Tensor], kind: str, size: int) -> str:
-        """Are single-row forwards bitwise equal to rows of a full micro-batch?"""
-        probe = self._probe_inputs(kind, size)
-        with determinism.applied(self.profile, self.device.type), torch.inference_mode(), \
-                determinism.autocast(self.profile, self.device.type):
-            full = fn(probe).float().cpu().numpy()
-            rows = [0, size - 1]
-            single = [fn(probe[i : i + 1]).float().cpu().numpy()[0] for i in rows]
-        same = all(np.array_equal(full[i], s) for i, s in zip(rows, single))
-        return "verified-invariant" if same else "fixed-shape"
-
-    def _probe_inputs(self, kind: str, size: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(1234)
-        if kind == "image":
-            h, w = self.loaded.info.preprocess.size
-            return torch.randn((size, 3, h, w), generator=gen).to(self.device)
-        texts = [f"a photo of probe number {i}." for i in range(size)]
-        return self.loaded.tokenizer(texts).to(self.device)
+    def numerics_basis(self) -> str:
+        """Weights, code versions and every numerics flag a forward's bits depend on (one key)."""
+        if self._numerics is None:
+            info = self.loaded.info
+            self._numerics = identity.numerics_key(
+                fingerprint=info.fingerprint, config_hash=info.config_hash, profile=self.profile.to_dict(),
+                device=str(self.device), flags=self._read_flags())
+        return self._numerics
 
     # ---- public API -------------------------------------------------------------------
     @property
@@ -230,34 +257,38 @@ class Engine:
     def embed_pixels(self, pixels: torch.Tensor) -> np.ndarray:
         """Embed preprocessed images (N, 3, H, W) -> L2-normalised float32 (N, D)."""
         if pixels.ndim != 4:
-            raise ValueError(f"pixels must be (N, 3, H, W), got shape {tuple(pixels.shape)}")
+            raise InputError(f"pixels must be (N, 3, H, W), got shape {tuple(pixels.shape)}")
         return self._forward("image", pixels)
 
-    def embed_images(self, images: Sequence[ImageInput]) -> np.ndarray:
-        """Embed images from paths, bytes or PIL images -> L2-normalised float32 (N, D)."""
+    @overload
+    def embed_images(self, images: Sequence[ImageInput], *, on_error: Literal["raise"] = ...) -> np.ndarray: ...
+    @overload
+    def embed_images(self, images: Sequence[ImageInput], *, on_error: Literal["row"]) -> EmbedReport: ...
+
+    def embed_images(self, images: Sequence[ImageInput], *, on_error: OnError = "raise") -> np.ndarray | EmbedReport:
+        """Embed images from paths, bytes or PIL images -> L2-normalised float32 (N, D).
+
+        ``on_error="row"`` returns an :class:`EmbedReport` with a failure row for each bad
+        image instead of raising at the first. Inputs beyond one micro-batch are decoded and
+        embedded in the replicas.
+        """
         images = _as_list(images)
-        if not images:
-            return np.zeros((0, 0), dtype=np.float32)
-        return self.embed_pixels(torch.stack([self.preprocess(im) for im in images]))
+        if on_error not in ("raise", "row"):
+            raise InputError(f"on_error must be 'raise' or 'row', got {on_error!r}")
+        found = rows.embed_rows(self, images) if images else []
+        if on_error == "row":
+            return EmbedReport(tuple(found), self.provenance)
+        rows.raise_first(found, images)
+        return np.stack(found) if found else np.zeros((0, 0), dtype=np.float32)
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Embed texts -> L2-normalised float32 (N, D). Over-long texts are truncated, with a warning."""
         texts = list(texts)
         if not texts:
             return np.zeros((0, 0), dtype=np.float32)
-        self._warn_truncation(texts)
+        warn_truncation(self.loaded.tokenizer, texts, self.loaded.info.context_length)
         tokens = self.loaded.tokenizer(texts)
         return self._forward("text", tokens)
-
-    def _warn_truncation(self, texts: Sequence[str]) -> None:
-        tok: Any = self.loaded.tokenizer
-        encode = getattr(tok, "encode", None)
-        limit = self.loaded.info.context_length
-        if encode is None:
-            return
-        for t in texts:
-            if len(encode(t)) + 2 > limit:
-                _logger.warning("text truncated to the model's %d-token context: %.60r", limit, t)
 
     def class_embeddings(self, labels: Sequence[str], templates: TemplateSet) -> np.ndarray:
         """Per-class text embeddings (C, D): mean of normalised template embeddings, re-normalised."""
@@ -268,7 +299,7 @@ class Engine:
             prompts = [p for lab in missing for p in templates.fill(lab)]
             emb = self.embed_texts(prompts).astype(np.float64)  # (M*T, D)
             per_class = emb.reshape(len(missing), len(templates.templates), -1).mean(axis=1)
-            fresh = _normalise(per_class, "class")
+            fresh = normalise(per_class, "class")
             new = {keys[lab]: fresh[i] for i, lab in enumerate(missing)}
             if self.text_cache is not None:
                 self.text_cache.put_many(new)
@@ -276,32 +307,16 @@ class Engine:
         return np.stack([cached[keys[lab]] for lab in labels]).astype(np.float32)
 
     def _class_key(self, label: str, templates: TemplateSet) -> str:
-        return hashlib.sha256(f"{self._text_basis()}\0{templates.sha256}\0{label}".encode()).hexdigest()
+        return identity.sha256_json([self._text_basis(), templates.sha256, label])
 
     def _text_basis(self) -> str:
         """Everything a class embedding depends on besides the text: weights, numerics, shapes."""
         if self._basis is None:
             info = self.loaded.info
-            basis = {"numerics": self._numerics_basis(), "tokenizer": info.tokenizer,
-                     "context": info.context_length, "text_batch": self.text_micro_batch,
-                     "path": self._batch_path("text")}
-            self._basis = hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()
+            self._basis = identity.sha256_json({
+                "numerics": self.numerics_basis(), "tokenizer": info.tokenizer, "context": info.context_length,
+                "text_batch": self.text_micro_batch, "path": self._batch_path("text")})
         return self._basis
-
-    def _numerics_basis(self) -> str:
-        """Weights, code versions and every numerics flag a forward's bits depend on."""
-        if self._numerics is None:
-            info = self.loaded.info
-            flags = self._flags if self._flags is not None else self._read_flags()
-            basis = {
-                "fingerprint": info.fingerprint, "config": info.config_hash,
-                "profile": self.profile.to_dict(), "device": str(self.device), "versions": _versions(),
-                "flags": {k: flags.get(k) for k in ("onednn_enabled", "mkl_cbwr_effective", "mkl_cbwr",
-                                                    "float32_matmul_precision", "fp32_precision")},
-                "cpu": flags.get("build", {}).get("cpu_capability"),
-            }
-            self._numerics = hashlib.sha256(json.dumps(basis, sort_keys=True, default=str).encode()).hexdigest()
-        return self._numerics
 
     def classify(
         self,
@@ -311,31 +326,44 @@ class Engine:
         templates: str | Sequence[str] | TemplateSet | None = None,
         top_k: int = 5,
         sources: Sequence[str | None] | None = None,
-    ) -> list[Classification]:
-        """Zero-shot classify images against labels; one :class:`Classification` per image."""
+        on_error: OnError = "raise",
+    ) -> Any:
+        """Zero-shot classify images against labels; one :class:`Classification` per image.
+
+        ``on_error="row"`` returns a :class:`ClassifyReport` (bad images are failure rows,
+        the rest are classified) - the document the CLI prints and the server answers.
+        """
         clean = validate_labels(labels)
         tset = get_template_set(templates)
         classes = self.class_embeddings(clean, tset)
         images = _as_list(images)
-        emb = self.embed_images(images)
+        report = self.embed_images(images, on_error="row")
         if sources is None:
-            sources = [str(im) if isinstance(im, str) else None for im in images]
-        return self.classify_embeddings(emb, classes, clean, tset, top_k=top_k, sources=sources)
+            sources = [rows.source_name(im) for im in images]
+        good = [i for i, r in enumerate(report.rows) if not isinstance(r, ImageFailure)]
+        if on_error != "row":
+            rows.raise_first(report.rows, images)
+        emb = np.stack([report.rows[i] for i in good]) if good else np.zeros((0, classes.shape[1]), np.float32)
+        done = iter(self.classify_embeddings(emb, classes, clean, tset, top_k=top_k,
+                                             sources=[sources[i] for i in good]))
+        if on_error != "row":
+            return list(done)
+        prov = dataclasses.replace(self.provenance, template_set=tset.name, template_sha256=tset.sha256)
+        out = tuple(r if isinstance(r, ImageFailure) else next(done) for r in report.rows)
+        return ClassifyReport(out, prov)
 
     def classify_embeddings(
         self, image_emb: np.ndarray, class_emb: np.ndarray, labels: Sequence[str], templates: TemplateSet,
         *, top_k: int = 5, sources: Sequence[str | None] | None = None,
     ) -> list[Classification]:
-        """The zero-shot head on precomputed embeddings (float64, row-independent)."""
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
-        scale = float(self.loaded.model.logit_scale.detach().float().exp().cpu())  # type: ignore[operator]
-        cls = class_emb.astype(np.float64)
+        """The zero-shot head (:mod:`steadyclip.head`) on precomputed embeddings (float64, per row)."""
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise InputError(f"top_k must be an int >= 1, got {top_k!r}")
+        head = ZeroShotHead.from_model(self.loaded.model)
         prov = dataclasses.replace(self.provenance, template_set=templates.name, template_sha256=templates.sha256)
         results = []
-        for i, row in enumerate(image_emb.astype(np.float64)):
-            logits = (cls * row[None, :]).sum(axis=-1) * scale  # (C,), per-row: independent of N
-            probs = _softmax(logits)
+        for i, row in enumerate(image_emb):
+            probs = head.probs(row, class_emb)  # (C,), per-row: independent of N
             order = np.argsort(-probs, kind="stable")[:top_k]
             src = sources[i] if sources is not None and i < len(sources) else None
             results.append(Classification(
@@ -345,22 +373,27 @@ class Engine:
         return results
 
 
-def _normalise(x: np.ndarray, what: str) -> np.ndarray:
-    """Row-wise L2 normalisation in float64, checked for NaN/Inf; returns float32."""
-    if x.size == 0:
-        return x.astype(np.float32)
-    if not np.isfinite(x).all():
-        bad = int((~np.isfinite(x)).any(axis=-1).sum())
-        raise NumericsError(
-            f"{bad} {what} embedding row(s) contain NaN/Inf; the weights or inputs are broken "
-            "(run `steadyclip doctor` to find which)"
-        )
-    x64 = x.astype(np.float64)
-    norms = np.sqrt((x64 * x64).sum(axis=-1, keepdims=True))
-    if (norms == 0).any():
-        raise NumericsError(f"a {what} embedding is all zeros and cannot be normalised")
-    out: np.ndarray = (x64 / norms).astype(np.float32)
-    return out
+def _identity_profile(profile: str | Profile, device: str, onednn: bool | None) -> Profile:
+    """The profile that names a result's numbers: rows are those at one intra-op thread."""
+    if isinstance(profile, Profile):
+        if onednn is not None and onednn != profile.onednn:
+            raise InputError(f"onednn={onednn} contradicts the given profile's onednn={profile.onednn}")
+        return dataclasses.replace(profile, threads=1)
+    if not isinstance(profile, str):
+        raise InputError(f"profile must be 'strict', 'fast' or a Profile, got {profile!r}")
+    return determinism.get_profile(profile, threads=1, device=device, onednn=onednn)
+
+
+def _run_chunk(fn: Callable[[torch.Tensor], torch.Tensor], chunk: torch.Tensor, size: int, path: str) -> np.ndarray:
+    n = chunk.shape[0]
+    if n == size:
+        out: np.ndarray = fn(chunk).float().cpu().numpy()
+        return out
+    if path == "verified-invariant":
+        return np.concatenate([fn(chunk[i : i + 1]).float().cpu().numpy() for i in range(n)], axis=0)
+    pad = torch.zeros((size - n, *chunk.shape[1:]), dtype=chunk.dtype, device=chunk.device)
+    padded: np.ndarray = fn(torch.cat([chunk, pad], dim=0)).float().cpu().numpy()
+    return padded[:n]  # (size, D) -> (n, D)
 
 
 def _as_list(images: Sequence[ImageInput] | ImageInput) -> list[ImageInput]:
@@ -368,13 +401,3 @@ def _as_list(images: Sequence[ImageInput] | ImageInput) -> list[ImageInput]:
     if isinstance(images, (str, bytes, bytearray)) or not isinstance(images, Sequence):
         return [images]
     return [cast(ImageInput, im) for im in images]
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    if not np.isfinite(logits).all():
-        raise NumericsError(f"non-finite logits {logits[~np.isfinite(logits)][:3]}; the model is broken")
-    z = np.exp(logits - logits.max())
-    probs: np.ndarray = z / z.sum()
-    if abs(float(probs.sum()) - 1.0) > 1e-5:
-        raise NumericsError(f"probabilities sum to {probs.sum()!r}, not 1")
-    return probs

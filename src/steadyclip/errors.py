@@ -17,29 +17,31 @@
     ├── NumericsError           NaN/Inf in embeddings, logits or weights
     ├── CacheError              text-cache entry unusable (recomputed, never used)
     ├── BatchJobError           resume refused (changed inputs/model), bad manifest
+    ├── ReplicaCrashError       a task killed engine replicas twice (crashing decoder, out of memory)
     └── DeviceError             device or precision not available (never a silent fallback)
 """
 from __future__ import annotations
 
 __all__ = [
-    "SteadyClipError",
-    "ModelSourceError",
-    "WeightsError",
-    "UnsafeCheckpointError",
-    "IntegrityError",
-    "LockMismatchError",
+    "BatchJobError",
+    "CacheError",
+    "DeviceError",
+    "ImageDecodeError",
+    "ImageError",
+    "ImageSourceError",
+    "ImageTooLargeError",
     "InferenceStateError",
     "InputError",
-    "ImageError",
-    "ImageDecodeError",
-    "ImageTooLargeError",
-    "ImageSourceError",
+    "IntegrityError",
     "LabelError",
-    "TemplateError",
+    "LockMismatchError",
+    "ModelSourceError",
     "NumericsError",
-    "CacheError",
-    "BatchJobError",
-    "DeviceError",
+    "ReplicaCrashError",
+    "SteadyClipError",
+    "TemplateError",
+    "UnsafeCheckpointError",
+    "WeightsError",
 ]
 
 
@@ -119,3 +121,7 @@ class BatchJobError(SteadyClipError):
 
 class DeviceError(SteadyClipError):
     """The requested device or precision is not available."""
+
+
+class ReplicaCrashError(SteadyClipError):
+    """An engine replica process died running a task, twice; its inputs hold the culprit."""

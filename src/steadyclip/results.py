@@ -68,3 +68,49 @@ class Classification:
         if with_provenance:
             doc["provenance"] = self.provenance.to_dict()
         return doc
+
+
+@dataclass(frozen=True)
+class ImageFailure:
+    """An input that could not be used (unreadable, corrupt, too large): the row says why."""
+
+    index: int
+    source: str | None
+    error_type: str
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "error": {"type": self.error_type, "message": self.message}}
+
+
+@dataclass(frozen=True)
+class ClassifyReport:
+    """``Engine.classify(..., on_error="row")``: one row per input, results and failures in input order."""
+
+    rows: tuple[Classification | ImageFailure, ...]
+    provenance: Provenance
+
+    @property
+    def errors(self) -> int:
+        return sum(isinstance(r, ImageFailure) for r in self.rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document the CLI prints and the server answers (same keys, same order of rows)."""
+        rows = [r.to_dict() if isinstance(r, ImageFailure) else r.to_dict(with_provenance=False) for r in self.rows]
+        return {"results": rows, "provenance": self.provenance.to_dict(), "errors": self.errors}
+
+
+@dataclass(frozen=True)
+class EmbedReport:
+    """``Engine.embed_images(..., on_error="row")``: per input an embedding (D,) float32, or a failure."""
+
+    rows: tuple[Any, ...]  # np.ndarray | ImageFailure, in input order
+    provenance: Provenance
+
+    @property
+    def errors(self) -> int:
+        return sum(isinstance(r, ImageFailure) for r in self.rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        rows = [r.to_dict() if isinstance(r, ImageFailure) else {"embedding": r.tolist()} for r in self.rows]
+        return {"images": rows, "provenance": self.provenance.to_dict(), "errors": self.errors}

@@ -1,0 +1,71 @@
+"""Many inputs in, one row per input out: bad images become failure rows, never a lost batch.
+
+The CLI, the server and Python callers all get the same rows from here
+(``Engine.classify(..., on_error="row")``); more than one micro-batch of inputs is
+decoded and embedded in the engine's replicas, one chunk per task.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from steadyclip.errors import ImageError
+from steadyclip.head import normalise
+from steadyclip.results import ImageFailure
+
+if TYPE_CHECKING:
+    from steadyclip.engine import Engine
+    from steadyclip.images import ImageInput
+
+__all__ = ["decode_and_embed", "embed_rows", "source_name"]
+
+Row = Any  # np.ndarray (D,) float32 | ImageFailure
+
+
+def source_name(image: Any) -> str | None:
+    """A path-like input's name for its row; ``None`` for bytes and PIL images."""
+    return os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
+
+
+def decode_and_embed(engine: Engine, images: Sequence[ImageInput]) -> list[np.ndarray | ImageError]:
+    """Decode each input (an error is kept, in place), embed the good ones at the fixed shapes."""
+    pixels: list[torch.Tensor] = []
+    out: list[np.ndarray | ImageError | None] = []
+    for im in images:
+        try:
+            pixels.append(engine.preprocess(im))
+            out.append(None)
+        except ImageError as e:
+            out.append(e)
+    if pixels:
+        vectors = iter(normalise(engine.forward_local("image", torch.stack(pixels)), "image"))  # (N, D)
+        out = [next(vectors) if r is None else r for r in out]
+    return [r for r in out if r is not None]
+
+
+def embed_rows(engine: Engine, images: Sequence[ImageInput]) -> list[Row]:
+    """One row per input: its L2-normalised embedding, or an :class:`ImageFailure`."""
+    size = engine.micro_batch
+    if len(images) > size and engine.replicas > 1:
+        futures = [engine._replicas.submit(decode_and_embed, list(images[s : s + size]))
+                   for s in range(0, len(images), size)]
+        results = [r for f in futures for r in f.result()]
+    else:
+        engine.check_state()
+        results = decode_and_embed(engine, images)
+    return [ImageFailure(i, source_name(images[i]), type(r).__name__, str(r)) if isinstance(r, ImageError) else r
+            for i, r in enumerate(results)]
+
+
+def raise_first(rows: Sequence[Row], images: Sequence[ImageInput]) -> None:
+    """``on_error="raise"``: the first failure, as the typed error the decoder raised."""
+    from steadyclip import errors
+
+    for r in rows:
+        if isinstance(r, ImageFailure):
+            cls = getattr(errors, r.error_type, errors.ImageError)
+            raise cls(r.message)
