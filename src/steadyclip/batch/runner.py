@@ -28,6 +28,7 @@ from steadyclip.batch import _prep
 from steadyclip.batch._prep import ItemResult
 from steadyclip.batch.inputs import InputItem, InputSource, open_inputs
 from steadyclip.batch.local import LocalPipeline
+from steadyclip.batch.replicated import ReplicaPipeline
 from steadyclip.batch.table import Columns, build_table, make_schema
 from steadyclip.batch.writer import JobSpec, PartStore, read_metadata
 from steadyclip.errors import BatchJobError
@@ -182,6 +183,9 @@ def run_batch(
 
             pipeline: Any = RayPipeline(engine, dim=model_dim, address=ray_address,
                                         actors=ray_actors or max(1, n_workers), max_file_bytes=max_file_bytes)
+        elif workers is None and engine.replicas > 1:
+            pipeline = ReplicaPipeline(engine, max_file_bytes=max_file_bytes)
+            n_workers = pipeline.workers
         else:
             pipeline = LocalPipeline(engine, workers=n_workers, start_method=start_method,
                                      max_file_bytes=max_file_bytes)

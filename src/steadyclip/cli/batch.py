@@ -34,7 +34,7 @@ from steadyclip.cli.classify import _labels, build_engine, model_options
 def batch(input_spec: str, labels: str | None, labels_file: str | None, templates: str | None, top_k: int,
           all_probs: bool, embeddings: bool, out: str, backend: str, address: str | None, workers: int | None,
           part_size: int, restart: bool, progress: bool | None, model: str, pretrained: str | None,
-          lock_path: str | None, profile: str, micro_batch: int, threads: int | None, as_json: bool) -> None:
+          lock_path: str | None, profile: str, micro_batch: int, threads: int | None, replicas: int | None, as_json: bool) -> None:
     """Classify (and/or embed) every image in INPUT into one Parquet file, resumably.
 
     INPUT is a folder (searched recursively for images), a quoted glob
@@ -46,7 +46,7 @@ def batch(input_spec: str, labels: str | None, labels_file: str | None, template
     from steadyclip.batch import run_batch
 
     label_list = _labels(labels, labels_file) if (labels or labels_file or not embeddings) else None
-    engine = build_engine(model, pretrained, lock_path, profile, micro_batch, threads)
+    engine = build_engine(model, pretrained, lock_path, profile, micro_batch, threads, replicas)
     show = sys.stderr.isatty() if progress is None else progress
     bar = _ProgressBar() if show else None
     try:

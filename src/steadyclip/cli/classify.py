@@ -8,7 +8,6 @@ from typing import Any
 import click
 
 from steadyclip.cli._common import echo_json, handle_errors
-from steadyclip.errors import ImageError
 
 _MODEL_OPTIONS = [
     click.option("--model", "-m", default="steadyclip-demo", show_default=True,
@@ -18,7 +17,10 @@ _MODEL_OPTIONS = [
                  help="Refuse to run unless the model matches this lockfile."),
     click.option("--profile", type=click.Choice(["strict", "fast"]), default="strict", show_default=True),
     click.option("--micro-batch", type=click.IntRange(min=1), default=8, show_default=True),
-    click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (default: profile's)."),
+    click.option("--threads", type=click.IntRange(min=1), default=None,
+                 help="Intra-op threads per replica (default 1; more only where proven not to change a bit)."),
+    click.option("--replicas", type=click.IntRange(min=1), default=None,
+                 help="Engine processes for inputs beyond one micro-batch (default: one per usable CPU)."),
     click.option("--json", "as_json", is_flag=True, help="Print one JSON document."),
 ]
 
@@ -30,12 +32,12 @@ def model_options(func: Any) -> Any:
 
 
 def build_engine(model: str, pretrained: str | None, lock_path: str | None, profile: str,
-                 micro_batch: int, threads: int | None) -> Any:
+                 micro_batch: int, threads: int | None, replicas: int | None = None) -> Any:
     from steadyclip.engine import Engine
     from steadyclip.loading import load
 
     loaded = load(model, pretrained=pretrained, lock=lock_path)
-    return Engine(loaded, profile=profile, micro_batch=micro_batch, threads=threads)
+    return Engine(loaded, profile=profile, micro_batch=micro_batch, threads=threads, replicas=replicas)
 
 
 def _labels(labels: str | None, labels_file: str | None) -> list[str]:
@@ -62,36 +64,20 @@ def _labels(labels: str | None, labels_file: str | None) -> list[str]:
 @handle_errors
 def classify(images: tuple[Path, ...], labels: str | None, labels_file: str | None, templates: str | None,
              top_k: int, model: str, pretrained: str | None, lock_path: str | None, profile: str,
-             micro_batch: int, threads: int | None, as_json: bool) -> None:
+             micro_batch: int, threads: int | None, replicas: int | None, as_json: bool) -> None:
     """Zero-shot classify IMAGES against labels; a bad image is an error row, not a crash."""
-    from steadyclip.prompts import get_template_set, validate_labels
+    from steadyclip.prompts import validate_labels
 
     label_list = validate_labels(_labels(labels, labels_file))
-    engine = build_engine(model, pretrained, lock_path, profile, micro_batch, threads)
-    tset = get_template_set(templates)
-    rows: list[dict[str, Any]] = []
-    good: list[tuple[int, Any]] = []
-    for i, path in enumerate(images):
-        try:
-            good.append((i, engine.preprocess(path)))
-            rows.append({"source": str(path)})
-        except ImageError as e:
-            rows.append({"source": str(path), "error": {"type": type(e).__name__, "message": str(e)}})
-    if good:
-        import torch
-
-        classes = engine.class_embeddings(label_list, tset)
-        emb = engine.embed_pixels(torch.stack([t for _, t in good]))
-        results = engine.classify_embeddings(emb, classes, label_list, tset, top_k=top_k,
-                                             sources=[str(images[i]) for i, _ in good])
-        for (i, _), res in zip(good, results):
-            rows[i].update(res.to_dict(with_provenance=False))
-    prov = engine.provenance.to_dict() | {"template_set": tset.name, "template_sha256": tset.sha256}
-    n_err = sum(1 for r in rows if "error" in r)
+    engine = build_engine(model, pretrained, lock_path, profile, micro_batch, threads, replicas)
+    report = engine.classify([str(p) for p in images], label_list, templates=templates, top_k=top_k,
+                             on_error="row")
+    doc = report.to_dict()
+    n_err = report.errors
     if as_json:
-        echo_json({"results": rows, "provenance": prov, "errors": n_err})
+        echo_json(doc | {"execution": engine.execution.to_dict()})
     else:
-        _render(rows, prov)
+        _render(doc["results"], doc["provenance"])
     if n_err:
         sys.exit(1)
 
@@ -123,11 +109,11 @@ def _render(rows: list[dict[str, Any]], prov: dict[str, Any]) -> None:
 @model_options
 @handle_errors
 def embed(images: tuple[Path, ...], texts: tuple[str, ...], model: str, pretrained: str | None,
-          lock_path: str | None, profile: str, micro_batch: int, threads: int | None, as_json: bool) -> None:
+          lock_path: str | None, profile: str, micro_batch: int, threads: int | None, replicas: int | None, as_json: bool) -> None:
     """Print L2-normalised float32 embeddings of IMAGES and --text strings."""
     if not images and not texts:
         raise click.UsageError("give image paths and/or --text")
-    engine = build_engine(model, pretrained, lock_path, profile, micro_batch, threads)
+    engine = build_engine(model, pretrained, lock_path, profile, micro_batch, threads, replicas)
     doc: dict[str, Any] = {"images": [], "texts": []}
     if images:
         emb = engine.embed_images(list(images))
@@ -136,6 +122,7 @@ def embed(images: tuple[Path, ...], texts: tuple[str, ...], model: str, pretrain
         emb = engine.embed_texts(list(texts))
         doc["texts"] = [{"text": t, "embedding": e.tolist()} for t, e in zip(texts, emb)]
     doc["provenance"] = engine.provenance.to_dict()
+    doc["execution"] = engine.execution.to_dict()
     if as_json:
         echo_json(doc)
     else:

@@ -32,7 +32,10 @@ def _is_loopback(host: str) -> bool:
 @click.option("--profile", type=click.Choice(["strict", "fast"]), default="strict", show_default=True)
 @click.option("--micro-batch", type=click.IntRange(min=1), default=8, show_default=True,
               help="Rows per image forward; concurrent requests share micro-batches.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (default: profile's).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Intra-op threads per replica (default 1; more only where proven not to change a bit).")
+@click.option("--replicas", type=click.IntRange(min=1), default=None,
+              help="Engine processes behind the micro-batcher (default: one per usable CPU).")
 @click.option("--token", default=None, envvar="STEADYCLIP_TOKEN", show_envvar=True,
               help="Require 'Authorization: Bearer TOKEN' on /v1/*. Prefer the env var: a command line is "
                    "visible to other local users.")
@@ -48,7 +51,7 @@ def _is_loopback(host: str) -> bool:
               show_default=True, help="uvicorn's log level.")
 @handle_errors
 def serve(model: str, host: str, port: int, pretrained: str | None, lock_path: str | None, profile: str,
-          micro_batch: int, threads: int | None, token: str | None, batch_wait_ms: float, timeout_s: float,
+          micro_batch: int, threads: int | None, replicas: int | None, token: str | None, batch_wait_ms: float, timeout_s: float,
           max_body_mb: float, max_images: int, max_labels: int, max_pixels: int | None, log_level: str) -> None:
     """Serve MODEL (default: the bundled demo) over HTTP, with a web page at /.
 
@@ -69,7 +72,7 @@ def serve(model: str, host: str, port: int, pretrained: str | None, lock_path: s
     if not _is_loopback(host):
         click.echo(f"warning: listening on {host}, reachable from the network"
                    + ("" if settings.token else " WITHOUT a token (set --token or STEADYCLIP_TOKEN)"), err=True)
-    engine = build_engine(model, pretrained, lock_path, profile, micro_batch, threads)
+    engine = build_engine(model, pretrained, lock_path, profile, micro_batch, threads, replicas)
     app = create_app(engine, settings=settings)
     click.echo(f"steadyclip: serving {engine.loaded.info.model_id} on http://{host}:{port} "
                f"(pid {os.getpid()}, auth {'bearer' if settings.token else 'none'})", err=True)

@@ -1,0 +1,94 @@
+"""The local backend on every core: engine replicas that each read, decode and embed a chunk.
+
+Each task is one micro-batch of inputs; a replica reads, hashes, decodes and
+preprocesses them (``_prep.prepare``, the same code as the decoder processes and
+the Ray actors), then embeds the good ones at the engine's fixed shape. So decoding
+is spread over the same K processes as the model and no core waits for another
+stage. At most ``window`` chunks are in flight; results come back in input order.
+
+A replica that dies is replaced by the pool and its chunk run once more; a chunk
+that kills a second replica is retried one item at a time, so only the culprit
+(a file that crashes the image library, or exhausts memory) becomes an error row.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future
+from itertools import islice
+from typing import Any
+
+from steadyclip.batch import _prep
+from steadyclip.batch._prep import ItemResult
+from steadyclip.batch.inputs import InputItem
+from steadyclip.batch.writer import kill_point
+from steadyclip.errors import ReplicaCrashError
+from steadyclip.head import normalise
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["ReplicaPipeline"]
+
+
+class ReplicaPipeline:
+    """Chunks of inputs to the engine's replicas, results in input order (drop-in for ``LocalPipeline``)."""
+
+    def __init__(self, engine: Any, *, max_file_bytes: int = _prep.DEFAULT_MAX_FILE_BYTES,
+                 window: int | None = None) -> None:
+        self.engine = engine
+        self.max_file_bytes = max_file_bytes
+        self.chunk = max(1, engine.micro_batch)
+        self.workers = engine.replicas
+        self.window = window or 2 * engine.replicas + 1  # chunks in flight: every replica has a next one
+        self.model_s = 0.0  # not measured here: the model runs in the replicas
+        self.wait_s = 0.0
+
+    def run(self, items: Iterator[InputItem], part_size: int) -> Iterator[list[ItemResult]]:
+        """Ordered results, one chunk (a micro-batch of inputs) at a time."""
+        del part_size  # the runner groups rows into parts; any chunking gives the same rows
+        window: deque[tuple[list[InputItem], Future[list[ItemResult]]]] = deque()
+        chunks = iter(lambda: list(islice(items, self.chunk)), [])
+        for chunk in chunks:
+            window.append((chunk, self._submit(chunk)))
+            if len(window) >= self.window:
+                yield self._collect(*window.popleft())
+        while window:
+            yield self._collect(*window.popleft())
+
+    def _submit(self, chunk: list[InputItem]) -> Future[list[ItemResult]]:
+        fut: Future[list[ItemResult]] = self.engine._replicas.submit(prepare_and_embed, chunk, self.max_file_bytes)
+        return fut
+
+    def _collect(self, chunk: list[InputItem], fut: Future[list[ItemResult]]) -> list[ItemResult]:
+        t = time.perf_counter()
+        try:
+            out = fut.result()
+        except ReplicaCrashError:
+            _logger.warning("a chunk of %d inputs killed two engine replicas; retrying them one by one", len(chunk))
+            out = [self._isolate(item) for item in chunk]
+        self.wait_s += time.perf_counter() - t
+        kill_point("embedded")
+        return out
+
+    def _isolate(self, item: InputItem) -> ItemResult:
+        try:
+            rows: list[ItemResult] = self._submit([item]).result()
+            return rows[0]
+        except ReplicaCrashError:
+            return ItemResult(item.index, item.path, None, None, "DecoderCrashError",
+                              f"reading {item.path} killed the engine replica twice; the file likely crashes the "
+                              "image library or exhausts memory - inspect or remove it")
+
+
+def prepare_and_embed(engine: Any, chunk: list[InputItem], max_file_bytes: int) -> list[ItemResult]:
+    """In a replica: read, hash, decode and preprocess each input, then embed the good ones."""
+    prepared = [_prep.prepare(item, engine.loaded.preprocess, max_file_bytes) for item in chunk]
+    ok = [p for p in prepared if p.pixels is not None]
+    emb: dict[int, Any] = {}
+    if ok:
+        vectors = normalise(engine.forward_local("image", _prep.pixel_batch(ok)), "image")  # (N, D)
+        emb = {p.index: vectors[i] for i, p in enumerate(ok)}
+    return [ItemResult(p.index, p.path, p.sha256, emb.get(p.index), p.error_type, p.error_message)
+            for p in prepared]
