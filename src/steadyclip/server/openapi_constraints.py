@@ -106,7 +106,7 @@ def embeddings_body(model_id: str, width: int, s: ServerSettings) -> dict[str, A
     return _json_body(embeddings_json(model_id, width, s))
 
 
-_FILE = {"type": "string", "format": "image-file", "contentMediaType": "image/*"}
+_FILE = {"type": "string", "format": "binary", "description": "an image file (PNG, JPEG, WebP, ...)"}
 
 
 def classify_body(s: ServerSettings) -> dict[str, Any]:
