@@ -23,6 +23,10 @@ What a caller can rely on (each is tested):
   CMYK, YCbCr, LAB, HSV, 1-bit and palettes use Pillow's conversions. ICC
   profiles are ignored, as in open_clip's own loaders (models were trained so).
 - **Animated** GIF/APNG/WebP: the first frame.
+- **Decoder noise is data.** Warnings Pillow raises and what libtiff prints to stderr while
+  decoding become :attr:`DecodedImage.warnings` (:func:`decode_image`), never terminal output,
+  whatever the process's warnings filter; :func:`load_image` puts them in
+  ``image.info["steadyclip_warnings"]`` when there are any.
 
 Every failure is an :class:`~steadyclip.errors.ImageError`: ``ImageSourceError``
 (missing path, directory, wrong type), ``ImageDecodeError`` (empty, corrupt,
@@ -35,13 +39,16 @@ import io
 import logging
 import os
 import struct
+import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from steadyclip._capture import captured
+from steadyclip._pixels import to_rgb as _to_rgb
 from steadyclip.errors import (
     ImageDecodeError,
     ImageError,
@@ -53,7 +60,10 @@ __all__ = [
     "DEFAULT_FORMATS",
     "DEFAULT_MAX_PIXELS",
     "EXIF_INFO_KEY",
+    "WARNINGS_INFO_KEY",
+    "DecodedImage",
     "ImageInput",
+    "decode_image",
     "image_sha256",
     "load_image",
 ]
@@ -74,6 +84,8 @@ DEFAULT_FORMATS: tuple[str, ...] = (
 
 #: ``image.info`` key recording what happened to EXIF orientation.
 EXIF_INFO_KEY = "steadyclip_exif"
+#: ``image.info`` key holding the decoder's warnings (a tuple of strings), when there are any.
+WARNINGS_INFO_KEY = "steadyclip_warnings"
 
 # What Pillow's decoders are seen raising on corrupt or hostile files. Warnings are
 # here because a process running with warnings-as-errors gets them raised.
@@ -88,8 +100,64 @@ _TRANSPOSE = {
     5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
-_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """A decoded RGB image and what the decoders warned about while producing it."""
+
+    image: Image.Image
+    warnings: tuple[str, ...] = ()
+
+
+def decode_image(
+    src: ImageInput,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    background: tuple[int, int, int] = (255, 255, 255),
+    formats: Sequence[str] | None = DEFAULT_FORMATS,
+) -> DecodedImage:
+    """Decode ``src`` fully into an RGB image, safely, keeping the decoders' warnings.
+
+    Args:
+        src: a path, the file's bytes, a binary file object, or a PIL image.
+        max_pixels: largest width x height accepted (``None``: :data:`DEFAULT_MAX_PIXELS`).
+        background: RGB that transparent pixels are composited onto.
+        formats: Pillow format names to accept (``None``: every installed plugin).
+
+    Returns:
+        :class:`DecodedImage`: a new, fully loaded ``RGB`` image (``info`` holds only
+        ``steadyclip_*`` keys) and the warnings, e.g. ``("UserWarning: Corrupt EXIF data ...",)``.
+
+    Raises:
+        ImageSourceError: missing file, a directory, unreadable file, unsupported type.
+        ImageDecodeError: empty, corrupt, truncated or unrecognised data.
+        ImageTooLargeError: more than ``max_pixels`` pixels.
+
+    Example:
+        >>> decode_image("examples/red_circle.png").image.mode
+        'RGB'
+    """
+    cap = _check_cap(max_pixels)
+    bg = _check_background(background)
+    _keep_truncated_loading_off()
+    notes: list[str] = []
+    if isinstance(src, Image.Image):
+        with captured(notes):
+            rgb = _decode_pil(src, "<PIL.Image>", cap, bg)
+    else:
+        fp, name, close = _open_source(src)
+        try:
+            rgb = _decode_file(fp, name, cap, bg, formats, notes)
+        finally:
+            if close:
+                fp.close()
+    for note in notes:
+        _logger.debug("decoder warning: %s", note)
+    if notes:
+        rgb.info[WARNINGS_INFO_KEY] = tuple(notes)
+    return DecodedImage(rgb, tuple(notes))
 
 
 def load_image(
@@ -99,37 +167,16 @@ def load_image(
     background: tuple[int, int, int] = (255, 255, 255),
     formats: Sequence[str] | None = DEFAULT_FORMATS,
 ) -> Image.Image:
-    """Decode ``src`` fully into an RGB image, safely.
+    """Decode ``src`` fully into an RGB image, safely: :func:`decode_image` without the wrapper.
 
-    Args:
-        src: a path, the file's bytes, a binary file object, or a PIL image.
-        max_pixels: largest width x height accepted (``None``: :data:`DEFAULT_MAX_PIXELS`).
-        background: RGB that transparent pixels are composited onto.
-        formats: Pillow format names to accept (``None``: every installed plugin).
-
-    Returns:
-        A new, fully loaded ``RGB`` image; ``info`` holds only ``steadyclip_*`` keys.
-
-    Raises:
-        ImageSourceError: missing file, a directory, unreadable file, unsupported type.
-        ImageDecodeError: empty, corrupt, truncated or unrecognised data.
-        ImageTooLargeError: more than ``max_pixels`` pixels.
+    Arguments and errors as :func:`decode_image`; its warnings are in
+    ``image.info["steadyclip_warnings"]`` when there are any.
 
     Example:
         >>> load_image("examples/red_circle.png").mode
         'RGB'
     """
-    cap = _check_cap(max_pixels)
-    bg = _check_background(background)
-    _keep_truncated_loading_off()
-    if isinstance(src, Image.Image):
-        return _decode_pil(src, "<PIL.Image>", cap, bg)
-    fp, name, close = _open_source(src)
-    try:
-        return _decode_file(fp, name, cap, bg, formats)
-    finally:
-        if close:
-            fp.close()
+    return decode_image(src, max_pixels=max_pixels, background=background, formats=formats).image
 
 
 def image_sha256(src: str | os.PathLike[str] | bytes | IO[bytes]) -> str:
@@ -234,9 +281,10 @@ def _keep_truncated_loading_off() -> None:
 
 # ---- decoding --------------------------------------------------------------------------
 def _decode_file(fp: IO[bytes], name: str, cap: int, bg: tuple[int, int, int],
-                 formats: Sequence[str] | None) -> Image.Image:
+                 formats: Sequence[str] | None, notes: list[str]) -> Image.Image:
     try:
-        im = Image.open(fp, formats=_installed(formats))
+        with captured(notes):
+            im = Image.open(fp, formats=_installed(formats))
     except UnidentifiedImageError as e:
         accepted = ", ".join(formats) if formats is not None else "any Pillow format"
         raise ImageDecodeError(
@@ -247,7 +295,8 @@ def _decode_file(fp: IO[bytes], name: str, cap: int, bg: tuple[int, int, int],
         raise _too_large_pillow(name, cap, e) from e
     except _DECODE_ERRORS as e:
         raise _decode_error(name, e) from e
-    with im:
+    # libtiff (compressed TIFFs) reports through C handlers that print to fd 2.
+    with im, captured(notes, fd_stderr=im.format == "TIFF"):
         return _decode_pil(im, name, cap, bg)
 
 
@@ -308,9 +357,13 @@ def _first_frame(im: Image.Image) -> Image.Image:
 def _apply_exif(im: Image.Image, name: str) -> tuple[Image.Image, str]:
     """Apply EXIF orientation; an unreadable EXIF block leaves the image as stored, logged."""
     try:
-        orientation = im.getexif().get(_ORIENTATION_TAG)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # corrupt EXIF: unrotated, under any warnings filter
+            orientation = im.getexif().get(_ORIENTATION_TAG)
     except _DECODE_ERRORS as e:
         _logger.warning("%s: EXIF block unreadable (%s: %s); image used without rotation", name, type(e).__name__, e)
+        warnings.warn(f"EXIF block unreadable ({type(e).__name__}: {e}); image used without rotation",
+                      UserWarning, stacklevel=1)  # recorded on the result (decode runs under captured())
         return im, f"unreadable, not rotated ({type(e).__name__})"
     if orientation in (None, 1):
         return im, "none" if orientation is None else "orientation 1"
@@ -323,47 +376,6 @@ def _apply_exif(im: Image.Image, name: str) -> tuple[Image.Image, str]:
         _logger.debug("%s: exif_transpose failed (%s); applying orientation %d directly", name, e, orientation)
         turned = im.transpose(_TRANSPOSE[orientation])
     return (turned if turned is not None else im), f"orientation {orientation} applied"
-
-
-def _to_rgb(im: Image.Image, bg: tuple[int, int, int], name: str) -> Image.Image:
-    mode = im.mode
-    if mode.startswith("I;16") or mode == "I":
-        return _sixteen_bit_to_rgb(im, name)
-    if mode == "F":
-        return _float_to_rgb(im, name)
-    if mode in _ALPHA_MODES or (mode in ("P", "L", "RGB", "1") and im.has_transparency_data):
-        rgba = im.convert("RGBA") if mode != "La" else im.convert("LA").convert("RGBA")
-        base = Image.new("RGBA", im.size, (*bg, 255))
-        return Image.alpha_composite(base, rgba).convert("RGB")
-    if mode == "RGB":
-        return im
-    return im.convert("RGB")
-
-
-def _sixteen_bit_to_rgb(im: Image.Image, name: str) -> Image.Image:
-    values = np.asarray(im).astype(np.int64)  # (H, W)
-    if values.size and (values.min() < 0 or values.max() > 65535):
-        raise ImageDecodeError(
-            f"{name} is a 32-bit integer image with values in [{values.min()}, {values.max()}], outside 0..65535; "
-            "its display range is ambiguous: scale it to 8 or 16 bits yourself and pass the PIL image"
-        )
-    grey = ((values + 128) // 257).astype(np.uint8)  # == round(v * 255 / 65535), exactly
-    return Image.fromarray(grey).convert("RGB")
-
-
-def _float_to_rgb(im: Image.Image, name: str) -> Image.Image:
-    values = np.asarray(im, dtype=np.float64)  # (H, W)
-    if values.size and not np.isfinite(values).all():
-        raise ImageDecodeError(f"{name} is a float image containing NaN or infinity; clean it before use")
-    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
-    if low < 0.0 or high > 255.0:
-        raise ImageDecodeError(
-            f"{name} is a float image with values in [{low:g}, {high:g}]; only [0, 1] or [0, 255] have a "
-            "defined meaning: scale it yourself and pass the PIL image"
-        )
-    scale = 255.0 if high <= 1.0 else 1.0
-    grey = np.rint(values * scale).astype(np.uint8)
-    return Image.fromarray(grey).convert("RGB")
 
 
 def _decode_error(name: str, e: BaseException) -> ImageDecodeError:

@@ -4,6 +4,9 @@ Routes:
     POST /v1/classify   zero-shot classification (multipart upload or JSON with base64 images)
     POST /v1/embed      image and/or text embeddings
     GET  /v1/model      model identity, provenance, golden digest, limits
+    POST /v1/embeddings OpenAI-compatible embeddings (texts; images with "modality": "image")
+    GET  /v1/models     OpenAI-compatible model list
+    GET  /metrics       Prometheus text (requests, latency, micro-batch rows, queue, readiness, integrity)
     GET  /healthz       the process is alive
     GET  /readyz        model loaded *and* the golden probe recomputes bitwise (else 503)
     GET  /              the web page;  GET /docs  the API reference (rendered locally from /openapi.json)
@@ -17,13 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from steadyclip import __version__
-from steadyclip.server import inputs, schemas
+from steadyclip.server import inputs, openai_api, schemas
+from steadyclip.server import openapi_constraints as oc
 from steadyclip.server.gate import GateMiddleware
 from steadyclip.server.http_errors import error_body, install_handlers
+from steadyclip.server.metrics import Metrics, MetricsMiddleware
 from steadyclip.server.service import Service
 from steadyclip.server.settings import ServerSettings
 
@@ -44,7 +49,8 @@ _PAGE_HEADERS = {
 _DESCRIPTION = """Reproducible OpenCLIP inference over HTTP. Every answer is bitwise the one
 `steadyclip classify --json` gives for the same input on this machine and software stack, and
 carries its provenance (weights SHA-256, state fingerprint, profile, threads, micro-batch shape).
-Errors are `{"error": {"type", "message"}}`. With a token, send `Authorization: Bearer <token>` on `/v1/*`."""
+Errors are `{"error": {"type", "message"}}` (OpenAI's error object on `/v1/embeddings` and `/v1/models`).
+Busy: 429 with `Retry-After`. With a token, send `Authorization: Bearer <token>` on `/v1/*`."""
 
 
 def create_app(engine: Any, *, settings: ServerSettings | None = None) -> FastAPI:
@@ -82,15 +88,28 @@ def create_app(engine: Any, *, settings: ServerSettings | None = None) -> FastAP
     )
     app.state.service = service
     app.state.settings = settings
+    metrics = Metrics(service)
+    service.batcher.on_batch = metrics.batch_rows.observe
+    app.state.metrics = metrics
     app.add_middleware(GateMiddleware, token=settings.token, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts what the gate refuses too
     install_handlers(app)
     _add_api_routes(app, service, settings)
+    openai_api.add_routes(app, service, settings, str(engine.loaded.info.model_id), int(engine.embedding_dim))
+
+    @app.get("/metrics", tags=["health"], responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                                                           "description": "Prometheus text exposition"}})
+    async def metrics_route() -> Response:
+        """Prometheus metrics: requests by route and status, latency, micro-batch rows, queue, readiness."""
+        body, media = metrics.render()
+        return Response(body, media_type=media)
+
     _add_web_routes(app)
     return app
 
 
 def _add_api_routes(app: FastAPI, service: Service, settings: ServerSettings) -> None:
-    @app.post("/v1/classify", tags=["inference"], openapi_extra=schemas.CLASSIFY_BODY,
+    @app.post("/v1/classify", tags=["inference"], openapi_extra=oc.classify_body(settings),
               responses={200: {"model": schemas.ClassifyResponse}, **schemas.ERRORS})
     async def classify(request: Request) -> JSONResponse:
         """Zero-shot classify image(s) against labels; probabilities + provenance.
@@ -103,7 +122,7 @@ def _add_api_routes(app: FastAPI, service: Service, settings: ServerSettings) ->
 
         return JSONResponse(await service.with_timeout(work()))
 
-    @app.post("/v1/embed", tags=["inference"], openapi_extra=schemas.EMBED_BODY,
+    @app.post("/v1/embed", tags=["inference"], openapi_extra=oc.embed_body(settings),
               responses={200: {"model": schemas.EmbedResponse}, **schemas.ERRORS})
     async def embed(request: Request) -> JSONResponse:
         """L2-normalised float32 embeddings of images and/or texts.

@@ -32,7 +32,7 @@ T = TypeVar("T")
 
 
 class Overloaded(Exception):
-    """The job queue is full; the caller should answer 503 with Retry-After."""
+    """The job queue is full; the caller should answer 429 with Retry-After."""
 
 
 @dataclass
@@ -84,6 +84,7 @@ class Batcher:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
         self._thread: threading.Thread | None = None
         self.stats = BatchStats()
+        self.on_batch: Callable[[int], None] | None = None  # called with each forward's row count (metrics)
 
     # ---- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -101,6 +102,11 @@ class Batcher:
         if self._thread.is_alive():
             _logger.warning("engine worker did not stop within %.0fs (a forward is still running)", timeout)
         self._thread = None
+
+    @property
+    def queue_depth(self) -> int:
+        """Jobs waiting for the worker (approximate, like every queue size read from another thread)."""
+        return self._queue.qsize()
 
     @property
     def running(self) -> bool:
@@ -183,6 +189,8 @@ class Batcher:
         self.stats.batches += 1
         self.stats.rows += int(pixels.shape[0])
         self.stats.largest = max(self.stats.largest, int(pixels.shape[0]))
+        if self.on_batch is not None:
+            self.on_batch(int(pixels.shape[0]))
         offset = 0
         for j in live:
             n = j.pixels.shape[0]

@@ -14,7 +14,7 @@ from typing import Any
 
 from starlette.datastructures import Headers
 
-from steadyclip.server.http_errors import ApiError, error_body
+from steadyclip.server.http_errors import ApiError, error_doc
 
 _logger = logging.getLogger(__name__)
 
@@ -49,10 +49,11 @@ class GateMiddleware:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
+        path = str(scope["path"])
         protected = self._token is not None and scope["path"].startswith(PROTECTED_PREFIX)
         if protected and not self._authorised(headers.get("authorization", "")):
-            await _send_json(send, 401, error_body(
-                "Unauthorized",
+            await _send_json(send, 401, error_doc(
+                path, 401, "Unauthorized",
                 "missing or wrong bearer token: send the header 'Authorization: Bearer <token>' with the "
                 "token the server was started with (--token or $STEADYCLIP_TOKEN)",
             ), {"www-authenticate": "Bearer"})
@@ -60,11 +61,12 @@ class GateMiddleware:
         declared = headers.get("content-length")
         if declared is not None:
             if not declared.isdigit():
-                await _send_json(send, 400, error_body("BadRequest", f"Content-Length {declared!r} is not a number"))
+                await _send_json(send, 400, error_doc(path, 400, "BadRequest",
+                                                      f"Content-Length {declared!r} is not a number"))
                 return
             if int(declared) > self.max_body_bytes:
                 err = body_too_large(self.max_body_bytes, int(declared))
-                await _send_json(send, err.status, error_body(err.type, err.message))
+                await _send_json(send, err.status, error_doc(path, err.status, err.type, err.message))
                 return
 
         received = 0
@@ -90,7 +92,7 @@ class GateMiddleware:
         except ApiError as e:  # raised while reading the body outside a route's handlers
             if started:
                 raise
-            await _send_json(send, e.status, error_body(e.type, e.message))
+            await _send_json(send, e.status, error_doc(path, e.status, e.type, e.message))
 
     def _authorised(self, header: str) -> bool:
         assert self._token is not None

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+_WARN_HELP = "what the image decoders warned about: {index, source, message} per message"
 _B64_HELP = "base64 image bytes (PNG, JPEG, WebP, ...), optionally as a data: URL"
 
 
@@ -64,49 +65,15 @@ class ClassifyResponse(BaseModel):
     results: list[ClassifyResult]
     provenance: dict[str, Any] = Field(..., description="weights hash, fingerprint, profile, threads, versions...")
     errors: int = Field(0, description="always 0: a bad image fails the whole request with a 4xx")
+    warnings: list[dict[str, Any]] = Field(default_factory=list, description=_WARN_HELP)
 
 
 class EmbedResponse(BaseModel):
     images: list[dict[str, Any]]
     texts: list[dict[str, Any]]
     provenance: dict[str, Any]
+    warnings: list[dict[str, Any]] = Field(default_factory=list, description=_WARN_HELP)
 
-
-def _multipart_schema(fields: dict[str, Any], required: list[str]) -> dict[str, Any]:
-    return {"schema": {"type": "object", "properties": fields, "required": required}}
-
-
-_FILE = {"type": "string", "format": "binary"}
-
-CLASSIFY_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": _multipart_schema({
-                "image": {"type": "array", "items": _FILE, "description": "image file(s)"},
-                "labels": {"type": "array", "items": {"type": "string"},
-                           "description": "one label per field (or several, one per line)"},
-                "templates": {"type": "string", "description": "'photo' or 'openai-imagenet'"},
-                "top_k": {"type": "integer", "default": 3},
-            }, ["image", "labels"]),
-            "application/json": {"schema": ClassifyJSON.model_json_schema()},
-        },
-    }
-}
-
-EMBED_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": _multipart_schema({
-                "image": {"type": "array", "items": _FILE},
-                "texts": {"type": "array", "items": {"type": "string"}, "description": "one text per field"},
-                "encoding": {"type": "string", "enum": ["float", "base64"], "default": "float"},
-            }, []),
-            "application/json": {"schema": EmbedJSON.model_json_schema()},
-        },
-    }
-}
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": what}
@@ -115,8 +82,9 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         401: "missing or wrong bearer token",
         413: "body or image too large",
         415: "unsupported Content-Type",
+        429: "overloaded: retry after the Retry-After seconds",
         422: "invalid labels, texts, templates, top_k or undecodable image",
-        503: "overloaded, not ready, or the model failed an integrity check",
+        503: "not ready, or the model failed an integrity check",
         504: "request took longer than the server's timeout",
     }.items()
 }

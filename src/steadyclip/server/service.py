@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from starlette.concurrency import run_in_threadpool
 
-from steadyclip.errors import SteadyClipError
+from steadyclip.errors import InferenceStateError, IntegrityError, SteadyClipError
+from steadyclip.images import decode_image
 from steadyclip.server import golden as golden_mod
 from steadyclip.server.batcher import Batcher, Overloaded
 from steadyclip.server.http_errors import ApiError, from_library_error
@@ -44,6 +45,9 @@ class Service:
         self.provenance: dict[str, Any] | None = None
         self.started_at: float | None = None
         self._decode_slots: asyncio.Semaphore | None = None  # created on the server's event loop
+        self.overloads = 0  # requests refused with 429
+        self.integrity_failures = 0  # requests or readiness probes refused because the model changed
+        self.ready = False  # the last readiness probe's verdict
 
     # ---- lifecycle ----------------------------------------------------------------------
     async def startup(self) -> None:
@@ -74,7 +78,8 @@ class Service:
         try:
             return submit()
         except Overloaded as e:
-            raise ApiError(503, "Overloaded", f"the server is busy ({e}); retry in a second",
+            self.overloads += 1
+            raise ApiError(429, "Overloaded", f"the server is busy ({e}); retry after the Retry-After seconds",
                            headers={"retry-after": "1"}) from e
         except RuntimeError as e:
             raise ApiError(503, "NotReady", f"{e}; retry shortly") from e
@@ -88,31 +93,48 @@ class Service:
         row: np.ndarray = emb[0]
         return row
 
-    async def _preprocess(self, images: list[ImagePayload]) -> torch.Tensor:
-        """Decode + preprocess in the thread pool, a bounded number of requests at a time."""
+    async def _preprocess(self, images: list[ImagePayload]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+        """Decode + preprocess in the thread pool, a bounded number of requests at a time.
+
+        Returns the (n, 3, H, W) pixels and the decoders' warnings, one entry per message.
+        """
         if self._decode_slots is None:
             raise ApiError(503, "NotReady", "the server is still starting; retry shortly")
         async with self._decode_slots:
             return await run_in_threadpool(self._preprocess_all, images)
 
-    def _preprocess_all(self, images: list[ImagePayload]) -> torch.Tensor:
+    def _preprocess_all(self, images: list[ImagePayload]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
         """Decode and preprocess every image (thread pool); the first bad one fails the request."""
         tensors = []
+        notes: list[dict[str, Any]] = []
         for i, img in enumerate(images):
             try:
-                tensors.append(self._preprocess_one(img.data))
+                tensor, warned = self._preprocess_one(img.data)
+                tensors.append(tensor)
+                notes += [{"index": i, "source": img.name, "message": m} for m in warned]
             except SteadyClipError as e:
                 api = from_library_error(e)
                 name = f" ({img.name})" if img.name else ""
                 raise ApiError(api.status, api.type, f"image #{i}{name}: {api.message}") from e
-        return torch.stack(tensors)  # (n, 3, H, W)
+        return torch.stack(tensors), notes  # (n, 3, H, W)
 
-    def _preprocess_one(self, data: bytes) -> torch.Tensor:
-        if self.settings.max_pixels is None:
-            return self.engine.preprocess(data)  # type: ignore[no-any-return]
-        from steadyclip.images import load_image
+    def _preprocess_one(self, data: bytes) -> tuple[torch.Tensor, tuple[str, ...]]:
+        # Decoded here (not by engine.preprocess) to keep the decoders' warnings; the engine's
+        # transform of the decoded RGB image is the same computation `steadyclip embed` runs.
+        decoded = decode_image(data, max_pixels=self.settings.max_pixels)
+        return self.engine.preprocess(decoded.image), decoded.warnings
 
-        return self.engine.preprocess(load_image(data, max_pixels=self.settings.max_pixels))  # type: ignore[no-any-return]
+    @property
+    def created(self) -> int:
+        """Unix time the server started (OpenAI's model ``created``)."""
+        return int(self.started_at or time.time())
+
+    async def count_tokens(self, texts: list[str]) -> int:
+        """Tokens the model's tokenizer makes of ``texts``, start/end markers included (OpenAI's usage)."""
+        def count() -> int:
+            return int((self.engine.loaded.tokenizer(texts) != 0).sum())
+
+        return await self._engine(count)
 
     # ---- requests -----------------------------------------------------------------------
     async def with_timeout(self, work: Awaitable[T]) -> T:
@@ -131,7 +153,7 @@ class Service:
         labels, tset = inp.labels, inp.templates
         classes_fut = self._submit(lambda: self.batcher.submit_call(lambda: self.engine.class_embeddings(labels, tset)))
         try:
-            pixels = await self._preprocess(inp.images)
+            pixels, notes = await self._preprocess(inp.images)
         except BaseException:
             classes_fut.cancel()
             raise
@@ -139,16 +161,16 @@ class Service:
         results = await self._engine(
             lambda: self.engine.classify_embeddings(image_emb, classes, labels, tset, top_k=inp.top_k))
         rows = [{**res.to_dict(with_provenance=False), "source": img.name} for img, res in zip(inp.images, results)]
-        return {"results": rows, "provenance": results[0].provenance.to_dict(), "errors": 0}
+        return {"results": rows, "provenance": results[0].provenance.to_dict(), "errors": 0, "warnings": notes}
 
     async def embed(self, inp: EmbedInput) -> dict[str, Any]:
         """The ``embed --json`` document for one request."""
         texts_fut = (self._submit(lambda: self.batcher.submit_call(lambda: self.engine.embed_texts(inp.texts)))
                      if inp.texts else None)
-        doc: dict[str, Any] = {"images": [], "texts": []}
+        doc: dict[str, Any] = {"images": [], "texts": [], "warnings": []}
         if inp.images:
             try:
-                pixels = await self._preprocess(inp.images)
+                pixels, doc["warnings"] = await self._preprocess(inp.images)
             except BaseException:
                 if texts_fut is not None:
                     texts_fut.cancel()
@@ -175,11 +197,15 @@ class Service:
             problem = e.message
         except TimeoutError:
             problem = f"the self-check did not finish within {self.settings.request_timeout_s:g}s (engine stuck?)"
-        except Exception as e:  # noqa: BLE001 - an integrity error, NaNs...: unready, with the reason
+        except (IntegrityError, InferenceStateError) as e:
+            self.integrity_failures += 1
+            problem = f"{type(e).__name__}: {e}"
+        except Exception as e:  # noqa: BLE001 - NaNs, a dead worker...: unready, with the reason
             problem = f"{type(e).__name__}: {e}"
         detail["check_ms"] = round((time.perf_counter() - t0) * 1000, 3)
         if problem is not None:
             detail["problem"] = problem
+        self.ready = problem is None
         return problem is None, detail
 
     def model_document(self) -> dict[str, Any]:
