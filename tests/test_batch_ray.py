@@ -86,3 +86,26 @@ def test_actor_with_different_settings_is_refused(engine: Engine, folder: Path) 
     pipeline.spec["micro_batch"] = 3  # as if a node had a different steadyclip configuration
     with pytest.raises(IntegrityError, match="micro_batch: driver 4, actor 3"):
         list(pipeline.run(iter(list(open_inputs(folder))[:2]), part_size=4))
+
+
+def test_two_node_cluster_uses_both_nodes_and_writes_the_local_rows(engine: Engine, folder: Path,
+                                                                    tmp_path: Path) -> None:
+    """A real 2-node Ray cluster on this machine: actors on both nodes, the same file as the local backend."""
+    from ray.cluster_utils import Cluster
+
+    local, remote = tmp_path / "local.parquet", tmp_path / "ray.parquet"
+    kw = {"labels": demo_labels(), "embeddings": True, "part_size": 6}
+    run_batch(folder, engine, out=local, **kw)  # type: ignore[arg-type]
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+        summary = run_batch(folder, engine, out=remote, backend="ray", ray_address=cluster.address,
+                            **kw)  # type: ignore[arg-type]
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert len(summary.execution["ray_nodes"]) == 2, "one actor per CPU: both nodes must have computed rows"
+    assert remote.read_bytes() == local.read_bytes()

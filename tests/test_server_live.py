@@ -27,9 +27,13 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("live")
 
 
-@pytest.fixture(scope="module")
-def server(workdir: Path) -> Iterator[str]:
-    with serve_process(workdir, "steadyclip-demo", "--batch-wait-ms", "10") as url:
+@pytest.fixture(scope="module", params=["1", "3"], ids=["replicas1", "replicas3"])
+def server(workdir: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    """One engine process, and three replicas behind the micro-batcher: the same answers from both."""
+    with serve_process(workdir, "steadyclip-demo", "--batch-wait-ms", "10", "--replicas", request.param) as url:
+        doc = httpx.get(f"{url}/v1/model", timeout=30).json()
+        assert doc["execution"]["replicas"] == int(request.param)
+        assert doc["batching"]["max_rows"] == 8 * int(request.param)
         yield url
 
 

@@ -36,6 +36,16 @@ from PIL import Image
 _logger = logging.getLogger(__name__)
 
 _LOCK = threading.RLock()
+
+
+def _fresh_lock_after_fork() -> None:
+    # An engine replica is forked with only the forking thread: a lock another thread held
+    # (a server decoding a request) would stay held in it forever.
+    global _LOCK
+    _LOCK = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_fresh_lock_after_fork)
 _MAX_CHARS = 500  # one warning's text; a decoder can print a whole tag dump
 
 

@@ -26,7 +26,8 @@ import numpy as np
 from steadyclip.batch import _prep
 from steadyclip.batch._prep import ItemResult
 from steadyclip.batch.inputs import InputItem
-from steadyclip.errors import BatchJobError, IntegrityError, SteadyClipError
+from steadyclip.errors import BatchJobError, InputError, IntegrityError, SteadyClipError
+from steadyclip.layout import usable_cpus
 
 _logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def engine_spec(engine: Any) -> dict[str, Any]:
     return {
         "source": source, "pretrained": info.pretrained, "guard": engine.loaded.guard,
         "profile": engine.profile.name, "micro_batch": engine.micro_batch,
-        "text_micro_batch": engine.text_micro_batch, "threads": engine.profile.threads,
+        "text_micro_batch": engine.text_micro_batch, "threads": engine.threads,
         "batch_invariance": engine.batch_invariance,
     }
 
@@ -73,9 +74,13 @@ class _EmbedActor:
         from steadyclip.loading import load
 
         loaded = load(spec["source"], pretrained=spec["pretrained"], guard=spec["guard"])
+        # One process per actor: the actor is the replica (Ray spreads actors over CPUs and nodes).
         self.engine = Engine(loaded, profile=spec["profile"], micro_batch=spec["micro_batch"],
-                             text_micro_batch=spec["text_micro_batch"], threads=spec["threads"], text_cache=None,
-                             batch_invariance=spec["batch_invariance"])
+                             text_micro_batch=spec["text_micro_batch"], threads=spec["threads"], replicas=1,
+                             text_cache=None, batch_invariance=spec["batch_invariance"])
+        import ray
+
+        self.node = ray.get_runtime_context().get_node_id()
         actual = self.engine.provenance.to_dict()
         diffs = [f"{k}: driver {expected[k]!r}, actor {actual[k]!r}" for k in _MUST_MATCH if actual[k] != expected[k]]
         if diffs:
@@ -104,22 +109,27 @@ class _EmbedActor:
             "error_message": np.array([p.error_message or "" for p in prepared], dtype=object),
             "ok": np.array([p.pixels is not None for p in prepared], dtype=bool),
             "embedding": emb,
+            "node": np.array([self.node] * len(prepared), dtype=object),
         }
 
 
 class RayPipeline:
     """The model stage of a batch job on Ray Data (drop-in for ``LocalPipeline``)."""
 
-    def __init__(self, engine: Any, *, dim: int, address: str | None = None, actors: int = 1,
-                 max_file_bytes: int = _prep.DEFAULT_MAX_FILE_BYTES, batch_size: int | None = None) -> None:
-        if actors < 1:
-            raise ValueError(f"actors must be >= 1, got {actors}")
+    def __init__(self, engine: Any, *, dim: int, address: str | None = None, actors: int | None = None,
+                 max_file_bytes: int = _prep.DEFAULT_MAX_FILE_BYTES, batch_size: int | None = None,
+                 verbose: bool = False) -> None:
+        if actors is not None and (isinstance(actors, bool) or not isinstance(actors, int) or actors < 1):
+            raise InputError(f"actors must be an int >= 1 (or None: one per {engine.threads} CPU(s) of the "
+                             f"cluster), got {actors!r}")
         self.engine = engine
         self.dim = dim
         self.address = address
         self.actors = actors
         self.max_file_bytes = max_file_bytes
         self.batch_size = batch_size or 4 * engine.micro_batch
+        self.verbose = verbose
+        self.nodes: set[str] = set()  # Ray nodes whose actors computed rows
         self.spec = engine_spec(engine)  # what actors rebuild; they verify it against the driver's provenance
         self.model_s = 0.0  # not measured: the model runs in the actors
         self.wait_s = 0.0
@@ -128,13 +138,21 @@ class RayPipeline:
         """Connect to ``address`` or start a small local Ray; True if we started it (and must stop it)."""
         if ray.is_initialized():
             return False
+        quiet = {} if self.verbose else {"logging_level": logging.WARNING, "configure_logging": True}
         if self.address:
-            ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
+            ray.init(address=self.address, include_dashboard=False, log_to_driver=self.verbose, **quiet)
         else:
-            threads = self.engine.profile.threads
-            ray.init(num_cpus=max(2, self.actors * threads + 1), include_dashboard=False, log_to_driver=False,
-                     object_store_memory=256 * 1024 * 1024)
+            want = (self.actors or usable_cpus() // self.engine.threads) * self.engine.threads
+            ray.init(num_cpus=max(2, want), include_dashboard=False, log_to_driver=self.verbose,
+                     object_store_memory=256 * 1024 * 1024, **quiet)
         return True
+
+    def _actor_count(self, ray: Any) -> int:
+        """The given count, or one actor per ``threads`` CPUs the cluster has (all nodes)."""
+        if self.actors is not None:
+            return self.actors
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        return max(1, cpus // int(self.engine.threads))
 
     def run(self, items: Iterator[InputItem], part_size: int) -> Iterator[list[ItemResult]]:
         """Ordered results for ``items``, one Ray batch at a time."""
@@ -154,10 +172,11 @@ class RayPipeline:
                 fn_constructor_kwargs={"spec": self.spec, "expected": expected, "dim": self.dim,
                                        "max_file_bytes": self.max_file_bytes},
                 batch_size=self.batch_size, batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=self.actors),
-                num_cpus=self.engine.profile.threads,
+                compute=ray.data.ActorPoolStrategy(size=self._actor_count(ray)),
+                num_cpus=self.engine.threads,
             )
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                self.nodes.update(str(n) for n in batch["node"])
                 yield _results(batch)
         except SteadyClipError:
             raise

@@ -71,6 +71,7 @@ class BatchSummary:
     micro_batch: int
     already_complete: bool
     provenance: dict[str, Any] = field(default_factory=dict)
+    execution: dict[str, Any] = field(default_factory=dict)  # layout: replicas, CPUs, Ray nodes (speed only)
 
     @property
     def items_per_s(self) -> float:
@@ -106,6 +107,7 @@ def run_batch(
     max_file_bytes: int = _prep.DEFAULT_MAX_FILE_BYTES,
     ray_address: str | None = None,
     ray_actors: int | None = None,
+    verbose: bool = False,
     progress: Callable[[BatchProgress], None] | None = None,
 ) -> BatchSummary:
     """Classify and/or embed every image of a folder, glob, manifest or list into one Parquet file.
@@ -130,7 +132,8 @@ def run_batch(
         start_method: multiprocessing start method for decoders (default "fork" where available).
         max_file_bytes: files larger than this are error rows, never read.
         ray_address: an existing Ray cluster (default: start a local one).
-        ray_actors: model actors for the Ray backend (default: ``workers`` or 1).
+        ray_actors: model actors for the Ray backend (default: ``workers``, else one per CPU of the cluster).
+        verbose: let Ray's own logs through (they are quiet by default).
         progress: called with a :class:`BatchProgress` after each model step.
     Returns:
         A :class:`BatchSummary`.
@@ -174,7 +177,7 @@ def run_batch(
             meta = read_metadata(store.out)
             _logger.info("%s already holds this job; nothing to do", store.out)
             return BatchSummary(store.out, n, meta["ok"], meta["errors"], n, 0, time.perf_counter() - t0, 0.0,
-                                0.0, backend, n_workers, engine.profile.threads, engine.micro_batch, True,
+                                0.0, backend, n_workers, engine.threads, engine.micro_batch, True,
                                 provenance)
         hasher = _ListingHasher()
         pending = (it for it in hasher.watch(source) if it.index // part_size not in state.done_parts)
@@ -182,7 +185,8 @@ def run_batch(
             from steadyclip.distributed import RayPipeline
 
             pipeline: Any = RayPipeline(engine, dim=model_dim, address=ray_address,
-                                        actors=ray_actors or max(1, n_workers), max_file_bytes=max_file_bytes)
+                                        actors=ray_actors or workers or None, max_file_bytes=max_file_bytes,
+                                        verbose=verbose)
         elif workers is None and engine.replicas > 1:
             pipeline = ReplicaPipeline(engine, max_file_bytes=max_file_bytes)
             n_workers = pipeline.workers
@@ -205,10 +209,21 @@ def run_batch(
         ok, errors = store.assemble(schema, metadata)
     elapsed = time.perf_counter() - t0
     summary = BatchSummary(store.out, n, ok, errors, state.done_rows, n - state.done_rows, elapsed,
-                           pipeline.model_s, pipeline.wait_s, backend, n_workers, engine.profile.threads,
-                           engine.micro_batch, False, provenance)
+                           pipeline.model_s, pipeline.wait_s, backend, n_workers, engine.threads,
+                           engine.micro_batch, False, provenance, _execution(engine, pipeline))
     _logger.info("batch done: %d rows (%d ok, %d errors) in %.1fs -> %s", n, ok, errors, elapsed, store.out)
     return summary
+
+
+def _execution(engine: Any, pipeline: Any) -> dict[str, Any]:
+    """The job's layout (never written into the file: rows do not depend on it)."""
+    doc: dict[str, Any] = engine.execution.to_dict()
+    doc["pipeline"] = type(pipeline).__name__
+    doc["workers"] = getattr(pipeline, "workers", None)
+    nodes = getattr(pipeline, "nodes", None)
+    if nodes is not None:
+        doc["ray_nodes"] = sorted(nodes)
+    return doc
 
 
 def _embedding_dim(engine: Any, class_emb: np.ndarray | None) -> int:

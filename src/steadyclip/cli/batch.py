@@ -21,19 +21,21 @@ from steadyclip.cli.classify import _labels, build_engine, model_options
 @click.option("--embeddings", is_flag=True, help="Also write the float32 image embedding (column 'embedding').")
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="The Parquet file to write.")
 @click.option("--engine", "backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="Run the model here (with decoder processes) or on Ray Data actors.")
+              help="Run the model here (engine replicas on every usable CPU) or on Ray Data actors.")
 @click.option("--address", default=None, help="Ray cluster address (default: start a local Ray).")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
-              help="Decoder processes (local; 0 = a thread) or model actors (ray). Default: CPUs - 1.")
+              help="Local: decoder processes feeding one model process (0 = a thread) instead of the default, "
+                   "engine replicas that each decode and embed. Ray: model actors (default: one per cluster CPU).")
 @click.option("--part-size", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Rows per part file: how much work a kill can lose.")
 @click.option("--restart", is_flag=True, help="Discard an earlier run's parts or output at --out and start over.")
+@click.option("--verbose", is_flag=True, help="Let Ray's own logs through (quiet by default).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when a terminal).")
 @model_options
 @handle_errors
 def batch(input_spec: str, labels: str | None, labels_file: str | None, templates: str | None, top_k: int,
           all_probs: bool, embeddings: bool, out: str, backend: str, address: str | None, workers: int | None,
-          part_size: int, restart: bool, progress: bool | None, model: str, pretrained: str | None,
+          part_size: int, restart: bool, verbose: bool, progress: bool | None, model: str, pretrained: str | None,
           lock_path: str | None, profile: str, micro_batch: int, threads: int | None, replicas: int | None, as_json: bool) -> None:
     """Classify (and/or embed) every image in INPUT into one Parquet file, resumably.
 
@@ -53,7 +55,7 @@ def batch(input_spec: str, labels: str | None, labels_file: str | None, template
         summary = run_batch(input_spec, engine, out=out, labels=label_list, templates=templates, top_k=top_k,
                             all_probs=all_probs, embeddings=embeddings, backend=backend,  # type: ignore[arg-type]
                             workers=workers, part_size=part_size, restart=restart, ray_address=address,
-                            progress=bar)
+                            verbose=verbose, progress=bar)
     finally:
         if bar is not None:
             bar.close()

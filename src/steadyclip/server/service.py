@@ -39,7 +39,9 @@ class Service:
     def __init__(self, engine: Any, settings: ServerSettings) -> None:
         self.engine = engine
         self.settings = settings
-        self.batcher = Batcher(engine, max_rows=int(getattr(engine, "micro_batch", 8)),
+        # One micro-batch per replica per round: concurrent requests keep every replica busy.
+        rows = int(getattr(engine, "micro_batch", 8)) * int(getattr(engine, "replicas", 1))
+        self.batcher = Batcher(engine, max_rows=rows,
                                max_wait_s=settings.batch_wait_ms / 1000.0, max_queue=settings.max_queue)
         self.golden = golden_mod.Golden()
         self.provenance: dict[str, Any] | None = None
@@ -53,6 +55,9 @@ class Service:
     async def startup(self) -> None:
         """Start the engine thread, run the engine's self-checks, record the golden reference."""
         self._decode_slots = asyncio.Semaphore(self.settings.decode_concurrency)
+        start_replicas = getattr(self.engine, "start_replicas", None)
+        if start_replicas is not None:
+            start_replicas()  # fork them now, before the engine thread exists
         self.batcher.start()
         try:
             prov = await self._engine(lambda: self.engine.provenance.to_dict())
@@ -220,6 +225,9 @@ class Service:
                          **self.batcher.stats.to_dict()},
             "suggested_labels": _suggested_labels(info.arch),
         }
+        execution = getattr(self.engine, "execution", None)
+        if execution is not None:  # replicas, threads, CPUs: how the answers are computed here
+            doc["execution"] = execution.to_dict()
         return doc
 
 
