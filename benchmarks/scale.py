@@ -1,0 +1,254 @@
+"""Every core, same bits: steadyclip's defaults vs a user's open_clip loop, at 1 core and at all cores.
+
+    python -m benchmarks.scale              # 192 JPEGs, ViT-B-32 (random init), ~6 min on 2 vCPUs
+    python -m benchmarks.scale --quick      # 24 JPEGs, a smoke run
+
+Side by side in one run, alternating, each a whole process (start-up included):
+(a) ``benchmarks.openclip_loop`` (DataLoader, ``num_workers`` = CPUs, batch 32, torch's default threads),
+(b) ``steadyclip batch DIR --embeddings`` with its defaults, each under ``taskset -c 0`` and on all CPUs;
+(c) ``steadyclip serve`` with 16 clients at ``--replicas 1`` and ``--replicas CPUs``, at 1 core and all.
+Peak RSS is sampled over each process tree; an extra replica's cost is its USS (private memory: the
+weights are shared copy-on-write, so RSS would count them once per process).
+Writes ``benchmarks/results/<date>-<host>-scale.{json,md}``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+ARCH = "ViT-B-32"
+
+
+def _prep(work: Path, n: int) -> tuple[Path, Path]:
+    """``n`` photo-like JPEGs (640x480 .. 1600x1200) and random-init ViT-B-32 weights as safetensors."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    from benchmarks.images import SIZES, render
+
+    folder = work / "jpegs"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        w, h = SIZES[i % len(SIZES)]
+        render(np.random.default_rng([12, i]), w, h).save(folder / f"img_{i:04d}.jpg", quality=90)
+    torch.manual_seed(0)
+    model = open_clip.create_model(ARCH)
+    weights = work / "vit-b-32.safetensors"
+    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, str(weights))
+    return folder, weights
+
+
+class _Sampler:
+    """Peak RSS of a process tree (sum) and of its largest process, sampled every 50 ms."""
+
+    def __init__(self, pid: int) -> None:
+        self.root = psutil.Process(pid)
+        self.peak_tree = self.peak_proc = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _procs(self) -> list[psutil.Process]:
+        with contextlib.suppress(psutil.Error):
+            return [self.root, *self.root.children(recursive=True)]
+        return []
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            rss = []
+            for p in self._procs():
+                with contextlib.suppress(psutil.Error):
+                    rss.append(p.memory_info().rss)
+            if rss:
+                self.peak_tree = max(self.peak_tree, sum(rss))
+                self.peak_proc = max(self.peak_proc, max(rss))
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        return {"peak_rss_tree_mb": self.peak_tree / 2**20, "peak_rss_process_mb": self.peak_proc / 2**20}
+
+
+def _cpu_prefix(cores: str) -> list[str]:
+    return ["taskset", "-c", "0"] if cores == "1" else []
+
+
+def _timed(cmd: Sequence[str], env: dict[str, str]) -> dict[str, Any]:
+    t = time.perf_counter()
+    proc = subprocess.Popen(list(cmd), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    sampler = _Sampler(proc.pid)
+    _, err = proc.communicate(timeout=1800)
+    out = {"wall_s": time.perf_counter() - t, **sampler.stop()}
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err.decode()[-2000:]}")
+    return out
+
+
+def _whole_process(folder: Path, weights: Path, work: Path, env: dict[str, str], repeats: int) -> dict[str, Any]:
+    n = len(list(folder.glob("*.jpg")))
+    cmds = {
+        "openclip_loop": [sys.executable, "-m", "benchmarks.openclip_loop", str(weights), str(folder),
+                          str(work / "oc.npy")],
+        "steadyclip_batch": [sys.executable, "-m", "steadyclip", "batch", str(folder), "--embeddings",
+                             "-m", ARCH, "--pretrained", str(weights), "--out", str(work / "sc.parquet"),
+                             "--restart", "--no-progress"],
+    }
+    # Warm start for steadyclip (hash cache, self-check verdicts), as every run after a user's first.
+    subprocess.run(cmds["steadyclip_batch"], env=env, check=True, capture_output=True)
+    results: dict[str, Any] = {}
+    for cores in ("1", "all"):
+        for rep in range(repeats):
+            for name in (("openclip_loop", "steadyclip_batch") if rep % 2 == 0 else
+                         ("steadyclip_batch", "openclip_loop")):
+                r = _timed(_cpu_prefix(cores) + cmds[name], env)
+                results.setdefault(f"{name}@{cores}", []).append(r)
+    summary = {}
+    for key, runs in results.items():
+        best = min(runs, key=lambda r: r["wall_s"])
+        summary[key] = {"best_wall_s": best["wall_s"], "img_per_s": n / best["wall_s"],
+                        "walls_s": [r["wall_s"] for r in runs],
+                        "peak_rss_tree_mb": max(r["peak_rss_tree_mb"] for r in runs),
+                        "peak_rss_process_mb": max(r["peak_rss_process_mb"] for r in runs)}
+    return summary
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def _server(weights: Path, replicas: int, cores: str, env: dict[str, str]) -> Iterator[tuple[str, int]]:
+    import httpx
+
+    port = _free_port()
+    cmd = _cpu_prefix(cores) + [sys.executable, "-m", "steadyclip", "serve", ARCH, "--pretrained", str(weights),
+                                "--replicas", str(replicas), "--port", str(port), "--log-level", "warning",
+                                "--max-images", "16"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}: {cmd}")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError("server not ready in 300 s")
+            time.sleep(0.25)
+        yield url, proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _memory(pid: int, weights_bytes: int) -> dict[str, Any]:
+    root = psutil.Process(pid)
+    kids = [p for p in root.children(recursive=True) if "zygote" not in " ".join(p.cmdline())]
+    replicas = [p for p in kids if p.ppid() != pid]  # forked by the zygote
+    uss = [p.memory_full_info().uss for p in replicas]
+    return {"server_rss_mb": root.memory_info().rss / 2**20, "replica_uss_mb": [u / 2**20 for u in uss],
+            "replica_uss_vs_weights": [u / weights_bytes for u in uss]}
+
+
+def _servers(folder: Path, weights: Path, env: dict[str, str], requests: int) -> dict[str, Any]:
+    from benchmarks.loadtest import run_loadtest
+
+    image = min(folder.glob("*.jpg")).read_bytes()
+    cpus = len(os.sched_getaffinity(0))
+    out: dict[str, Any] = {}
+    for cores in ("1", "all"):
+        for k in sorted({1, cpus}):
+            with _server(weights, k, cores, env) as (url, pid):
+                load = run_loadtest(url, image, ["a cat", "a dog", "a car"], clients=16, requests=requests,
+                                    max_seconds=300, warmup=2)
+                mem = _memory(pid, weights.stat().st_size)
+            out[f"K={k}@{cores}"] = {"rps": load["throughput_rps"], "latency_ms": load["latency_ms"],
+                                     "distinct_answers": load["distinct_answers"],
+                                     "status": load.get("status_codes"), **mem}
+    return out
+
+
+def _report(doc: dict[str, Any]) -> str:
+    wp, srv, cpus = doc["whole_process"], doc["server"], doc["cpus"]
+    lines = [f"# Scale benchmark ({doc['date']}, {doc['host']}, {cpus} CPUs: {doc['cpu_model']})", "",
+             (f"{doc['images']} JPEGs (640x480..1600x1200), {ARCH} random init, whole processes, best of "
+              f"{doc['repeats']}, alternating order."), "",
+             "| job | 1 core (taskset -c 0) | all cores | 1 -> all | peak RSS tree / largest process |",
+             "|---|---|---|---|---|"]
+    for name in ("openclip_loop", "steadyclip_batch"):
+        one, all_ = wp[f"{name}@1"], wp[f"{name}@all"]
+        lines.append(f"| {name} | {one['best_wall_s']:.1f} s ({one['img_per_s']:.1f} img/s) | "
+                     f"{all_['best_wall_s']:.1f} s ({all_['img_per_s']:.1f} img/s) | "
+                     f"{one['best_wall_s'] / all_['best_wall_s']:.2f}x | "
+                     f"{all_['peak_rss_tree_mb']:.0f} / {all_['peak_rss_process_mb']:.0f} MB |")
+    for cores in ("1", "all"):
+        r = wp[f"openclip_loop@{cores}"]["best_wall_s"] / wp[f"steadyclip_batch@{cores}"]["best_wall_s"]
+        lines.append(f"\nsteadyclip batch vs open_clip loop at {cores} core(s): **{r:.2f}x** (wall-time ratio)")
+    lines += ["", "| server, 16 clients | req/s | p50 / p99 ms | server RSS | USS per replica (x weights) |",
+              "|---|---|---|---|---|"]
+    for key, s in srv.items():
+        uss = ", ".join(f"{u:.0f} MB ({v:.1%})" for u, v in zip(s["replica_uss_mb"], s["replica_uss_vs_weights"]))
+        lines.append(f"| {key} | {s['rps']:.1f} | {s['latency_ms']['p50']:.0f} / {s['latency_ms']['p99']:.0f} | "
+                     f"{s['server_rss_mb']:.0f} MB | {uss or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--images", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None)
+    args = ap.parse_args(argv)
+    n = args.images or (24 if args.quick else 192)
+    repeats = args.repeats or (1 if args.quick else 2)
+    with tempfile.TemporaryDirectory(prefix="steadyclip-scale-") as tmp:
+        work = Path(tmp)
+        folder, weights = _prep(work, n)
+        env = dict(os.environ, STEADYCLIP_CACHE_DIR=str(work / "cache"), PYTHONPATH=str(REPO / "src"))
+        doc: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "host": socket.gethostname(), "images": n,
+                               "repeats": repeats, "cpus": len(os.sched_getaffinity(0)),
+                               "cpu_model": _cpu_model()}
+        doc["whole_process"] = _whole_process(folder, weights, work, env, repeats)
+        doc["server"] = _servers(folder, weights, env, 32 if args.quick else 96)
+    out = REPO / "benchmarks" / "results" / f"{doc['date']}-{'vm' if not args.quick else 'quick'}-scale"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(doc, indent=2, sort_keys=True))
+    text = _report(doc)
+    out.with_suffix(".md").write_text(text)
+    print(text)
+    return 0
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
