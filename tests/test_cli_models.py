@@ -116,6 +116,6 @@ def test_convert_output_must_be_safetensors(demo_arch_checkpoint: Path, tmp_path
 
 
 def test_lock_into_missing_folder_is_a_clean_error(demo_arch_checkpoint: Path, tmp_path: Path) -> None:
-    code, out, err = run("lock", DEMO_ARCH, "--pretrained", str(demo_arch_checkpoint),
-                         "-o", str(tmp_path / "no" / "such" / "x.lock"))
+    code, _, err = run("lock", DEMO_ARCH, "--pretrained", str(demo_arch_checkpoint),
+                       "-o", str(tmp_path / "no" / "such" / "x.lock"))
     assert code == 1 and "cannot write lockfile" in err
