@@ -123,6 +123,11 @@ class Engine:
         """Stop the replica processes (also done when the engine is garbage-collected)."""
         self._replicas.close()
 
+    def start_replicas(self) -> None:
+        """Start the replica processes now rather than at the first big call (servers do, at start-up)."""
+        if self.replicas > 1:
+            self._replicas.pool()
+
     def __enter__(self) -> Self:
         return self
 
