@@ -80,7 +80,7 @@ def test_ray_job_resumes_a_local_one(engine: Engine, folder: Path, tmp_path: Pat
 def test_actor_with_different_settings_is_refused(engine: Engine, folder: Path) -> None:
     """An actor checks its own weights and settings against the driver's before computing anything."""
     from steadyclip.batch.inputs import open_inputs
-    from steadyclip.distributed import RayPipeline
+    from steadyclip.batch.ray_backend import RayPipeline
 
     pipeline = RayPipeline(engine, dim=64, actors=1)
     pipeline.spec["micro_batch"] = 3  # as if a node had a different steadyclip configuration

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from steadyclip import identity, selfcheck
+from steadyclip.errors import InputError
 from steadyclip.layout import ExecutionRecord, auto_replicas, usable_cpus
 
 if TYPE_CHECKING:
@@ -104,6 +105,10 @@ class ReplicaSet:
         """The running pool (started on first use, after the engine's self-checks)."""
         with self._lock:
             if self._pool is None:
+                if self._engine.device.type != "cpu":
+                    raise InputError(
+                        f"replicas={self.count} on {self._engine.device}: a device runs one replica (forked "
+                        "processes cannot share a CUDA context); use replicas=1, and one process per GPU")
                 from steadyclip.replicas import ReplicaPool
 
                 eng = self._engine

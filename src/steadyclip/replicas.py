@@ -28,6 +28,7 @@ Unix socket: send NumPy arrays, not tensors.
 from __future__ import annotations
 
 import collections
+import gc
 import itertools
 import logging
 import multiprocessing
@@ -280,6 +281,13 @@ def _zygote_main(ctl: Connection, state: Any, init: Callable[[Any], None] | None
     """Fork a replica for every request; leave when the pool's end of the socket closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # replicas are reaped by the kernel
+    # Hold none of the caller's files: an inherited lock (a batch job's flock), listening socket or
+    # pipe would outlive the caller after a kill -9. The parent's Python objects that owned them are
+    # frozen, so no collection in a child ever closes a descriptor number it reuses.
+    gc.freeze()
+    keep = ctl.fileno()
+    os.closerange(3, keep)
+    os.closerange(keep + 1, _max_fd())
     while True:
         try:
             ctl.recv()
@@ -301,6 +309,13 @@ def _zygote_main(ctl: Connection, state: Any, init: Callable[[Any], None] | None
             ctl.send(pid)
         except OSError:
             os._exit(0)
+
+
+def _max_fd() -> int:
+    try:
+        return max(1024, int(os.sysconf("SC_OPEN_MAX")))
+    except (ValueError, OSError):
+        return 65536
 
 
 def _replica_main(conn: Connection, state: Any, init: Callable[[Any], None] | None) -> None:

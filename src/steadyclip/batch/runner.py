@@ -6,7 +6,7 @@ Flow (local backend)::
         --> model in this process (fixed-shape micro-batches) --> zero-shot head
         --> part files every ``part_size`` rows --> final file, assembled atomically
 
-The Ray backend (``steadyclip.distributed``) replaces the middle two stages;
+The Ray backend (``steadyclip.batch.ray_backend``) replaces the middle two stages;
 listing, parts, journal and assembly are the same code.
 """
 from __future__ import annotations
@@ -182,7 +182,7 @@ def run_batch(
         hasher = _ListingHasher()
         pending = (it for it in hasher.watch(source) if it.index // part_size not in state.done_parts)
         if backend == "ray":
-            from steadyclip.distributed import RayPipeline
+            from steadyclip.batch.ray_backend import RayPipeline
 
             pipeline: Any = RayPipeline(engine, dim=model_dim, address=ray_address,
                                         actors=ray_actors or workers or None, max_file_bytes=max_file_bytes,

@@ -172,7 +172,8 @@ class RayPipeline:
                 fn_constructor_kwargs={"spec": self.spec, "expected": expected, "dim": self.dim,
                                        "max_file_bytes": self.max_file_bytes},
                 batch_size=self.batch_size, batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=self._actor_count(ray)),
+                # One batch in flight per actor: the next goes to an idle actor (on any node), not a queue.
+                compute=ray.data.ActorPoolStrategy(size=self._actor_count(ray), max_tasks_in_flight_per_actor=1),
                 num_cpus=self.engine.threads,
             )
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
