@@ -10,13 +10,14 @@ import sys
 # first, before any other import: this folder must not shadow the user's modules
 sys.path[0] = ""
 
-import importlib.util  # noqa: E402
-import os  # noqa: E402
-import runpy  # noqa: E402
-import traceback  # noqa: E402
+import importlib.util
+import os
+import runpy
+import traceback
+from typing import Any
 
 
-def _observer():  # type: ignore[no-untyped-def]
+def _observer() -> Any:
     here = os.path.dirname(os.path.abspath(__file__))
     spec = importlib.util.spec_from_file_location("_steadyclip_doctor_observer", os.path.join(here, "observer.py"))
     assert spec is not None and spec.loader is not None

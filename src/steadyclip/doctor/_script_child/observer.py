@@ -250,9 +250,11 @@ def _patch_open_clip(mod: ModuleType) -> None:
         cls = getattr(sys.modules["open_clip.tokenizer"], cls_name, None)
         if cls is not None:
             cls.__call__ = _wrap_tokenizer(cls.__call__)
-    from torchvision import transforms  # open_clip's transforms are torchvision Compose objects
+    from torchvision import (
+        transforms,  # open_clip's transforms are torchvision Compose objects
+    )
 
-    transforms.Compose.__call__ = _wrap_transform_call(transforms.Compose.__call__)  # type: ignore[method-assign]
+    transforms.Compose.__call__ = _wrap_transform_call(transforms.Compose.__call__)
     obs = _OBS
     assert obs is not None
     _load_sibling("calls").patch_model_classes(obs, _wrap_load_state_dict)
@@ -276,7 +278,7 @@ def _load_sibling(name: str) -> Any:
 def _patch_torch(mod: ModuleType) -> None:
     mod.load = _wrap_file_loader(mod.load)  # type: ignore[attr-defined]
     if _OBS is not None and "seed" in _OBS.fixes:
-        mod.manual_seed(SEED)  # type: ignore[attr-defined]
+        mod.manual_seed(SEED)
 
 
 def _patch_safetensors(mod: ModuleType) -> None:
@@ -285,7 +287,7 @@ def _patch_safetensors(mod: ModuleType) -> None:
 
 def _patch_numpy(mod: ModuleType) -> None:
     if _OBS is not None and "seed" in _OBS.fixes:
-        mod.random.seed(SEED)  # type: ignore[attr-defined]
+        mod.random.seed(SEED)
 
 
 class _PostImportLoader(importlib.abc.Loader):
@@ -318,7 +320,7 @@ class _PostImportFinder(importlib.abc.MetaPathFinder):
             self.busy.discard(fullname)
         if spec is None or spec.loader is None:
             return None
-        spec.loader = _PostImportLoader(spec.loader, hook)  # type: ignore[arg-type]
+        spec.loader = _PostImportLoader(spec.loader, hook)
         return spec
 
 
