@@ -83,8 +83,10 @@ def test_each_mistake_has_the_right_top_cause_at_the_users_line_and_its_fix_make
 
 def test_random_weights_are_wrong_even_when_runs_agree(tmp_path: Path) -> None:
     script = tmp_path / "seeded.py"
-    script.write_text(SCRIPT.read_text().replace("args = parser.parse_args()",
-                                                 "args = parser.parse_args()\ntorch.manual_seed(0)"))
+    demo = Path(__file__).parents[1] / "src" / "steadyclip" / "demo"
+    text = SCRIPT.read_text().replace('DEMO = os.path.join(HERE, "..", "..", "src", "steadyclip", "demo")',
+                                      f"DEMO = {str(demo)!r}")
+    script.write_text(text.replace("args = parser.parse_args()", "args = parser.parse_args()\ntorch.manual_seed(0)"))
     r = doctor("--script", str(script), "--runs", "2", "--", "--no-weights")  # the rich text report
     assert r.exit_code == 3
     assert "your script printed (run 1 of 2, as-is)" in r.stdout
