@@ -114,3 +114,14 @@ def test_script_sees_its_own_argv_name_and_path(tmp_path: Path) -> None:
     r = doctor("--script", str(script), "--runs", "2", "--", "x", "--y")
     assert r.exit_code == 1  # ran fine, but never ran an open_clip model: nothing to diagnose
     assert "never called encode_image" in r.stderr
+
+
+@pytest.mark.slow  # 8 script runs: 2 as-is, 2 with both fixes, 2 x 2 with each fix put back
+def test_two_mistakes_at_once_each_proven_by_putting_it_back() -> None:
+    code, doc = diagnose(SCRIPT, "--no-eval", "--train-transform")
+    assert code == 3
+    assert sorted(doc["script"]["kept_fixes"]) == ["eval", "eval_transform"]
+    problems = {c["id"] for c in doc["causes"] if c["level"] == "problem"}
+    assert {"train_mode", "preprocess_random"} <= problems
+    assert doc["timing"]["processes"] == 8
+    assert {c["id"]: c["status"] for c in doc["checks"]}["fixed_runs_agree"] == "ok"
