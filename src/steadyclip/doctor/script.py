@@ -240,6 +240,7 @@ def _diagnosis(as_is: list[RunTrace], fixed: list[RunTrace], causes: tuple[Any, 
     call = first.calls[0]
     env = {"script": str(path), "python": first.versions.get("python"), "torch": first.versions.get("torch"),
            "open_clip": first.versions.get("open_clip"), "device": call.device, "flags": call.flags,
+           "threads": call.flags.get("threads"), "MKL_CBWR": call.flags.get("MKL_CBWR"),
            "autocast": call.autocast, "first_divergence": div, "kept_fixes": kept,
            "models": {k: {"arch": m.arch, "pretrained": m.pretrained, "created_at": str(m.where),
                           "weights": [{"path": ld.get("path"), "sha256": ld.get("sha256"), "via": ld.get("via")}

@@ -221,7 +221,8 @@ def _train_mode(first: RunTrace, ev: Evidence, m: Measured) -> list[Cause]:
                   {"calls_in_train_mode": len(ev.training_calls), "first_call": str(c.where)},
                   checks_mode.FIX_EVAL, where, "model created here; call model.eval() after it")]
     if layers and m.needed:
-        out.append(Cause("stochastic_layers", m.spread_without, "problem",
+        # batch statistics are not random: with fixed weights they move nothing run to run, only the answer
+        out.append(Cause("stochastic_layers", m.spread_without or m.severity, "problem",
                          f"{c.layer_count} random or batch-dependent layer(s) active at {c.site} "
                          f"({', '.join(kinds)})",
                          {"layers": layers[:20], "count": c.layer_count, "at": str(c.where)},
