@@ -22,6 +22,7 @@ def early_init() -> None:
     if user is None:
         os.environ["MKL_CBWR"] = "AUTO,STRICT"
     # Deterministic cuBLAS needs its workspace fixed before CUDA initialises.
+    _STATE["cublas_user_value"] = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     _STATE["value"] = os.environ["MKL_CBWR"]
 

@@ -117,8 +117,10 @@ def _demo_images(images: tuple[Path, ...]) -> tuple[list[Any], list[str] | None]
               help="A steadyclip lockfile the weights must match (weights_corrupted check).")
 @click.option("--labels", "-l", default=None, help='Comma-separated labels, e.g. "a cat,a dog".')
 @click.option("--labels-file", type=click.Path(exists=True, dir_okay=False), default=None, help="One label per line.")
-@click.option("--runs", type=click.IntRange(min=1, max=100), default=5, show_default=True,
-              help="Repetitions as-is and after the fixes.")
+@click.option("--script", "script", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="Diagnose your own unchanged script: run it N times, prove the cause (args after --).")
+@click.option("--runs", type=click.IntRange(min=1, max=100), default=None,
+              help="Repetitions as-is and after the fixes [default: 5; 3 with --script].")
 @click.option("--eval", "call_eval", is_flag=True,
               help="Your code calls model.eval(): diagnose the model in eval mode instead of as open_clip returns it.")
 @click.option("--amp", type=click.Choice(["bf16", "fp16"]), default=None,
@@ -128,14 +130,21 @@ def _demo_images(images: tuple[Path, ...]) -> tuple[list[Any], list[str] | None]
               help="Also write a self-contained HTML page charting each run as-is vs fixed.")
 @handle_errors
 def doctor(images: tuple[Path, ...], demo: bool, model: str | None, pretrained: str | None, lock_path: str | None,
-           labels: str | None, labels_file: str | None, runs: int, call_eval: bool, amp: str | None,
-           as_json: bool, html_path: Path | None) -> None:
+           labels: str | None, labels_file: str | None, script: Path | None, runs: int | None, call_eval: bool,
+           amp: str | None, as_json: bool, html_path: Path | None) -> None:
     """Find out why results change from run to run: measured causes, ranked, with fixes.
 
     \b
+    steadyclip doctor --script my_script.py [--runs 3] [--json] [--html F] [-- SCRIPT ARGS...]
     steadyclip doctor --demo
     steadyclip doctor --model ViT-B-32 --pretrained laion2b_s34b_b79k cat.jpg --labels "a cat,a dog"
     """
+    if script is not None:
+        if demo or model or labels or labels_file or lock_path or call_eval or amp:
+            raise click.UsageError("--script runs your script as it is: drop --demo/--model/--labels/--lock/--eval/--amp")
+        _doctor_script(script, tuple(str(a) for a in images), runs or 3, as_json, html_path)
+        return
+    runs = runs or 5
     from steadyclip.doctor import diagnose
     from steadyclip.errors import ModelSourceError
     from steadyclip.registry import DEMO_SPEC, get_spec, register_demo_config
@@ -203,6 +212,33 @@ def doctor(images: tuple[Path, ...], demo: bool, model: str | None, pretrained: 
 
         render(d, Console())
     sys.exit(EXIT_OK if d.stable else EXIT_CHECK_FAILED)
+
+
+def _doctor_script(script: Path, args: tuple[str, ...], runs: int, as_json: bool, html_path: Path | None) -> None:
+    from steadyclip.doctor.script import ScriptError, diagnose_script
+
+    if runs < 2:
+        raise click.UsageError("--runs must be at least 2 with --script: runs are compared with each other")
+    try:
+        sd = diagnose_script(script, args, runs=runs)
+    except ScriptError as e:  # the script's own failure: everything it printed, then why we stopped
+        click.echo(e.run.stdout, nl=False, err=as_json)
+        click.echo(e.run.stderr, nl=False, err=True)
+        raise
+    if html_path is not None:
+        from steadyclip.doctor.script_report import to_html
+
+        html_path.write_text(to_html(sd), encoding="utf-8")
+        click.echo(f"wrote {html_path}", err=True)
+    if as_json:
+        echo_json(sd.to_dict())
+    else:
+        from rich.console import Console
+
+        from steadyclip.doctor.script_report import render
+
+        render(sd, Console(soft_wrap=True))
+    sys.exit(EXIT_OK if sd.stable else EXIT_CHECK_FAILED)
 
 
 __all__ = ["doctor"]

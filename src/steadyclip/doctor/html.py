@@ -80,14 +80,14 @@ def _image_section(d: Diagnosis, image: int) -> str:
             f"<figure>{_chart(fixed, 'after the fixes')}<figcaption>fixed</figcaption></figure></div>")
 
 
-def to_html(d: Diagnosis) -> str:
-    """The diagnosis as one HTML document (inline CSS and SVG only)."""
+def to_html(d: Diagnosis, *, extra: str = "") -> str:
+    """The diagnosis as one HTML document (inline CSS and SVG only); ``extra`` is trusted HTML put before the runs."""
     out = ["<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
            f"<title>steadyclip doctor: {escape(d.verdict)}</title><style>{_CSS}</style></head><body>",
            (f'<h1>steadyclip doctor</h1><p><span class="verdict {escape(d.verdict)}">{escape(d.verdict.upper())}</span> '
             f"{len(d.problems)} problem(s); {len(d.runs)} run(s) of {len(d.images)} image(s) over "
             f"{len(d.labels)} label(s). Severity = the largest change of any probability a cause produced.</p>"),
-           "<h2>The symptom: probability per run</h2>"]
+           extra, "<h2>The symptom: probability per run</h2>"]
     out += [_image_section(d, i) for i in range(min(len(d.images), _MAX_IMAGES))]
     errors = sorted({r.error for r in d.runs if r.error})
     if errors:

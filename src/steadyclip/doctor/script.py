@@ -1,0 +1,258 @@
+"""``diagnose_script``: run the user's own open_clip script unchanged, and prove why its output moves.
+
+    >>> d = diagnose_script("my_script.py", runs=3)
+    >>> d.diagnosis.top.id, d.diagnosis.top.summary
+    ('random_init', 'my_script.py:3: model created here without pretrained weights ...')
+
+The script runs ``runs`` times in fresh processes of the same Python with the
+observer of ``_script_child`` injected (the file is never edited). Every
+suspected cause the observer saw is then removed at once (``runs`` more
+processes); if several were, each is put back in turn (two processes each) to
+prove which ones matter. Only causes whose removal changes the output are
+problems - except random weights, which are wrong even when the runs agree.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from steadyclip.doctor._script_child import observer
+from steadyclip.doctor.result import (
+    PROB_TOL,
+    CheckStatus,
+    Diagnosis,
+    Run,
+    rank_causes,
+    verdict_of,
+)
+from steadyclip.doctor.script_causes import (
+    Evidence,
+    Measured,
+    build_causes,
+    candidates,
+    gather,
+    max_change,
+    spread_of,
+)
+from steadyclip.doctor.script_trace import RunTrace, first_divergence, read_trace
+from steadyclip.errors import InputError
+
+__all__ = ["ScriptDiagnosis", "ScriptError", "ScriptRun", "diagnose_script"]
+
+_BOOT = Path(observer.__file__).with_name("boot.py")
+_ABLATION_RUNS = 2
+BUDGET_MARGIN = 0.15
+
+
+class ScriptError(InputError):
+    """The user's script itself failed (non-zero exit); ``run`` holds its output and traceback."""
+
+    def __init__(self, message: str, run: ScriptRun) -> None:
+        super().__init__(message)
+        self.run = run
+
+
+@dataclass(frozen=True)
+class ScriptRun:
+    """One process: which fixes the observer applied, what the script printed, its exit status and time."""
+
+    index: int
+    fixes: tuple[str, ...]
+    returncode: int
+    seconds: float
+    stdout: str
+    stderr: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "fixes": list(self.fixes), "returncode": self.returncode,
+                "seconds": round(self.seconds, 3), "stdout": self.stdout, "stderr": self.stderr}
+
+
+@dataclass(frozen=True)
+class ScriptDiagnosis:
+    """The diagnosis (same schema as :func:`steadyclip.diagnose`) plus the script's runs and the timing."""
+
+    script: str
+    args: tuple[str, ...]
+    diagnosis: Diagnosis
+    processes: tuple[ScriptRun, ...]
+    kept_fixes: tuple[str, ...]
+    timing: dict[str, Any]
+
+    @property
+    def stable(self) -> bool:
+        return self.diagnosis.stable
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = self.diagnosis.to_dict()
+        doc["script"] = {"path": self.script, "args": list(self.args), "kept_fixes": list(self.kept_fixes),
+                         "processes": [p.to_dict() for p in self.processes]}
+        doc["timing"] = dict(self.timing)
+        return doc
+
+
+class _Runner:
+    """Starts the script in fresh processes and keeps every run's output (the user's symptom)."""
+
+    def __init__(self, script: Path, args: Sequence[str], workdir: Path, timeout: float | None) -> None:
+        self.script, self.args, self.workdir, self.timeout = script, list(args), workdir, timeout
+        self.runs: list[ScriptRun] = []
+        self.env = _child_env()
+
+    def run(self, fixes: Sequence[str]) -> RunTrace:
+        n = len(self.runs)
+        trace = self.workdir / f"run{n}.jsonl"
+        key = "-".join(sorted(fixes)) or "as-is"
+        env = dict(self.env, **{observer.TRACE_ENV: str(trace), observer.FIXES_ENV: ",".join(sorted(fixes)),
+                                observer.PIN_DIR_ENV: str(self.workdir / f"pin-{key}")})
+        if "strict_flags" in fixes:  # these must be in place before CUDA / MKL start
+            env.update(CUBLAS_WORKSPACE_CONFIG=":4096:8", MKL_CBWR="AUTO,STRICT")
+        (self.workdir / f"pin-{key}").mkdir(exist_ok=True)
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run([sys.executable, str(_BOOT), str(self.script), *self.args], env=env,
+                                  capture_output=True, text=True, timeout=self.timeout, check=False)
+        except subprocess.TimeoutExpired as e:
+            raise InputError(f"{self.script.name} ran longer than {self.timeout} s (run {n + 1}); pass a larger "
+                             "timeout, or give the script arguments that make it quicker") from e
+        seconds = time.perf_counter() - t0
+        rec = ScriptRun(n, tuple(sorted(fixes)), proc.returncode, seconds, proc.stdout, proc.stderr)
+        self.runs.append(rec)
+        if proc.returncode != 0:
+            what = "as-is" if not fixes else f"with the fixes {', '.join(sorted(fixes))}"
+            raise ScriptError(f"{self.script.name} failed (exit {proc.returncode}, run {n + 1}, {what}); its own "
+                              "output and traceback are shown above", rec)
+        return read_trace(trace, returncode=proc.returncode, stdout=proc.stdout, stderr=proc.stderr, seconds=seconds)
+
+
+def _child_env() -> dict[str, str]:
+    """The environment the user's script would get: without what importing steadyclip added to this process."""
+    from steadyclip._early import early_state
+
+    env = dict(os.environ)
+    state = early_state()
+    if state.get("value") is not None and state.get("user_value") is None:
+        env.pop("MKL_CBWR", None)
+    if "cublas_user_value" in state and state["cublas_user_value"] is None:
+        env.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    return env
+
+
+def diagnose_script(script: str | os.PathLike[str], args: Sequence[str] = (), *, runs: int = 3,
+                    timeout: float | None = None) -> ScriptDiagnosis:
+    """Run ``python script args`` ``runs`` times unchanged, find what makes its open_clip outputs move, prove it.
+
+    Raises:
+        ScriptError: the script itself exited non-zero (its output is in ``.run``).
+        InputError: no such script, bad ``runs``, or the script never ran an open_clip model.
+    """
+    path = Path(script).expanduser().resolve()
+    if not path.is_file():
+        raise InputError(f"no script at {os.fspath(script)!r}: give the path of the Python file you run")
+    if not isinstance(runs, int) or runs < 2:
+        raise InputError(f"runs must be an integer >= 2 (two runs are needed to compare), got {runs!r}")
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="steadyclip-doctor-") as tmp:
+        runner = _Runner(path, args, Path(tmp), timeout)
+        as_is = [runner.run(()) for _ in range(runs)]
+        if not as_is[0].calls:
+            raise InputError(f"{path.name} ran but never called encode_image/encode_text/forward on an open_clip "
+                             "model; doctor --script sees models created through open_clip's create_model* functions")
+        ev = gather(as_is)
+        kept, fixed, measured = _intervene(runner, as_is, ev)
+    causes = rank_causes(build_causes(as_is[0], ev, measured, fixed))
+    wall = time.perf_counter() - t0
+    d = _diagnosis(as_is, fixed, causes, ev, kept, path, wall)
+    timing = _timing(runner.runs, runs, wall)
+    d.environment["timing"] = timing
+    return ScriptDiagnosis(str(path), tuple(args), d, tuple(runner.runs), tuple(kept), timing)
+
+
+def _intervene(runner: _Runner, as_is: list[RunTrace], ev: Evidence,
+               ) -> tuple[list[str], list[RunTrace], list[Measured]]:
+    """All suspected fixes at once (+ seeding if that is not enough), then each one put back to prove it matters."""
+    fixes = candidates(ev)
+    if not fixes and ev.stable:
+        return [], as_is, []
+    if not fixes:
+        fixes = ["seed"]
+    n = len(as_is)
+    cache: dict[frozenset[str], list[RunTrace]] = {frozenset(): as_is}
+    fixed = [runner.run(fixes) for _ in range(n)]
+    if len({r.signature for r in fixed}) > 1 and "seed" not in fixes:
+        fixes = [*fixes, "seed"]
+        fixed = [runner.run(fixes) for _ in range(n)]
+    cache[frozenset(fixes)] = fixed
+    measured = []
+    for fix in fixes:
+        rest = frozenset(fixes) - {fix}
+        if rest not in cache:
+            cache[rest] = [runner.run(sorted(rest)) for _ in range(_ABLATION_RUNS)]
+        without = cache[rest]
+        spread = spread_of(without)
+        change = max_change(without, fixed[:1])
+        unstable = len({r.signature for r in without}) > 1
+        moved = (change is not None and change > PROB_TOL) or (change is None and
+                                                                without[0].signature != fixed[0].signature)
+        measured.append(Measured(fix, unstable or moved, max(x for x in (spread, change, 0.0) if x is not None),
+                                 spread, len(without)))
+    kept = [m.fix for m in measured if m.needed]
+    return kept, fixed, measured
+
+
+def _rows(r: RunTrace) -> tuple[tuple[float, ...], ...]:
+    p = r.probabilities()
+    return () if p is None else tuple(tuple(float(x) for x in row) for row in p)
+
+
+def _diagnosis(as_is: list[RunTrace], fixed: list[RunTrace], causes: tuple[Any, ...], ev: Evidence,
+               kept: list[str], path: Path, wall: float) -> Diagnosis:
+    first = as_is[0]
+    probs = first.probabilities()
+    labels = first.labels() or (tuple(f"text {j + 1}" for j in range(probs.shape[1])) if probs is not None else ())
+    images = tuple(f"image {i + 1}" for i in range(probs.shape[0])) if probs is not None else ()
+    runs = tuple(Run(i, _rows(a), _rows(fixed[i % len(fixed)]) if fixed is not as_is else _rows(a))
+                 for i, a in enumerate(as_is))
+    div = first_divergence(as_is)
+    checks = [CheckStatus("runs_agree", "ok" if div is None else "problem",
+                          f"all {len(as_is)} runs gave bitwise-identical outputs at every call" if div is None else
+                          f"outputs change from call {div['call']} on ({div['site']}): "
+                          f"{div['calls_changed']} of {div['calls_total']} calls differ")]
+    if fixed is not as_is:
+        stable_fixed = len({r.signature for r in fixed}) == 1
+        checks.append(CheckStatus("fixed_runs_agree", "ok" if stable_fixed else "problem",
+                                  f"with {', '.join(kept) or 'no fix'}: "
+                                  + ("every output identical" if stable_fixed else "outputs still change")))
+    for cid, ok, detail in (("random_init", not ev.random_models, "every model ran with loaded weights"),
+                            ("train_mode", not ev.training_calls, "every call ran in eval mode"),
+                            ("preprocess_random", not ev.random_transform_calls, "no random transform made inputs"),
+                            ("precision_drift", not ev.autocast_calls, "no call ran under autocast")):
+        if ok:
+            checks.append(CheckStatus(cid, "ok", detail))
+    call = first.calls[0]
+    env = {"script": str(path), "python": first.versions.get("python"), "torch": first.versions.get("torch"),
+           "open_clip": first.versions.get("open_clip"), "device": call.device, "flags": call.flags,
+           "threads": call.flags.get("threads"), "MKL_CBWR": call.flags.get("MKL_CBWR"),
+           "autocast": call.autocast, "first_divergence": div, "kept_fixes": kept,
+           "models": {k: {"arch": m.arch, "pretrained": m.pretrained, "created_at": str(m.where),
+                          "weights": [{"path": ld.get("path"), "sha256": ld.get("sha256"), "via": ld.get("via")}
+                                      for ld in m.loads]} for k, m in first.models.items()},
+           "seconds": round(wall, 3)}
+    return Diagnosis(verdict_of(causes), causes, runs, env, tuple(checks), tuple(labels), images)
+
+
+def _timing(processes: list[ScriptRun], runs: int, wall: float) -> dict[str, Any]:
+    """Wall time against (processes x the script's own time): what the doctor costs beyond running the script."""
+    own = statistics.median(p.seconds for p in processes[:runs])
+    budget = len(processes) * own * (1 + BUDGET_MARGIN)
+    return {"wall_seconds": round(wall, 3), "script_seconds": round(own, 3), "processes": len(processes),
+            "runs": runs, "interventions": len(processes) - runs, "budget_seconds": round(budget, 3),
+            "ratio": round(wall / (len(processes) * own), 3), "within_budget": wall <= budget}
