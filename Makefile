@@ -30,6 +30,8 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[bench]"
 	$(BIN)/python -m benchmarks.run
+	# Every core: batch defaults vs an open_clip DataLoader loop, and the server at K=1/K=CPUs, 1 core vs all.
+	$(BIN)/python -m benchmarks.scale
 
 # Debian's Chromium for the browser test (CI runs this before `make test`).
 browser:
