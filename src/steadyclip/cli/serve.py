@@ -47,12 +47,15 @@ def _is_loopback(host: str) -> bool:
 @click.option("--max-images", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--max-labels", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--max-pixels", type=click.IntRange(min=1), default=None, help="Decoded pixels per image (default: library's).")
+@click.option("--allow-url-host", "allow_url_hosts", multiple=True, metavar="HOST[:PORT]",
+              help="Let /v1/embeddings fetch image URLs from this host (repeatable). Default: no URL is fetched.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True, help="uvicorn's log level.")
 @handle_errors
 def serve(model: str, host: str, port: int, pretrained: str | None, lock_path: str | None, profile: str,
           micro_batch: int, threads: int | None, replicas: int | None, token: str | None, batch_wait_ms: float, timeout_s: float,
-          max_body_mb: float, max_images: int, max_labels: int, max_pixels: int | None, log_level: str) -> None:
+          max_body_mb: float, max_images: int, max_labels: int, max_pixels: int | None, allow_url_hosts: tuple[str, ...],
+          log_level: str) -> None:
     """Serve MODEL (default: the bundled demo) over HTTP, with a web page at /.
 
     Results are bitwise those of `steadyclip classify --json` with the same model options.
@@ -68,6 +71,7 @@ def serve(model: str, host: str, port: int, pretrained: str | None, lock_path: s
     settings = ServerSettings(
         token=token or None, max_body_bytes=int(max_body_mb * 1024 * 1024), max_images=max_images,
         max_labels=max_labels, max_pixels=max_pixels, request_timeout_s=timeout_s, batch_wait_ms=batch_wait_ms,
+        allowed_url_hosts=tuple(allow_url_hosts),
     )
     if not _is_loopback(host):
         click.echo(f"warning: listening on {host}, reachable from the network"

@@ -3,12 +3,13 @@
 Requests and responses follow OpenAI's embeddings API, so the ``openai`` client
 works unchanged (``base_url="http://127.0.0.1:8000/v1"``). Images follow
 Infinity's convention: ``"modality": "image"`` and each input a base64
-``data:`` URI. The server never fetches URLs (server-side request forgery).
+``data:`` URI. The server fetches no URL unless its operator allowed the host (see ``fetch``).
 Answers add steadyclip's ``provenance`` and the decoders' ``warnings``; errors
 use OpenAI's error object (see :mod:`steadyclip.server.http_errors`).
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -18,7 +19,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from steadyclip.errors import ImageSourceError
 from steadyclip.server import openapi_constraints as oc
+from steadyclip.server.fetch import URL_PREFIXES, fetch_image, host_allowed
 from steadyclip.server.http_errors import ApiError
 from steadyclip.server.inputs import EmbedInput, ImagePayload, decode_base64_image
 from steadyclip.server.service import Service
@@ -84,8 +87,14 @@ def _inputs(raw: object, modality: str, settings: ServerSettings) -> list[str]:
         if modality == "text" and len(x) > settings.max_text_chars:
             raise _bad(f"input[{i}] has {len(x)} characters, over the limit of {settings.max_text_chars}; "
                        "shorten it (the model reads only its first few dozen tokens)", "input")
-        if modality == "image" and not _DATA_URI.match(x):
-            where = "a URL: this server never fetches URLs" if "://" in x[:16] else "not a base64 data URI"
+        if modality == "image" and x.startswith(URL_PREFIXES) and settings.allowed_url_hosts:
+            if not host_allowed(x, settings.allowed_url_hosts):
+                raise _bad(f"input[{i}]: this server fetches images only from "
+                           f"{', '.join(settings.allowed_url_hosts)}; send other images as base64 data URIs",
+                           "input", "ImageSourceError")
+        elif modality == "image" and not _DATA_URI.match(x):
+            where = ("a URL: this server fetches no URLs (its operator allows none: --allow-url-host)"
+                     if "://" in x[:16] else "not a base64 data URI")
             raise _bad(f"input[{i}] is {where}; send each image as 'data:image/png;base64,<bytes>' "
                        "(with \"modality\": \"image\")", "input", "ImageSourceError")
     return items
@@ -112,7 +121,7 @@ async def read_request(request: Request, model_id: str, width: int, settings: Se
 async def embeddings(service: Service, req: EmbeddingsRequest, model_id: str) -> dict[str, Any]:
     """OpenAI's embeddings list for one request, plus provenance and warnings."""
     if req.modality == "image":
-        images = [ImagePayload(decode_base64_image(s, i), None) for i, s in enumerate(req.inputs)]
+        images = [ImagePayload(await _image_bytes(service, s, i), None) for i, s in enumerate(req.inputs)]
         inp, key = EmbedInput(images, [], req.encoding), "images"
         tokens = 0
     else:
@@ -123,6 +132,16 @@ async def embeddings(service: Service, req: EmbeddingsRequest, model_id: str) ->
     return {"object": "list", "data": data, "model": model_id,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             "provenance": doc["provenance"], "warnings": doc["warnings"]}
+
+
+async def _image_bytes(service: Service, item: str, index: int) -> bytes:
+    if not item.startswith(URL_PREFIXES):
+        return decode_base64_image(item, index)
+    settings = service.settings
+    try:
+        return await asyncio.to_thread(fetch_image, item, settings.allowed_url_hosts, settings.max_body_bytes)
+    except ImageSourceError as e:
+        raise _bad(f"input[{index}]: {e}", "input", "ImageSourceError") from e
 
 
 def model_card(model_id: str, created: int) -> dict[str, Any]:

@@ -84,7 +84,11 @@ def embed_json(s: ServerSettings) -> dict[str, Any]:
 
 def embeddings_json(model_id: str, width: int, s: ServerSettings) -> dict[str, Any]:
     text = {"anyOf": [_text(s), _array(_text(s), 1, s.max_texts)]}
-    image = {"anyOf": [image_string("image-data-uri"), _array(image_string("image-data-uri"), 1, s.max_images)]}
+    one = image_string("image-data-uri")
+    if s.allowed_url_hosts:  # the operator allows fetching from these hosts: URLs are valid items too
+        one = {"anyOf": [one, {"type": "string", "format": "uri", "pattern": "^https?://",
+                               "description": "an image URL on " + ", ".join(s.allowed_url_hosts)}]}
+    image = {"anyOf": [one, _array(one, 1, s.max_images)]}
     props = {
         "model": {"type": "string", "enum": [model_id]},
         "input": {"description": "a string or a list of strings (token arrays are refused)"},

@@ -26,6 +26,8 @@ class ServerSettings:
         batch_wait_ms: how long the batcher waits for companions before running a partial micro-batch.
         max_queue: queued engine jobs before new requests get 503 + Retry-After.
         decode_concurrency: images decoded at once (thread pool); bounds memory when big uploads pile up.
+        allowed_url_hosts: hosts (``name`` or ``name:port``) whose image URLs ``/v1/embeddings`` may fetch;
+            empty (the default): URLs are refused, only data URIs are read (server-side request forgery).
     """
 
     token: str | None = None
@@ -41,6 +43,7 @@ class ServerSettings:
     batch_wait_ms: float = 5.0
     max_queue: int = 1024
     decode_concurrency: int = 4
+    allowed_url_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_images", "max_labels", "max_texts", "max_text_chars",
@@ -52,6 +55,9 @@ class ServerSettings:
                 f"request_timeout_s must be > 0 and batch_wait_ms >= 0, got {self.request_timeout_s!r}, "
                 f"{self.batch_wait_ms!r}"
             )
+        if any(not isinstance(h, str) or not h.strip() or "/" in h for h in self.allowed_url_hosts):
+            raise ValueError(f"allowed_url_hosts must be host names (or host:port), got {self.allowed_url_hosts!r}")
+        object.__setattr__(self, "allowed_url_hosts", tuple(h.strip().lower() for h in self.allowed_url_hosts))
         if self.token is not None and not self.token.strip():
             raise ValueError("the bearer token is blank; give a real secret or no token at all")
 
