@@ -18,7 +18,7 @@ PNG = Path("examples/red_circle.png").read_bytes()
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+    def do_GET(self) -> None:
         if self.path == "/red.png":
             self.send_response(200)
             self.send_header("Content-Type", "image/png")
