@@ -21,7 +21,7 @@ from typing import Any, Literal, cast
 import numpy as np
 import torch
 
-from steadyclip import determinism
+from steadyclip import determinism, drift, precision
 from steadyclip.errors import NumericsError
 from steadyclip.images import ImageInput, load_image
 from steadyclip.loading import LoadedModel
@@ -56,6 +56,8 @@ class Engine:
         text_cache: ``"default"`` (on-disk, shared), a :class:`TextCache`, or ``None``.
         batch_invariance: ``"auto"`` self-checks and may skip padding; ``"fixed"`` always pads.
         onednn: oneDNN convolutions (see :func:`steadyclip.determinism.get_profile`); strict default off.
+        allow_emulated_bf16: run ``fast`` (bf16) on a CPU without native bf16 anyway (slower than strict;
+            recorded in provenance). See :mod:`steadyclip.precision`.
 
     Example:
         >>> engine = Engine(steadyclip.load())
@@ -74,6 +76,7 @@ class Engine:
         text_cache: TextCache | str | None = "default",
         batch_invariance: BatchInvariance = "auto",
         onednn: bool | None = None,
+        allow_emulated_bf16: bool = False,
     ) -> None:
         if micro_batch < 1 or text_micro_batch < 1:
             raise ValueError(f"micro_batch and text_micro_batch must be >= 1, got {micro_batch}, {text_micro_batch}")
@@ -82,6 +85,8 @@ class Engine:
         self.loaded = loaded
         self.device = next(loaded.model.parameters()).device
         self.profile = determinism.get_profile(profile, threads=threads, device=self.device.type, onednn=onednn)
+        # fast: a reduced-precision copy cast once (steadyclip.precision); None = run loaded.model (fp32)
+        self._cast = precision.prepare(loaded, self.profile, self.device.type, allow_emulated_bf16=allow_emulated_bf16)
         self.micro_batch = micro_batch
         self.text_micro_batch = text_micro_batch
         self.batch_invariance = batch_invariance
@@ -116,9 +121,22 @@ class Engine:
             deterministic=self.profile.deterministic_algorithms, device=str(self.device),
             threads=self.profile.threads, micro_batch=self.micro_batch, batch_path=image_path,
             text_micro_batch=self.text_micro_batch, text_batch_path=text_path, flags=flags,
-            versions=_versions(),
+            versions=_versions(), reduced_precision=self._reduced_precision(),
         )
         return self._provenance
+
+    def _reduced_precision(self) -> dict[str, Any] | None:
+        """fast only: what was cast, the CPU's bf16 support, drift vs strict and the thread verdict (measured)."""
+        if self._cast is None:
+            return None
+        strict = Engine(self.loaded, profile="strict", micro_batch=self.micro_batch,
+                        text_micro_batch=self.text_micro_batch, threads=self.profile.threads, text_cache=None,
+                        batch_invariance=self.batch_invariance)
+        fn, size = self._tower("image")
+        threads = drift.thread_verdict(fn, self._probe_inputs("image", size), self.profile, self.device.type,
+                                       self._numerics_basis())
+        return {**self._cast.record, "drift_vs_strict": drift.engine_drift(self, strict).to_dict(),
+                "threads": threads}
 
     def _read_flags(self) -> dict[str, Any]:
         with determinism.applied(self.profile, self.device.type) as flags:
@@ -127,10 +145,13 @@ class Engine:
 
     # ---- low-level forwards -------------------------------------------------------------
     def _tower(self, kind: str) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
-        model: Any = self.loaded.model
-        if kind == "image":
-            return model.encode_image, self.micro_batch
-        return model.encode_text, self.text_micro_batch
+        model: Any = self.loaded.model if self._cast is None else self._cast.model
+        fn, size = (model.encode_image, self.micro_batch) if kind == "image" else (model.encode_text,
+                                                                                   self.text_micro_batch)
+        if self._cast is not None:
+            cast = self._cast.cast_input
+            return (lambda x: fn(cast(x))), size  # pixels -> the weights' dtype; outputs go back to float32
+        return fn, size
 
     def _forward(self, kind: str, x: torch.Tensor) -> np.ndarray:
         """Encode rows of ``x`` at the engine's fixed shapes; L2-normalised float32 (N, D)."""
@@ -138,6 +159,8 @@ class Engine:
         with self._lock:
             self.loaded.ensure_inference_state()
             self.loaded.check_buffers()
+            if self._cast is not None:
+                self._cast.check()
             path = self._batch_path(kind)
             outs: list[np.ndarray] = []
             with determinism.applied(self.profile, self.device.type) as flags:
