@@ -27,7 +27,9 @@ from benchmarks.harness import REPO, Harness, TaskError
 
 DEMO = "steadyclip-shapes"
 PEERS_AND_US = ("openclip-best", "steadyclip-strict", "openclip-readme", "hf-transformers", "steadyclip-fast",
-                "steadyclip-strict-onednn")
+                "steadyclip-strict-onednn", "steadyclip-fast-emulated", "openclip-bf16")
+# open_clip fp32, strict and fast side by side (issue 15), plus the forced-emulated and open_clip bf16 references
+FAST_ROWS = ("steadyclip-fast", "steadyclip-fast-emulated", "openclip-bf16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +42,9 @@ class Plan:
         default_factory=lambda: {"ViT-B-32": 48, "RN50": 16, DEMO: 48})
     # arch -> names (default: all). ViT-B-32 has one convolution (the patch embedding): no oneDNN variant.
     contenders: dict[str, tuple[str, ...]] = dataclasses.field(
-        default_factory=lambda: {"ViT-B-32": PEERS_AND_US[:5]})
+        default_factory=lambda: {"ViT-B-32": (*PEERS_AND_US[:5], *FAST_ROWS[1:]),
+                                 "RN50": ("openclip-best", "steadyclip-strict", "openclip-readme",
+                                          "steadyclip-strict-onednn", *FAST_ROWS)})
     repeats_model: int = 2
     repeats_e2e: int = 1
     probe_arch: str = "ViT-B-32"  # start-up and batch-job figures
@@ -61,7 +65,7 @@ class Plan:
     def quick_plan(cls, threads: int, micro_batch: int) -> Plan:
         """Every code path once, on small inputs; the heavy ViT-B-32 only where nothing else will do."""
         return cls(threads=threads, micro_batch=micro_batch, images={"ViT-B-32": 8, DEMO: 16},
-                   contenders={"ViT-B-32": ("openclip-best", "steadyclip-strict", "hf-transformers")},
+                   contenders={"ViT-B-32": ("openclip-best", "steadyclip-strict", "hf-transformers", *FAST_ROWS)},
                    repeats_model=1, probe_arch=DEMO, textcache=((DEMO, 50),), careless_processes=2,
                    server_requests=32, profile_pair_budget_s=2.0, profile_reps=1, profile_archs=(DEMO,),
                    gemm_envs=("plain",), pair_rounds=1, quick=True)
@@ -147,7 +151,7 @@ class Run:
                 self.h.log(f"!! {arch} {name}: {e}")
                 self.results["errors"][f"{arch}/{name}"] = str(e)
                 continue
-            out[name] = _merge(out[name], r) if name in out else r
+            out[name] = _merge(out[name], r) if name in out and "not_run" not in r else r
         report.add_agreement(out, self.h.work / "out", arch)
         return out
 
@@ -161,6 +165,9 @@ class Run:
                 "emb_out": str(self.h.work / "out" / f"emb-{arch}-{name}.npy"),
                 "uses_steadyclip": name.startswith("steadyclip")}
         r = self.h.run("contender", label, spec)
+        if "not_run" in r:
+            self.h.log(f"{arch:18s} {name:18s} not run: {r['not_run'][:160]}")
+            return r
         self.h.log(f"{arch:18s} {name:18s} model-only {r['model_only']['best_ips']:7.2f} img/s  "
                    f"e2e {r['e2e']['best_ips']:7.2f} img/s  peak RSS {r['process']['peak_rss_mb']:.0f} MB")
         return r
