@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from steadyclip.cli._common import echo_json, handle_errors
+from steadyclip.cli._common import PROFILE_HELP, echo_json, handle_errors
 from steadyclip.errors import ImageError
 
 _MODEL_OPTIONS = [
@@ -16,7 +16,8 @@ _MODEL_OPTIONS = [
     click.option("--pretrained", default=None, help="open_clip pretrained tag or a checkpoint file."),
     click.option("--lock", "lock_path", type=click.Path(dir_okay=False), default=None,
                  help="Refuse to run unless the model matches this lockfile."),
-    click.option("--profile", type=click.Choice(["strict", "fast"]), default="strict", show_default=True),
+    click.option("--profile", type=click.Choice(["strict", "fast"]), default="strict", show_default=True,
+                 help=PROFILE_HELP),
     click.option("--micro-batch", type=click.IntRange(min=1), default=8, show_default=True),
     click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (default: profile's)."),
     click.option("--json", "as_json", is_flag=True, help="Print one JSON document."),
