@@ -60,6 +60,7 @@ class Plan:
     gemm_envs: tuple[str, ...] = ("plain", "mkl_cbwr_strict")
     pair_rounds: int = 2  # ViT-B-32: (2) and (4) each run in 2 processes, order B S ... S B
     quick: bool = False
+    hf: bool = True  # the Hugging Face peer (needs `transformers`, the bench extra)
 
     @classmethod
     def quick_plan(cls, threads: int, micro_batch: int) -> Plan:
@@ -73,7 +74,7 @@ class Plan:
     def contenders_for(self, arch: str) -> list[str]:
         """Hugging Face has no RN50 or demo-architecture CLIP: it runs on ViT-B-32 only."""
         names = self.contenders.get(arch, PEERS_AND_US)
-        return [c for c in names if c != "hf-transformers" or arch == "ViT-B-32"]
+        return [c for c in names if c != "hf-transformers" or (arch == "ViT-B-32" and self.hf)]
 
 
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -121,7 +122,7 @@ class Run:
     # ---- sections -------------------------------------------------------------------------
     def do_prep(self) -> dict[str, Any]:
         spec = {"work_dir": str(self.h.work), "n_images": max(self.plan.images.values()),
-                "archs": self.plan.images, "hf": "ViT-B-32" in self.plan.images, "seed": 0}
+                "archs": self.plan.images, "hf": "ViT-B-32" in self.plan.images and self.plan.hf, "seed": 0}
         self.prep = self.h.run("prep", "prep", spec, timeout_s=600)
         self.h.log(f"images: {self.prep['images']}")
         return {k: v for k, v in self.prep.items() if k != "image_paths"}
@@ -283,6 +284,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--demo-images", type=int, help="images for the bundled demo model (default 48)")
     p.add_argument("--text-labels-demo", type=int, help="labels x 80 templates on the demo model (default 1000)")
     p.add_argument("--text-labels-vit", type=int, help="labels x 80 templates on ViT-B-32 (default 4; 0 skips)")
+    p.add_argument("--no-hf", action="store_true", help="leave out the Hugging Face peer (no `transformers`)")
     p.add_argument("--server-requests", type=int, help="load-test requests (default 200)")
     p.add_argument("--only", help="comma-separated sections (gemm,contenders,profile,startup,textcache,"
                                   "stability,batch,server); prep always runs")
@@ -301,7 +303,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
     images = {k: v for k, v in images.items() if v > 0}
     if "ViT-B-32" not in images or DEMO not in images:
         raise SystemExit("ViT-B-32 (the reference) and the demo model are required; give them > 0 images")
-    changes: dict[str, Any] = {"images": images}
+    changes: dict[str, Any] = {"images": images, "hf": not args.no_hf}
     if args.server_requests is not None:
         changes["server_requests"] = args.server_requests
     text = dict(plan.textcache)

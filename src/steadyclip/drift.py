@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["DRIFT_VERSION", "DriftFigures", "VerdictStore", "compare", "engine_drift", "thread_verdict"]
+__all__ = ["DRIFT_VERSION", "DriftFigures", "VerdictStore", "compare", "engine_drift", "fast_record",
+           "thread_verdict"]
 
 DRIFT_VERSION = 1
 
@@ -124,6 +125,19 @@ class VerdictStore:
 
 def _key(*parts: object) -> str:
     return hashlib.sha256("\0".join(str(p) for p in parts).encode()).hexdigest()
+
+
+def fast_record(fast: Engine) -> dict[str, Any]:
+    """``Provenance.reduced_precision`` of a fast engine: the cast, the CPU's bf16 support, drift, threads."""
+    assert fast._cast is not None, "fast_record is for engines running a reduced-precision copy"
+    # the fp32 twin: same model, shapes and threads (type(fast): no import of engine from below it)
+    strict = type(fast)(fast.loaded, profile="strict", micro_batch=fast.micro_batch,
+                        text_micro_batch=fast.text_micro_batch, threads=fast.profile.threads, text_cache=None,
+                        batch_invariance=fast.batch_invariance)
+    fn, size = fast._tower("image")
+    threads = thread_verdict(fn, fast._probe_inputs("image", size), fast.profile, fast.device.type,
+                             fast._numerics_basis())
+    return {**fast._cast.record, "drift_vs_strict": engine_drift(fast, strict).to_dict(), "threads": threads}
 
 
 def engine_drift(fast: Engine, strict: Engine) -> DriftFigures:

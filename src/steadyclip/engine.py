@@ -121,22 +121,9 @@ class Engine:
             deterministic=self.profile.deterministic_algorithms, device=str(self.device),
             threads=self.profile.threads, micro_batch=self.micro_batch, batch_path=image_path,
             text_micro_batch=self.text_micro_batch, text_batch_path=text_path, flags=flags,
-            versions=_versions(), reduced_precision=self._reduced_precision(),
+            versions=_versions(), reduced_precision=drift.fast_record(self) if self._cast is not None else None,
         )
         return self._provenance
-
-    def _reduced_precision(self) -> dict[str, Any] | None:
-        """fast only: what was cast, the CPU's bf16 support, drift vs strict and the thread verdict (measured)."""
-        if self._cast is None:
-            return None
-        strict = Engine(self.loaded, profile="strict", micro_batch=self.micro_batch,
-                        text_micro_batch=self.text_micro_batch, threads=self.profile.threads, text_cache=None,
-                        batch_invariance=self.batch_invariance)
-        fn, size = self._tower("image")
-        threads = drift.thread_verdict(fn, self._probe_inputs("image", size), self.profile, self.device.type,
-                                       self._numerics_basis())
-        return {**self._cast.record, "drift_vs_strict": drift.engine_drift(self, strict).to_dict(),
-                "threads": threads}
 
     def _read_flags(self) -> dict[str, Any]:
         with determinism.applied(self.profile, self.device.type) as flags:
