@@ -7,10 +7,15 @@
 3. ``hf-transformers``  Hugging Face ``CLIPModel.from_pretrained`` (ViT-B/32 dims, random init
    saved locally) + ``AutoImageProcessor``, batched, inference_mode.
 4. ``steadyclip-strict`` ``steadyclip.load`` + ``Engine(profile="strict")``.
-5. ``steadyclip-fast``  ``Engine(profile="fast")``: bf16 autocast on CPU.
+5. ``steadyclip-fast``  ``Engine(profile="fast")``: bf16 weights cast once, bf16 inputs. On a CPU
+   without native bf16 it refuses (by design); the row then records the refusal, not a time.
+6. ``openclip-bf16``    open_clip with the model cast to bf16 once and bf16 inputs: what the
+   hardware gives bf16 without steadyclip's checks (the issue-15 reference).
 
-Plus, for conv nets, ``steadyclip-strict-onednn``: strict with the recorded oneDNN
-opt-in (``Engine(onednn=True)``), which strict leaves off by default.
+Plus ``steadyclip-fast-emulated``: the fast profile forced onto emulated bf16
+(``allow_emulated_bf16=True``), a labelled extra row measured only where native bf16 is
+absent (elsewhere it is row 5); and, for conv nets, ``steadyclip-strict-onednn``: strict
+with the recorded oneDNN opt-in (``Engine(onednn=True)``), which strict leaves off by default.
 
 Every contender embeds images to L2-normalised vectors two ways: end to end from
 the files (decode, preprocess, forward), and model-only from the same pre-decoded
@@ -29,8 +34,12 @@ import torch
 import torch.nn.functional as F
 
 CONTENDERS = ("openclip-readme", "openclip-best", "hf-transformers", "steadyclip-strict", "steadyclip-fast",
-              "steadyclip-strict-onednn")
-STEADYCLIP = ("steadyclip-strict", "steadyclip-fast", "steadyclip-strict-onednn")
+              "steadyclip-strict-onednn", "steadyclip-fast-emulated", "openclip-bf16")
+STEADYCLIP = ("steadyclip-strict", "steadyclip-fast", "steadyclip-strict-onednn", "steadyclip-fast-emulated")
+
+
+class NotRun(Exception):
+    """A contender that refused to run here (e.g. fast without native bf16): recorded, not timed."""
 
 
 class Contender(Protocol):
@@ -70,18 +79,21 @@ class OpenClipReadme:
 class OpenClipBest:
     """(2) open_clip as a careful user batches it: micro-batches, ``inference_mode``."""
 
-    def __init__(self, arch: str, weights: str, micro_batch: int) -> None:
+    def __init__(self, arch: str, weights: str, micro_batch: int, dtype: torch.dtype = torch.float32) -> None:
         import open_clip
 
         self.model, _, self.preprocess = open_clip.create_model_and_transforms(arch, pretrained=weights)
         self.model.eval()
+        self.dtype = dtype
+        if dtype != torch.float32:
+            self.model.to(dtype)  # (6): cast once, as a bf16-minded user would
         self.mb = micro_batch
 
     def embed_pixels(self, pixels: torch.Tensor) -> np.ndarray:
         outs = []
         with torch.inference_mode():
             for chunk in pixels.split(self.mb):
-                outs.append(F.normalize(self.model.encode_image(chunk), dim=-1).numpy())
+                outs.append(F.normalize(self.model.encode_image(chunk.to(self.dtype)).float(), dim=-1).numpy())
         return np.concatenate(outs)
 
     def embed_files(self, paths: Sequence[str]) -> np.ndarray:
@@ -130,13 +142,22 @@ class Steady:
     """(4)/(5) steadyclip: verified load, deterministic engine."""
 
     def __init__(self, source: str, weights: str | None, profile: str, micro_batch: int, threads: int,
-                 onednn: bool | None = None) -> None:
+                 onednn: bool | None = None, emulated: bool = False) -> None:
         import steadyclip
+        from steadyclip.errors import DeviceError
+        from steadyclip.precision import cpu_bf16_support
 
+        if emulated and cpu_bf16_support().native:
+            raise NotRun("this CPU has native bf16: the steadyclip-fast row is the fast profile, nothing to force")
         self.loaded = steadyclip.load(source, pretrained=weights)
-        kw = {} if onednn is None else {"onednn": onednn}  # only passed when asked: the default is the profile's
-        self.engine = steadyclip.Engine(self.loaded, profile=profile, micro_batch=micro_batch, threads=threads,
-                                        text_cache=None, **kw)
+        kw: dict[str, Any] = {} if onednn is None else {"onednn": onednn}  # the default is the profile's
+        if emulated:
+            kw["allow_emulated_bf16"] = True
+        try:
+            self.engine = steadyclip.Engine(self.loaded, profile=profile, micro_batch=micro_batch, threads=threads,
+                                            text_cache=None, **kw)
+        except DeviceError as e:  # fast without native bf16: the refusal is the result
+            raise NotRun(f"refused: {e}") from e
 
     def embed_files(self, paths: Sequence[str]) -> np.ndarray:
         out: np.ndarray = self.engine.embed_images(list(paths))
@@ -158,12 +179,15 @@ def build(spec: dict[str, Any]) -> Contender:
         return OpenClipReadme(arch, spec["weights"])
     if name == "openclip-best":
         return OpenClipBest(arch, spec["weights"], mb)
+    if name == "openclip-bf16":
+        return OpenClipBest(arch, spec["weights"], mb, torch.bfloat16)
     if name == "hf-transformers":
         return HFClip(spec["hf_dir"], mb)
     if name in STEADYCLIP:
         source, weights = ("steadyclip-demo", None) if spec.get("bundled") else (arch, spec["weights"])
         onednn = True if name.endswith("-onednn") else None
-        return Steady(source, weights, name.split("-")[1], mb, int(spec["threads"]), onednn)
+        return Steady(source, weights, name.split("-")[1], mb, int(spec["threads"]), onednn,
+                      emulated=name.endswith("-emulated"))
     raise ValueError(f"unknown contender {name!r}; one of {CONTENDERS}")
 
 
@@ -188,7 +212,10 @@ def run_contender(spec: dict[str, Any]) -> dict[str, Any]:
     """
     logging.getLogger().setLevel(logging.ERROR)
     t = time.perf_counter()
-    c = build(spec)
+    try:
+        c = build(spec)
+    except NotRun as e:
+        return {"contender": spec["contender"], "arch": spec["arch"], "not_run": str(e)}
     load_s = time.perf_counter() - t
     pixels = torch.from_numpy(np.load(spec["pixels"]))  # (N, 3, H, W), the same tensors for every contender
     paths = list(spec["paths"])
@@ -213,6 +240,7 @@ def run_contender(spec: dict[str, Any]) -> dict[str, Any]:
         prov = c.engine.provenance
         result["batch_path"] = prov.batch_path
         result["precision"] = prov.precision
+        result["reduced_precision"] = prov.reduced_precision
         from steadyclip import determinism
 
         result["mkl_cbwr_effective"] = determinism.mkl_cbwr_effective()

@@ -9,12 +9,15 @@ NAMES = {
     "openclip-best": "(2) open_clip best effort (batched, inference_mode)",
     "hf-transformers": "(3) HF transformers CLIPModel (batched)",
     "steadyclip-strict": "(4) steadyclip strict",
-    "steadyclip-fast": "(5) steadyclip fast (bf16 autocast)",
+    "steadyclip-fast": "(5) steadyclip fast (bf16 weights, native bf16 CPUs)",
     "steadyclip-strict-onednn": "(4b) steadyclip strict + oneDNN opt-in",
+    "steadyclip-fast-emulated": "(5e) steadyclip fast FORCED onto emulated bf16 (allow_emulated_bf16)",
+    "openclip-bf16": "(6) open_clip, model cast to bf16 once, bf16 inputs",
 }
 SHORT = {"openclip-readme": "(1) oc README", "openclip-best": "(2) oc best", "hf-transformers": "(3) HF",
          "steadyclip-strict": "(4) sc strict", "steadyclip-fast": "(5) sc fast",
-         "steadyclip-strict-onednn": "(4b) sc strict+oneDNN"}
+         "steadyclip-strict-onednn": "(4b) sc strict+oneDNN", "steadyclip-fast-emulated": "(5e) sc fast emul.",
+         "openclip-bf16": "(6) oc bf16"}
 
 
 def _f(v: float | None, fmt: str = ".2f", suffix: str = "") -> str:
@@ -86,6 +89,12 @@ def _throughput(d: dict[str, Any], doc: dict[str, Any]) -> list[str]:
                         _f(r["peak_rss_mb"], ".0f"), _f(r["load_s"], ".1f"),
                         _f(r["max_abs_vs_baseline"], ".1e"), "yes" if r["repeat_identical"] else "NO"]
                        for r in rows]) + [""]
+        out += [f"- {NAMES.get(name, name)}: not run here: {why}" for name, why in
+                d.get("not_run", {}).get(arch, {}).items()]
+        out += [f"- {NAMES.get(r['contender'], r['contender'])}: drift vs strict on the probe: min cosine "
+                f"{r['drift_vs_strict']['min_cosine']:.6f}, max |dp| {r['drift_vs_strict']['max_abs_prob']:.3g}, "
+                f"top-1 agreement {r['drift_vs_strict']['top1_agreement']:.3f}" for r in rows if r.get("drift_vs_strict")]
+        out += [""]
     return out
 
 
@@ -228,8 +237,8 @@ def _profile(doc: dict[str, Any]) -> list[str]:
         bf = p.get("bf16")
         if bf:
             top = bf["top_ops_autocast"][0]
-            out += [(f"bf16 on this CPU (one micro-batch): fp32 {_ms(bf['fp32_s'])}, bf16 autocast (the `fast` "
-                     f"profile) {_ms(bf['autocast_bf16_s'])} (x{bf['autocast_bf16_s'] / bf['fp32_s']:.2f}), all-bf16 "
+            out += [(f"bf16 on this CPU (one micro-batch): fp32 {_ms(bf['fp32_s'])}, bf16 autocast (the old `fast` "
+                     f"profile) {_ms(bf['autocast_bf16_s'])} (x{bf['autocast_bf16_s'] / bf['fp32_s']:.2f}), all-bf16 (today's `fast`) "
                      f"weights {_ms(bf['pure_bf16_s'])} (x{bf['pure_bf16_s'] / bf['fp32_s']:.2f}). Top autocast op: "
                      f"`{top['op']}` {100 * top['share']:.0f}% ({top['calls']} calls). Min cosine vs fp32: autocast "
                      f"{bf['autocast_min_cosine_vs_fp32']:.5f}, all-bf16 {bf['pure_min_cosine_vs_fp32']:.5f}."), ""]

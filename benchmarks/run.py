@@ -27,7 +27,9 @@ from benchmarks.harness import REPO, Harness, TaskError
 
 DEMO = "steadyclip-shapes"
 PEERS_AND_US = ("openclip-best", "steadyclip-strict", "openclip-readme", "hf-transformers", "steadyclip-fast",
-                "steadyclip-strict-onednn")
+                "steadyclip-strict-onednn", "steadyclip-fast-emulated", "openclip-bf16")
+# open_clip fp32, strict and fast side by side (issue 15), plus the forced-emulated and open_clip bf16 references
+FAST_ROWS = ("steadyclip-fast", "steadyclip-fast-emulated", "openclip-bf16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +42,9 @@ class Plan:
         default_factory=lambda: {"ViT-B-32": 48, "RN50": 16, DEMO: 48})
     # arch -> names (default: all). ViT-B-32 has one convolution (the patch embedding): no oneDNN variant.
     contenders: dict[str, tuple[str, ...]] = dataclasses.field(
-        default_factory=lambda: {"ViT-B-32": PEERS_AND_US[:5]})
+        default_factory=lambda: {"ViT-B-32": (*PEERS_AND_US[:5], *FAST_ROWS[1:]),
+                                 "RN50": ("openclip-best", "steadyclip-strict", "openclip-readme",
+                                          "steadyclip-strict-onednn", *FAST_ROWS)})
     repeats_model: int = 2
     repeats_e2e: int = 1
     probe_arch: str = "ViT-B-32"  # start-up and batch-job figures
@@ -56,12 +60,13 @@ class Plan:
     gemm_envs: tuple[str, ...] = ("plain", "mkl_cbwr_strict")
     pair_rounds: int = 2  # ViT-B-32: (2) and (4) each run in 2 processes, order B S ... S B
     quick: bool = False
+    hf: bool = True  # the Hugging Face peer (needs `transformers`, the bench extra)
 
     @classmethod
     def quick_plan(cls, threads: int, micro_batch: int) -> Plan:
         """Every code path once, on small inputs; the heavy ViT-B-32 only where nothing else will do."""
         return cls(threads=threads, micro_batch=micro_batch, images={"ViT-B-32": 8, DEMO: 16},
-                   contenders={"ViT-B-32": ("openclip-best", "steadyclip-strict", "hf-transformers")},
+                   contenders={"ViT-B-32": ("openclip-best", "steadyclip-strict", "hf-transformers", *FAST_ROWS)},
                    repeats_model=1, probe_arch=DEMO, textcache=((DEMO, 50),), careless_processes=2,
                    server_requests=32, profile_pair_budget_s=2.0, profile_reps=1, profile_archs=(DEMO,),
                    gemm_envs=("plain",), pair_rounds=1, quick=True)
@@ -69,7 +74,7 @@ class Plan:
     def contenders_for(self, arch: str) -> list[str]:
         """Hugging Face has no RN50 or demo-architecture CLIP: it runs on ViT-B-32 only."""
         names = self.contenders.get(arch, PEERS_AND_US)
-        return [c for c in names if c != "hf-transformers" or arch == "ViT-B-32"]
+        return [c for c in names if c != "hf-transformers" or (arch == "ViT-B-32" and self.hf)]
 
 
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -117,7 +122,7 @@ class Run:
     # ---- sections -------------------------------------------------------------------------
     def do_prep(self) -> dict[str, Any]:
         spec = {"work_dir": str(self.h.work), "n_images": max(self.plan.images.values()),
-                "archs": self.plan.images, "hf": "ViT-B-32" in self.plan.images, "seed": 0}
+                "archs": self.plan.images, "hf": "ViT-B-32" in self.plan.images and self.plan.hf, "seed": 0}
         self.prep = self.h.run("prep", "prep", spec, timeout_s=600)
         self.h.log(f"images: {self.prep['images']}")
         return {k: v for k, v in self.prep.items() if k != "image_paths"}
@@ -147,7 +152,7 @@ class Run:
                 self.h.log(f"!! {arch} {name}: {e}")
                 self.results["errors"][f"{arch}/{name}"] = str(e)
                 continue
-            out[name] = _merge(out[name], r) if name in out else r
+            out[name] = _merge(out[name], r) if name in out and "not_run" not in r else r
         report.add_agreement(out, self.h.work / "out", arch)
         return out
 
@@ -161,6 +166,9 @@ class Run:
                 "emb_out": str(self.h.work / "out" / f"emb-{arch}-{name}.npy"),
                 "uses_steadyclip": name.startswith("steadyclip")}
         r = self.h.run("contender", label, spec)
+        if "not_run" in r:
+            self.h.log(f"{arch:18s} {name:18s} not run: {r['not_run'][:160]}")
+            return r
         self.h.log(f"{arch:18s} {name:18s} model-only {r['model_only']['best_ips']:7.2f} img/s  "
                    f"e2e {r['e2e']['best_ips']:7.2f} img/s  peak RSS {r['process']['peak_rss_mb']:.0f} MB")
         return r
@@ -276,6 +284,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--demo-images", type=int, help="images for the bundled demo model (default 48)")
     p.add_argument("--text-labels-demo", type=int, help="labels x 80 templates on the demo model (default 1000)")
     p.add_argument("--text-labels-vit", type=int, help="labels x 80 templates on ViT-B-32 (default 4; 0 skips)")
+    p.add_argument("--no-hf", action="store_true", help="leave out the Hugging Face peer (no `transformers`)")
     p.add_argument("--server-requests", type=int, help="load-test requests (default 200)")
     p.add_argument("--only", help="comma-separated sections (gemm,contenders,profile,startup,textcache,"
                                   "stability,batch,server); prep always runs")
@@ -294,7 +303,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
     images = {k: v for k, v in images.items() if v > 0}
     if "ViT-B-32" not in images or DEMO not in images:
         raise SystemExit("ViT-B-32 (the reference) and the demo model are required; give them > 0 images")
-    changes: dict[str, Any] = {"images": images}
+    changes: dict[str, Any] = {"images": images, "hf": not args.no_hf}
     if args.server_requests is not None:
         changes["server_requests"] = args.server_requests
     text = dict(plan.textcache)

@@ -69,8 +69,8 @@ def test_fast_is_reduced_precision_but_still_deterministic() -> None:
         inside = snapshot()
     assert inside["det"] and inside["cudnn_det"] and not inside["cudnn_bench"]
     assert inside["cuda_tf32"] is True and inside["matmul_precision"] == "high"
-    assert inside["mkldnn_matmul"] == "ieee"  # no silent bf16 for fp32 ops on CPU: autocast is explicit
-    assert flags["autocast_dtype"] == "bfloat16"
+    assert inside["mkldnn_matmul"] == "ieee"  # no silent bf16 for fp32 ops on CPU: the weights are cast explicitly
+    assert flags["autocast_dtype"] is None and flags["compute_dtype"] == "bfloat16"
     assert "not bitwise equal to strict" in flags["guarantee"]
 
 
@@ -123,12 +123,13 @@ def test_rng_is_seeded_inside_and_the_callers_stream_is_untouched() -> None:
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_autocast_is_a_no_op_for_strict_and_bf16_for_fast_on_cpu() -> None:
+def test_autocast_is_off_in_every_profile_even_inside_a_callers_autocast() -> None:
     a = torch.randn(4, 4)
-    with autocast(get_profile("strict"), "cpu"):
-        assert (a @ a).dtype == torch.float32
-    with autocast(get_profile("fast"), "cpu"):
-        assert (a @ a).dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (a @ a).dtype == torch.bfloat16  # the caller's ambient autocast...
+        for name in ("strict", "fast"):
+            with autocast(get_profile(name), "cpu"):
+                assert (a @ a).dtype == torch.float32  # ...does not reach a steadyclip forward
 
 
 def test_threads_are_serialised_and_each_sees_its_own_profile() -> None:

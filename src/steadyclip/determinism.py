@@ -2,15 +2,19 @@
 
     >>> profile = get_profile("strict")                  # fp32, deterministic, 1 thread
     >>> with applied(profile, "cpu") as flags, autocast(profile, "cpu"):
-    ...     out = model(x)                                # flags -> provenance
+    ...     out = model(x)                                # flags -> provenance; no ambient autocast leaks in
 
 Profiles:
     strict  fp32, no autocast, TF32 off everywhere, deterministic algorithms, cuDNN
             deterministic and no autotuning, fixed thread count, seeded RNG.
             Same input + same batch shape + same machine/stack -> bitwise same output.
-    fast    bf16 autocast on CPU / fp16 on CUDA, TF32 allowed; still deterministic
-            algorithms and fixed threads, so run to run identical - but not equal to
-            strict (bf16 vs fp32 cosine >= 0.9999 measured). ``flags`` says so.
+    fast    reduced-precision *weights*, cast once (:mod:`steadyclip.precision`): bf16 on
+            a CPU with native bf16 (AMX / AVX512-BF16; refused elsewhere), bf16 on CUDA
+            where supported, else fp16; TF32 allowed on CUDA; never autocast (on CPU it
+            is slower than fp32: the casts dominate). Still deterministic algorithms,
+            cuDNN deterministic and fixed threads, so bitwise the same across processes
+            at a fixed shape and thread count - but not equal to strict; the drift from
+            strict is measured, not assumed (:mod:`steadyclip.drift`).
 
 Process-global state, and the lock. Torch's flags (deterministic algorithms, cuDNN,
 TF32/fp32 precision, the default thread count) belong to the whole process.
@@ -37,20 +41,16 @@ Environment that must precede first use (set by ``steadyclip/__init__`` via
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
-import functools
 import logging
 import os
 import random
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 from steadyclip._early import early_init as _lead_early_init
-from steadyclip._early import early_state
 from steadyclip.errors import DeviceError, InputError
 
 CUBLAS_WORKSPACE = ":4096:8"
@@ -69,6 +69,13 @@ def early_init() -> None:
 early_init()
 
 import torch
+
+from steadyclip.numerics_env import FP32_LEAVES as _FP32_LEAVES
+from steadyclip.numerics_env import current_flags, mkl_cbwr_effective, mkl_cbwr_state
+from steadyclip.numerics_env import device_kind as _device
+from steadyclip.numerics_env import leaf_get as _leaf_get
+from steadyclip.numerics_env import leaf_set as _leaf_set
+from steadyclip.numerics_env import try_read as _try
 
 __all__ = [
     "PROFILES",
@@ -101,12 +108,9 @@ _PRECISIONS = ("fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _GUARANTEE = {
     "strict": "bitwise identical for the same input and batch shape on this machine and software stack",
-    "fast": "run-to-run identical on this machine; reduced precision, not bitwise equal to strict",
+    "fast": "bitwise identical across processes at a fixed batch shape and thread count on this machine; "
+            "reduced-precision weights, not bitwise equal to strict (drift measured)",
 }
-# torch's per-(backend, op) fp32 precision leaves, parents first: setting a parent
-# rewrites its children, so restoring in this order reproduces every leaf exactly.
-_FP32_LEAVES = (("generic", "all"), ("cuda", "all"), ("cuda", "matmul"), ("cuda", "conv"), ("cuda", "rnn"),
-                ("mkldnn", "all"), ("mkldnn", "matmul"), ("mkldnn", "conv"), ("mkldnn", "rnn"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +118,7 @@ class Profile:
     """How numerics are pinned for a run. Build with :func:`get_profile`."""
 
     name: str  # "strict" | "fast"
-    precision: str  # "fp32" | "bf16" | "fp16": the autocast dtype, fp32 = no autocast
+    precision: str  # "fp32" | "bf16" | "fp16": the dtype of the weights and inputs a forward runs in
     threads: int  # intra-op threads during forwards (the row for an input can depend on it)
     tf32: bool  # TF32 tensor cores for fp32 matmul/conv on CUDA (never on CPU oneDNN)
     deterministic_algorithms: bool  # torch.use_deterministic_algorithms
@@ -141,8 +145,8 @@ class Profile:
             raise InputError(f"seed must be an int, got {self.seed!r}")
 
     @property
-    def autocast_dtype(self) -> torch.dtype | None:
-        """The autocast dtype, or ``None`` for fp32 (no autocast)."""
+    def compute_dtype(self) -> torch.dtype | None:
+        """The reduced dtype weights are cast to, or ``None`` for fp32."""
         return _DTYPES.get(self.precision)
 
     def to_dict(self) -> dict[str, Any]:
@@ -165,7 +169,8 @@ def get_profile(
         name: ``"strict"`` or ``"fast"``.
         threads: intra-op threads; default 1 (on 2-vCPU machines 2 threads measured up to 3x slower).
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
-        precision: fast only: ``"bf16"`` (CPU default), ``"fp16"`` (CUDA default) or ``"fp32"``.
+        precision: fast only: ``"bf16"`` (CPU default; CUDA default where supported), ``"fp16"`` (CUDA
+            default without bf16) or ``"fp32"``.
         seed: seeds torch's generators inside :func:`applied`.
         onednn: use oneDNN convolutions. Default: off in strict (native convolutions give the same
             bits at any thread count), on in fast. Turning it on in strict is faster for conv nets
@@ -187,7 +192,7 @@ def get_profile(
             raise InputError(f"the strict profile is fp32 only, got precision={precision!r}; use profile 'fast'")
         chosen = "fp32"
     else:
-        chosen = precision or ("fp16" if kind == "cuda" else "bf16")
+        chosen = precision or ("bf16" if kind != "cuda" or _cuda_bf16() else "fp16")
     profile = Profile(name=name, precision=chosen, threads=1 if threads is None else threads,
                       tf32=name == "fast", deterministic_algorithms=True, cudnn_benchmark=False, seed=seed,
                       onednn=(name != "strict") if onednn is None else bool(onednn))
@@ -195,6 +200,17 @@ def get_profile(
     if profile.threads > (os.cpu_count() or 1):
         _logger.warning("threads=%d exceeds the %s CPUs here; expect slower forwards", profile.threads, os.cpu_count())
     return profile
+
+
+def identity_profile(profile: str | Profile, device: str, onednn: bool | None) -> Profile:
+    """The profile that names a result's numbers: rows are those at one intra-op thread."""
+    if isinstance(profile, Profile):
+        if onednn is not None and onednn != profile.onednn:
+            raise InputError(f"onednn={onednn} contradicts the given profile's onednn={profile.onednn}")
+        return dataclasses.replace(profile, threads=1)
+    if not isinstance(profile, str):
+        raise InputError(f"profile must be 'strict', 'fast' or a Profile, got {profile!r}")
+    return get_profile(profile, threads=1, device=device, onednn=onednn)
 
 
 @contextlib.contextmanager
@@ -218,7 +234,8 @@ def applied(profile: Profile, device: str | torch.device = "cpu") -> Iterator[di
             flags = current_flags(device)
             flags["profile"] = profile.to_dict()
             flags["guarantee"] = _GUARANTEE[profile.name]
-            flags["autocast_dtype"] = str(profile.autocast_dtype).removeprefix("torch.") if profile.autocast_dtype else None
+            flags["autocast_dtype"] = None  # never: fast casts its weights once (steadyclip.precision)
+            flags["compute_dtype"] = str(profile.compute_dtype or torch.float32).removeprefix("torch.")
             yield flags
         except BaseException:
             _undo(undo, raise_errors=False)  # the block's own error is the one to see
@@ -227,12 +244,14 @@ def applied(profile: Profile, device: str | torch.device = "cpu") -> Iterator[di
 
 
 def autocast(profile: Profile, device: str | torch.device = "cpu") -> contextlib.AbstractContextManager[Any]:
-    """``torch.autocast`` at the profile's dtype; a no-op context for fp32."""
+    """Autocast explicitly *off* for every profile: a caller's ambient ``torch.autocast`` must not leak in.
+
+    Reduced precision in ``fast`` comes from weights cast once (:mod:`steadyclip.precision`), which
+    is both faster than autocast on CPU and the same ops on every entry point.
+    """
     kind, _ = _device(device)
-    dtype = profile.autocast_dtype
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=kind, dtype=dtype)
+    del profile  # every profile runs without autocast; kept in the signature for the call sites
+    return torch.autocast(device_type=kind, enabled=False)
 
 
 def seed_everything(seed: int) -> None:
@@ -244,76 +263,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def mkl_cbwr_state() -> str | None:
-    """``MKL_CBWR`` as it stood when steadyclip was imported (before, we hope, the first GEMM)."""
-    return early_state().get("value")
-
-
-def mkl_cbwr_effective() -> str | None:
-    """The CNR mode MKL itself reports, e.g. ``"AUTO,STRICT"``; ``None`` if MKL can't be asked.
-
-    Best effort through MKL's service symbol in torch's CPU library. ``"OFF"`` while
-    ``MKL_CBWR`` asks for a mode means it was set after the first GEMM: too late.
-    """
-    get = _mkl_cbwr_getter()
-    if get is None:
-        return None
-    code = int(get(-1))  # MKL_CBWR_ALL
-    branch = _CBWR_BRANCHES.get(code & 0xFFFF, hex(code & 0xFFFF))
-    return f"{branch},STRICT" if code & 0x10000 else branch
-
-
-def current_flags(device: str | torch.device = "cpu") -> dict[str, Any]:
-    """The numeric flags in effect now, JSON-friendly (see :func:`applied`)."""
-    kind, index = _device(device)
-    env = {k: os.environ.get(k) for k in ("MKL_CBWR", "CUBLAS_WORKSPACE_CONFIG", "OMP_NUM_THREADS",
-                                          "MKL_NUM_THREADS")}
-    early = early_state()
-    requested, effective = mkl_cbwr_state(), mkl_cbwr_effective()
-    flags: dict[str, Any] = {
-        "device": kind if index is None else f"{kind}:{index}",
-        "threads": torch.get_num_threads(),
-        "interop_threads": torch.get_num_interop_threads(),
-        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-        "deterministic_warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
-        "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
-        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
-        "onednn_enabled": bool(torch._C._get_mkldnn_enabled()),
-        "float32_matmul_precision": _try(torch.get_float32_matmul_precision),
-        "cuda_matmul_allow_tf32": _try(lambda: bool(torch.backends.cuda.matmul.allow_tf32)),
-        "cudnn_allow_tf32": _try(lambda: bool(torch.backends.cudnn.allow_tf32)),
-        "fp32_precision": {f"{backend}.{op}": _leaf_get((backend, op)) for backend, op in _FP32_LEAVES},
-        "grad_enabled": torch.is_grad_enabled(),
-        "mkl_cbwr": requested,
-        "mkl_cbwr_source": "user" if early.get("user_value") is not None else "steadyclip",
-        "mkl_cbwr_set_after_torch_import": early.get("torch_imported_before") == "yes",
-        "mkl_cbwr_effective": effective,
-        "mkl_cbwr_status": ("unknown" if effective is None or requested is None
-                            else "too late" if "STRICT" in requested.upper() and "STRICT" not in effective
-                            else "in effect"),
-        "env": env,
-        "build": _build_info(),
-    }
-    if kind == "cuda":
-        flags["cuda_matmul_fp16_reduced_reduction"] = bool(
-            torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction)
-        flags["cuda_matmul_bf16_reduced_reduction"] = bool(
-            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction)
-        flags["cuda_device_name"] = torch.cuda.get_device_name(index or 0) if torch.cuda.is_available() else None
-    return flags
-
-
 # ---- internals -------------------------------------------------------------------------
-def _device(device: str | torch.device) -> tuple[str, int | None]:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError) as e:
-        raise DeviceError(f"unrecognised device {device!r}: {e}; use 'cpu', 'cuda' or 'cuda:N'") from e
-    if dev.type not in ("cpu", "cuda"):
-        raise DeviceError(f"device {device!r} is not supported by steadyclip; use 'cpu', 'cuda' or 'cuda:N'")
-    return dev.type, dev.index
-
-
 def _check_supported(profile: Profile, device: str | torch.device) -> None:
     kind, index = _device(device)
     if kind == "cuda":
@@ -325,6 +275,10 @@ def _check_supported(profile: Profile, device: str | torch.device) -> None:
                               "device(s) exist; pick one of them")
         if profile.precision == "bf16" and not torch.cuda.is_bf16_supported():
             raise DeviceError("bf16 requested on a CUDA device without bf16 support; use precision='fp16'")
+
+
+def _cuda_bf16() -> bool:
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 
 def _ensure_cublas_config() -> None:
@@ -417,7 +371,7 @@ def _set_precision(tf32: bool) -> None:
     torch.set_float32_matmul_precision("high" if tf32 else "highest")
     torch.backends.cudnn.allow_tf32 = tf32
     for leaf in _FP32_LEAVES:
-        # TF32 only ever on CUDA; oneDNN on CPU stays IEEE fp32 (fast uses autocast there).
+        # TF32 only ever on CUDA; oneDNN on CPU stays IEEE fp32 (fast casts its weights to bf16 instead).
         _leaf_set(leaf, "tf32" if tf32 and leaf[0] == "cuda" else "ieee")
 
 
@@ -435,72 +389,3 @@ def _restore_precision(saved: tuple[str | None, bool | None, tuple[str | None, .
             _leaf_set(leaf, value)
 
 
-# The (backend, op) accessors are what torch.backends.*.fp32_precision call; the public
-# attributes don't reach every leaf (cudnn.conv and cuda.all alias in odd ways).
-_GET_LEAF = getattr(torch._C, "_get_fp32_precision_getter", None)
-_SET_LEAF = getattr(torch._C, "_set_fp32_precision_setter", None)
-
-
-def _leaf_get(leaf: tuple[str, str]) -> str | None:
-    if _GET_LEAF is None:
-        return None  # torch < 2.9: only the legacy switches exist
-    return str(_GET_LEAF(*leaf))
-
-
-def _leaf_set(leaf: tuple[str, str], value: str) -> None:
-    if _SET_LEAF is not None:
-        _SET_LEAF(*leaf, value)
-
-
-def _try(fn: Callable[[], Any]) -> Any:
-    try:
-        return fn()
-    except RuntimeError:
-        return None
-
-
-_CBWR_BRANCHES = {0: "OFF", 1: "OFF", 2: "AUTO", 3: "COMPATIBLE", 4: "SSE2", 6: "SSSE3", 7: "SSE4_1", 8: "SSE4_2",
-                  9: "AVX", 10: "AVX2", 11: "AVX512_MIC", 12: "AVX512", 13: "AVX512_MIC_E1", 14: "AVX512_E1"}
-
-
-@functools.lru_cache(maxsize=1)
-def _mkl_cbwr_getter() -> Callable[[int], int] | None:
-    if not torch.backends.mkl.is_available():  # type: ignore[no-untyped-call]
-        return None
-    lib_dir = Path(torch.__file__).parent / "lib"
-    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib", "torch_cpu.dll"):
-        if not (lib_dir / name).exists():
-            continue
-        try:
-            lib = ctypes.CDLL(str(lib_dir / name))
-        except OSError:
-            return None
-        for symbol in ("mkl_cbwr_get", "mkl_serv_cbwr_get", "MKL_CBWR_GET"):
-            fn = getattr(lib, symbol, None)
-            if fn is not None:
-                fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_int]
-                return fn  # type: ignore[no-any-return]
-    return None
-
-
-@functools.lru_cache(maxsize=1)
-def _build_info() -> dict[str, Any]:
-    """Static facts about the torch build (cached: ``torch.__config__.show()`` is slow-ish)."""
-    config = torch.__config__.show()
-    mkl = next((ln.strip(" -") for ln in config.splitlines() if "Math Kernel Library" in ln), None)
-    onednn = next((ln.strip(" -") for ln in config.splitlines() if "MKL-DNN" in ln or "oneDNN" in ln), None)
-    cudnn = bool(torch.backends.cudnn.is_available())  # type: ignore[no-untyped-call]
-    parallel = next((ln.split(":", 1)[1].strip() for ln in torch.__config__.parallel_info().splitlines()
-                     if "parallel backend" in ln), None)
-    return {
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if cudnn else None,  # type: ignore[no-untyped-call]
-        "mkl_available": bool(torch.backends.mkl.is_available()),  # type: ignore[no-untyped-call]
-        "mkldnn_available": bool(torch.backends.mkldnn.is_available()),  # type: ignore[no-untyped-call]
-        "mkl": mkl,
-        "onednn": onednn,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "parallel_backend": parallel,
-        "cpu_count": os.cpu_count(),
-    }

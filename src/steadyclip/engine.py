@@ -25,11 +25,11 @@ from typing import Any, Literal, Self, cast, overload
 import numpy as np
 import torch
 
-from steadyclip import determinism, identity, rows, selfcheck
+from steadyclip import determinism, drift, identity, precision, rows, selfcheck
 from steadyclip.determinism import Profile
 from steadyclip.engine_replicas import ReplicaSet
 from steadyclip.errors import InputError
-from steadyclip.head import ZeroShotHead, normalise
+from steadyclip.head import ZeroShotHead, embedding_width, normalise
 from steadyclip.images import ImageInput, load_image
 from steadyclip.layout import ExecutionRecord, check_count
 from steadyclip.loading import LoadedModel
@@ -69,6 +69,8 @@ class Engine:
         text_cache: ``"default"`` (on-disk, shared), a :class:`TextCache`, or ``None``.
         batch_invariance: ``"auto"`` self-checks and may skip padding; ``"fixed"`` always pads.
         onednn: oneDNN convolutions (see :func:`steadyclip.determinism.get_profile`); strict default off.
+        allow_emulated_bf16: run ``fast`` (bf16) on a CPU without native bf16 anyway (slower than strict;
+            recorded in provenance). See :mod:`steadyclip.precision`.
 
     Example:
         >>> engine = Engine(steadyclip.load())
@@ -88,6 +90,7 @@ class Engine:
         text_cache: TextCache | str | None = "default",
         batch_invariance: BatchInvariance = "auto",
         onednn: bool | None = None,
+        allow_emulated_bf16: bool = False,
     ) -> None:
         check_count("micro_batch", micro_batch, allow_auto=False)
         check_count("text_micro_batch", text_micro_batch, allow_auto=False)
@@ -95,10 +98,12 @@ class Engine:
             raise InputError(f"batch_invariance must be 'auto' or 'fixed', got {batch_invariance!r}")
         self.loaded = loaded
         self.device = next(loaded.model.parameters()).device
-        self.profile = _identity_profile(profile, self.device.type, onednn)
+        self.profile = determinism.identity_profile(profile, self.device.type, onednn)
         requested = check_count("threads", threads)
         if isinstance(profile, Profile) and requested is None and profile.threads != 1:
             requested = profile.threads
+        # fast: a reduced-precision copy cast once (steadyclip.precision); None = run loaded.model (fp32)
+        self._cast = precision.prepare(loaded, self.profile, self.device.type, allow_emulated_bf16=allow_emulated_bf16)
         self.micro_batch = micro_batch
         self.text_micro_batch = text_micro_batch
         self.batch_invariance = batch_invariance
@@ -152,6 +157,7 @@ class Engine:
             threads=self.profile.threads, micro_batch=self.micro_batch, batch_path=image_path,
             text_micro_batch=self.text_micro_batch, text_batch_path=text_path, flags=flags,
             versions=identity.software_stack(),
+            reduced_precision=drift.fast_record(self) if self._cast is not None else None,
         )
         return self._provenance
 
@@ -183,15 +189,20 @@ class Engine:
     # ---- low-level forwards -------------------------------------------------------------
     def tower(self, kind: str) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
         """The encode function and micro-batch rows of the ``"image"`` or ``"text"`` tower."""
-        model: Any = self.loaded.model
-        if kind == "image":
-            return model.encode_image, self.micro_batch
-        return model.encode_text, self.text_micro_batch
+        model: Any = self.loaded.model if self._cast is None else self._cast.model
+        fn, size = (model.encode_image, self.micro_batch) if kind == "image" else (model.encode_text,
+                                                                                   self.text_micro_batch)
+        if self._cast is not None:
+            cast = self._cast.cast_input
+            return (lambda x: fn(cast(x))), size  # pixels -> the weights' dtype; outputs go back to float32
+        return fn, size
 
     def check_state(self) -> None:
         """Refuse (or repair, per the guard) a model not in inference state or changed in memory."""
         self.loaded.ensure_inference_state()
         self.loaded.check_buffers()
+        if self._cast is not None:
+            self._cast.check()
 
     def _forward(self, kind: str, x: torch.Tensor) -> np.ndarray:
         """Encode rows of ``x`` at the engine's fixed shapes; L2-normalised float32 (N, D)."""
@@ -242,16 +253,8 @@ class Engine:
     @property
     def embedding_dim(self) -> int:
         """Width D of the joint embedding space, read from the model (no forward) when it says."""
-        model: Any = self.loaded.model
-        proj = getattr(model, "text_projection", None)
-        if isinstance(proj, torch.Tensor) and proj.ndim == 2:
-            return int(proj.shape[1])
-        if isinstance(proj, torch.nn.Linear):
-            return int(proj.out_features)
-        out = getattr(getattr(model, "visual", None), "output_dim", None)
-        if isinstance(out, int):
-            return out
-        return int(self.embed_texts(["a photo."]).shape[1])
+        width = embedding_width(self.loaded.model)
+        return width if width is not None else int(self.embed_texts(["a photo."]).shape[1])
 
     def preprocess(self, image: ImageInput) -> torch.Tensor:
         """Decode and validate one image, then apply the model's own eval transform: (3, H, W)."""
@@ -376,17 +379,6 @@ class Engine:
                 top=tuple((labels[j], float(probs[j])) for j in order), provenance=prov, source=src,
             ))
         return results
-
-
-def _identity_profile(profile: str | Profile, device: str, onednn: bool | None) -> Profile:
-    """The profile that names a result's numbers: rows are those at one intra-op thread."""
-    if isinstance(profile, Profile):
-        if onednn is not None and onednn != profile.onednn:
-            raise InputError(f"onednn={onednn} contradicts the given profile's onednn={profile.onednn}")
-        return dataclasses.replace(profile, threads=1)
-    if not isinstance(profile, str):
-        raise InputError(f"profile must be 'strict', 'fast' or a Profile, got {profile!r}")
-    return determinism.get_profile(profile, threads=1, device=device, onednn=onednn)
 
 
 def _run_chunk(fn: Callable[[torch.Tensor], torch.Tensor], chunk: torch.Tensor, size: int, path: str) -> np.ndarray:

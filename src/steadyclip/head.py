@@ -17,7 +17,7 @@ import numpy as np
 
 from steadyclip.errors import NumericsError
 
-__all__ = ["ZeroShotHead", "normalise"]
+__all__ = ["ZeroShotHead", "embedding_width", "normalise"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,19 @@ class ZeroShotHead:
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     out: np.ndarray = np.where(x >= 0, 1.0 / (1.0 + np.exp(-np.abs(x))), np.exp(-np.abs(x)) / (1.0 + np.exp(-np.abs(x))))
     return out
+
+
+def embedding_width(model: Any) -> int | None:
+    """Width D of a CLIP model's joint embedding space, from its projection; None when it does not say."""
+    import torch
+
+    proj = getattr(model, "text_projection", None)
+    if isinstance(proj, torch.Tensor) and proj.ndim == 2:
+        return int(proj.shape[1])
+    if isinstance(proj, torch.nn.Linear):
+        return int(proj.out_features)
+    out = getattr(getattr(model, "visual", None), "output_dim", None)
+    return out if isinstance(out, int) else None
 
 
 def normalise(x: np.ndarray, what: str) -> np.ndarray:

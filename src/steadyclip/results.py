@@ -31,6 +31,9 @@ class Provenance:
     versions: dict[str, str] = field(default_factory=dict)
     template_set: str | None = None
     template_sha256: str | None = None
+    # fast only (steadyclip.precision / steadyclip.drift): cast dtypes, the CPU's bf16 support and any
+    # explicit opt-in to emulated bf16, measured drift vs strict, and the thread-count verdict.
+    reduced_precision: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -40,8 +43,15 @@ class Provenance:
         return (
             f"model={self.model_id} weights={self.weights_sha256[:12]} fingerprint={self.fingerprint[:12]} "
             f"profile={self.profile} precision={self.precision} device={self.device} threads={self.threads} "
-            f"batch={self.micro_batch}/{self.batch_path}"
+            f"batch={self.micro_batch}/{self.batch_path}" + self._drift_summary()
         )
+
+    def _drift_summary(self) -> str:
+        drift = (self.reduced_precision or {}).get("drift_vs_strict")
+        if not drift:
+            return ""
+        return (f" drift_vs_strict=min_cos {drift['min_cosine']:.6f}/max_dp {drift['max_abs_prob']:.3g}/"
+                f"top1 {drift['top1_agreement']:.3f}")
 
 
 @dataclass(frozen=True)

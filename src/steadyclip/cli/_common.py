@@ -14,6 +14,9 @@ from steadyclip.errors import IntegrityError, SteadyClipError
 F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CHECK_FAILED = 0, 1, 2, 3
+PROFILE_HELP = ("strict: fp32, bitwise reproducible. fast: bf16 weights (fp16/bf16 on CUDA), drift vs strict "
+                "measured and recorded; on CPU only with native bf16 (AMX/AVX512-BF16), else refused - "
+                "STEADYCLIP_ASSUME_NATIVE_BF16=1 forces emulated bf16 (slow).")
 
 
 def handle_errors(func: F) -> F:

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from steadyclip.cli._common import echo_json, handle_errors
+from steadyclip.cli._common import PROFILE_HELP, echo_json, handle_errors
 
 _MODEL_OPTIONS = [
     click.option("--model", "-m", default="steadyclip-demo", show_default=True,
@@ -15,7 +15,8 @@ _MODEL_OPTIONS = [
     click.option("--pretrained", default=None, help="open_clip pretrained tag or a checkpoint file."),
     click.option("--lock", "lock_path", type=click.Path(dir_okay=False), default=None,
                  help="Refuse to run unless the model matches this lockfile."),
-    click.option("--profile", type=click.Choice(["strict", "fast"]), default="strict", show_default=True),
+    click.option("--profile", type=click.Choice(["strict", "fast"]), default="strict", show_default=True,
+                 help=PROFILE_HELP),
     click.option("--micro-batch", type=click.IntRange(min=1), default=8, show_default=True),
     click.option("--threads", type=click.IntRange(min=1), default=None,
                  help="Intra-op threads per replica (default 1; more only where proven not to change a bit)."),

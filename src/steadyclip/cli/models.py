@@ -10,7 +10,12 @@ from typing import Any
 
 import click
 
-from steadyclip.cli._common import EXIT_CHECK_FAILED, echo_json, handle_errors
+from steadyclip.cli._common import (
+    EXIT_CHECK_FAILED,
+    PROFILE_HELP,
+    echo_json,
+    handle_errors,
+)
 
 _model_argument = click.argument("model", required=False, default="steadyclip-demo")
 _pretrained_option = click.option(
@@ -57,7 +62,8 @@ def info(model: str, pretrained: str | None, allow_torchscript: bool, as_json: b
               show_default=True, help="Lockfile to write.")
 @click.option("--probe/--no-probe", default=True, show_default=True,
               help="Also pin the outputs of a fixed behaviour probe (recomputed by verify).")
-@click.option("--profile", type=click.Choice(["strict", "fast"]), default="strict", show_default=True)
+@click.option("--profile", type=click.Choice(["strict", "fast"]), default="strict", show_default=True,
+                 help=PROFILE_HELP)
 @click.option("--micro-batch", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 @_json_option

@@ -7,7 +7,7 @@ import os
 
 import click
 
-from steadyclip.cli._common import handle_errors
+from steadyclip.cli._common import PROFILE_HELP, handle_errors
 
 _logger = logging.getLogger(__name__)
 
@@ -29,7 +29,8 @@ def _is_loopback(host: str) -> bool:
 @click.option("--pretrained", default=None, help="open_clip pretrained tag or a checkpoint file.")
 @click.option("--lock", "lock_path", type=click.Path(dir_okay=False), default=None,
               help="Refuse to start unless the model matches this lockfile.")
-@click.option("--profile", type=click.Choice(["strict", "fast"]), default="strict", show_default=True)
+@click.option("--profile", type=click.Choice(["strict", "fast"]), default="strict", show_default=True,
+                 help=PROFILE_HELP)
 @click.option("--micro-batch", type=click.IntRange(min=1), default=8, show_default=True,
               help="Rows per image forward; concurrent requests share micro-batches.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from steadyclip import determinism
+from steadyclip import determinism, drift, precision
 from steadyclip.doctor.context import Context
 from steadyclip.doctor.harness import (
     Encoded,
@@ -40,7 +40,8 @@ FIX_PRECISION = """\
 model = model.float()
 with torch.no_grad(), torch.autocast(DEVICE, enabled=False):
     image_features = model.encode_image(images)
-# steadyclip's "strict" profile is fp32; "fast" uses autocast and records it in every result's provenance"""
+# steadyclip's "strict" profile is fp32; "fast" casts the weights to bf16 once (on CPUs with native bf16)
+# and records its measured drift from strict in every result's provenance"""
 
 FIX_FLAGS = """\
 # before the first forward (steadyclip's strict profile sets and restores these for you):
@@ -139,6 +140,7 @@ def check_precision(ctx: Context, findings: Findings) -> list[np.ndarray]:
         "top1_agreement": 1.0 - top1_changes(ctx.baseline, [p_amp]) / max(1, ctx.baseline.shape[0]),
         "min_top1_top2_margin_fp32": top_margin(ctx.baseline),
     }
+    evidence["steadyclip_fast"] = _fast_profile_drift(ctx)
     outputs = [p_amp]
     in_use = [d_amp] if ctx.amp_in_use is not None else []
     wdtype = model_float_dtype(ctx.model)
@@ -163,6 +165,33 @@ def check_precision(ctx: Context, findings: Findings) -> list[np.ndarray]:
     else:
         findings.ok("precision_drift", "autocast gives bitwise the fp32 result here")
     return outputs
+
+
+def _fast_profile_drift(ctx: Context) -> dict[str, Any]:
+    """What steadyclip's ``fast`` profile (weights cast once) would do to these inputs: the engine's drift path."""
+    assert ctx.baseline_enc is not None
+    dev = ctx.device_type
+    dtype = torch.bfloat16 if dev == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+    twin = precision.cast_copy(ctx.fp32, dtype)
+    try:
+        enc = ctx.eval_encode(model=twin)
+    finally:
+        del twin
+    base, t = ctx.baseline_enc, ctx.inputs.n_templates
+    m: Any = ctx.fp32
+    scale = float(m.logit_scale.detach().float().exp().cpu()) if hasattr(m, "logit_scale") else 100.0
+    figures = drift.compare(base.images, _classes(base.texts, t), enc.images, _classes(enc.texts, t),
+                            logit_scale=scale, reference="your model in fp32, strict flags", inputs="your images/labels")
+    out = {**figures.to_dict(), "dtype": str(dtype).removeprefix("torch.")}
+    if dev == "cpu":
+        out["native_bf16"] = precision.cpu_bf16_support().native
+    return out
+
+
+def _classes(texts: np.ndarray, n_templates: int) -> np.ndarray:
+    cls = texts.reshape(texts.shape[0] // n_templates, n_templates, -1).mean(axis=1)  # (C, D)
+    out: np.ndarray = cls / np.linalg.norm(cls, axis=-1, keepdims=True)
+    return out
 
 
 def check_flags(ctx: Context, findings: Findings) -> None:

@@ -1,0 +1,200 @@
+"""Measured drift of reduced precision vs fp32, and whether rows depend on the thread count.
+
+One measurement path for everyone: :func:`compare` turns two sets of embeddings (a
+reference and a reduced-precision run of the same inputs) into :class:`DriftFigures`
+(min cosine of embeddings, max |delta prob| of the zero-shot head, top-1 agreement).
+The engine feeds it the behaviour probe under ``strict`` and ``fast`` at first use per
+model and stack (:func:`engine_drift`); ``doctor``'s ``precision_drift`` feeds it the
+user's images and labels. Verdicts are remembered on disk (:class:`VerdictStore`),
+keyed by everything the numbers depend on, like the batch self-check's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from steadyclip import determinism
+
+if TYPE_CHECKING:
+    from steadyclip.engine import Engine
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["DRIFT_VERSION", "DriftFigures", "VerdictStore", "compare", "engine_drift", "fast_record",
+           "thread_verdict"]
+
+DRIFT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DriftFigures:
+    """How far a reduced-precision run is from the fp32 reference, on the same inputs."""
+
+    min_cosine_image: float  # min over images of cos(reference row, reduced row)
+    min_cosine_text: float
+    max_abs_prob: float  # max over (image, label) of |p_ref - p_reduced|, zero-shot softmax
+    top1_agreement: float  # fraction of images whose top-1 label is the same
+    images: int
+    labels: int
+    reference: str = "strict (fp32)"
+    inputs: str = "behaviour probe"
+
+    @property
+    def min_cosine(self) -> float:
+        return min(self.min_cosine_image, self.min_cosine_text)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "min_cosine": self.min_cosine}
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> DriftFigures:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in doc.items() if k in fields})
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    den = np.linalg.norm(a64, axis=-1) * np.linalg.norm(b64, axis=-1)
+    out: np.ndarray = (a64 * b64).sum(-1) / den
+    return out
+
+
+def _probs(images: np.ndarray, classes: np.ndarray, scale: float) -> np.ndarray:
+    logits = scale * images.astype(np.float64) @ classes.astype(np.float64).T  # (N, C)
+    z = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    out: np.ndarray = z / z.sum(axis=-1, keepdims=True)
+    return out
+
+
+def compare(ref_images: np.ndarray, ref_texts: np.ndarray, images: np.ndarray, texts: np.ndarray, *,
+            logit_scale: float, reference: str = "strict (fp32)", inputs: str = "behaviour probe") -> DriftFigures:
+    """Drift of (``images``, ``texts``) from the reference embeddings; texts are the class embeddings.
+
+    Each side's probabilities use its own embeddings (the fast head sees fast texts).
+    """
+    if ref_images.shape != images.shape or ref_texts.shape != texts.shape:
+        raise ValueError(f"cannot compare shapes {ref_images.shape}/{ref_texts.shape} with {images.shape}/{texts.shape}")
+    p_ref, p = _probs(ref_images, ref_texts, logit_scale), _probs(images, texts, logit_scale)
+    agree = float((p_ref.argmax(-1) == p.argmax(-1)).mean()) if p.shape[0] else 1.0
+    return DriftFigures(
+        min_cosine_image=float(_cosines(ref_images, images).min(initial=1.0)),
+        min_cosine_text=float(_cosines(ref_texts, texts).min(initial=1.0)),
+        max_abs_prob=float(np.abs(p_ref - p).max(initial=0.0)), top1_agreement=agree,
+        images=int(images.shape[0]), labels=int(texts.shape[0]), reference=reference, inputs=inputs)
+
+
+class VerdictStore:
+    """A small JSON map in the cache dir (``name``.json); a lost update only costs a re-measurement."""
+
+    def __init__(self, name: str) -> None:
+        from steadyclip.textcache import default_cache_dir
+
+        self.path = default_cache_dir() / f"{name}.json"
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            doc = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return doc if isinstance(doc, dict) else {}
+
+    def get(self, key: str) -> Any:
+        return self._read().get(key)
+
+    def put(self, key: str, value: Any) -> None:
+        doc = self._read()
+        doc[key] = value
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.stem}-")
+            with os.fdopen(fd, "w") as f:
+                json.dump(doc, f, sort_keys=True)
+            os.replace(tmp, self.path)
+        except OSError as e:  # a read-only cache dir only costs a re-measurement next time
+            _logger.info("could not remember a verdict in %s: %s", self.path, e)
+
+
+def _key(*parts: object) -> str:
+    return hashlib.sha256("\0".join(str(p) for p in parts).encode()).hexdigest()
+
+
+def fast_record(fast: Engine) -> dict[str, Any]:
+    """``Provenance.reduced_precision`` of a fast engine: the cast, the CPU's bf16 support, drift, threads."""
+    assert fast._cast is not None, "fast_record is for engines running a reduced-precision copy"
+    # the fp32 twin: same model, shapes and threads (type(fast): no import of engine from below it)
+    strict = type(fast)(fast.loaded, profile="strict", micro_batch=fast.micro_batch,
+                        text_micro_batch=fast.text_micro_batch, threads=fast.profile.threads, replicas=1,
+                        text_cache=None, batch_invariance=fast.batch_invariance)
+    fn, size = fast.tower("image")
+    threads = thread_verdict(fn, fast.probe_inputs("image", size), fast.profile, fast.device.type,
+                             fast.numerics_basis())
+    return {**fast._cast.record, "drift_vs_strict": engine_drift(fast, strict).to_dict(), "threads": threads}
+
+
+def engine_drift(fast: Engine, strict: Engine) -> DriftFigures:
+    """The behaviour probe under both profiles -> drift figures; measured once per model and stack.
+
+    ``strict`` is an fp32 engine on the same loaded model, micro-batch and threads.
+    """
+    from steadyclip.probe import PROBE_TEXTS, probe_images
+
+    key = _key(DRIFT_VERSION, fast.numerics_basis(), strict.numerics_basis(), fast.micro_batch,
+               fast.text_micro_batch)
+    store = VerdictStore("precision-drift")
+    remembered = store.get(key)
+    if isinstance(remembered, dict):
+        try:
+            return DriftFigures.from_dict(remembered)
+        except TypeError:
+            _logger.info("ignoring an unreadable remembered drift entry; measuring again")
+    images = probe_images(fast.loaded.info.preprocess.size)
+    pixels = torch.stack([fast.preprocess(im) for im in images])  # (6, 3, H, W)
+    texts = list(PROBE_TEXTS)
+    scale = float(fast.loaded.model.logit_scale.detach().float().exp().cpu())  # type: ignore[operator]
+    figures = compare(strict.embed_pixels(pixels), strict.embed_texts(texts), fast.embed_pixels(pixels),
+                      fast.embed_texts(texts), logit_scale=scale)
+    _logger.info("fast vs strict drift on the probe: min cosine %.6f, max |dp| %.3g, top-1 agreement %.3f",
+                 figures.min_cosine, figures.max_abs_prob, figures.top1_agreement)
+    store.put(key, figures.to_dict())
+    return figures
+
+
+def thread_verdict(fn: Callable[[torch.Tensor], torch.Tensor], probe: torch.Tensor, profile: determinism.Profile,
+                   device: str, basis: str) -> dict[str, Any]:
+    """Are rows bitwise the same at the pinned thread count and another one? Remembered on disk.
+
+    Returns ``{"verdict": "thread-invariant" | "thread-dependent" | "not-applicable", "compared": [...],
+    "pinned": threads}``. The engine pins ``profile.threads`` either way; the verdict says whether
+    that pin is what keeps rows stable.
+    """
+    cpus = os.cpu_count() or 1
+    mine = profile.threads
+    other = mine + 1 if mine < cpus else mine - 1
+    if device != "cpu" or other < 1:
+        return {"verdict": "not-applicable", "compared": [mine], "pinned": mine,
+                "why": "not a CPU run" if device != "cpu" else "only one CPU"}
+    key = _key(DRIFT_VERSION, "threads", basis, mine, other, tuple(probe.shape))
+    store = VerdictStore("thread-selfcheck")
+    remembered = store.get(key)
+    if isinstance(remembered, dict):
+        return remembered
+    outs = []
+    for n in (mine, other):
+        with determinism.applied(dataclasses.replace(profile, threads=n), device), torch.inference_mode(), \
+                determinism.autocast(profile, device):
+            outs.append(fn(probe).float().cpu().numpy())
+    same = bool(np.array_equal(outs[0], outs[1]))
+    verdict = {"verdict": "thread-invariant" if same else "thread-dependent", "compared": [mine, other],
+               "pinned": mine}
+    _logger.info("rows at %d vs %d threads: %s; threads pinned at %d", mine, other, verdict["verdict"], mine)
+    store.put(key, verdict)
+    return verdict
