@@ -1,18 +1,12 @@
 """The inference engine: fixed-shape micro-batches, embeddings, zero-shot classification.
 
-Why fixed shapes: on CPU the row computed for an input is bitwise identical
-whatever its neighbours *if the batch shape is the same* (measured, DESIGN.md),
-but differs between batch sizes. So every forward runs at exactly
-``micro_batch`` rows, the tail padded - unless a self-check at first use proves
-that a single-row forward gives bitwise the same rows as a full micro-batch, in
-which case tails run one row at a time (no padding waste). Either way the
-result for an input never depends on how many inputs came with it.
-
-Why replicas: work bigger than one micro-batch is spread over K replica
-processes (:mod:`steadyclip.replicas`), each running the same kernels at the same
-pinned thread count on the same shapes as this process, so every K gives the same
-bits. A replica uses more than one intra-op thread only where a self-check proved
-its rows equal to rows at one thread (:mod:`steadyclip.selfcheck`).
+Why fixed shapes: on CPU a row's bits are the same whatever its neighbours *at the same batch
+shape* (measured, DESIGN.md), not across shapes. So every forward runs at exactly ``micro_batch``
+rows, the tail padded - unless a self-check proves single rows equal to full-batch rows, then
+tails run row by row. Why replicas: work beyond one micro-batch goes to K replica processes
+(:mod:`steadyclip.replicas`) running the same kernels at the same pinned thread count on the same
+shapes, so every K gives the same bits; a replica uses T > 1 threads only where a self-check
+proved rows at T equal rows at 1 (:mod:`steadyclip.selfcheck`).
 """
 from __future__ import annotations
 
@@ -119,6 +113,7 @@ class Engine:
         self._basis: str | None = None
         self._numerics: str | None = None
         self._provenance: Provenance | None = None
+        self._building = False
         self._replicas = ReplicaSet(self, requested_threads=requested, requested_replicas=check_count(
             "replicas", replicas))
         self.text_forward_rows = 0  # how many text rows the text tower has encoded (cache proof)
@@ -145,6 +140,17 @@ class Engine:
         """Numerics provenance of results from this engine (built once; self-checks run on first access)."""
         if self._provenance is not None:
             return self._provenance
+        self._building = True  # self-checks and drift probes forward in this process, never in replicas
+        try:
+            return self._build_provenance()
+        finally:
+            self._building = False
+
+    def use_replicas(self, rows: int, size: int) -> bool:
+        """Should ``rows`` inputs at micro-batch ``size`` go to the replicas? (Not while provenance builds.)"""
+        return rows > size and not self._building and self._replicas.wanted()
+
+    def _build_provenance(self) -> Provenance:
         with self._lock:
             image_path = self._batch_path("image")
             text_path = self._batch_path("text")
@@ -207,7 +213,7 @@ class Engine:
     def _forward(self, kind: str, x: torch.Tensor) -> np.ndarray:
         """Encode rows of ``x`` at the engine's fixed shapes; L2-normalised float32 (N, D)."""
         _, size = self.tower(kind)
-        if x.shape[0] > size and self._replicas.wanted():
+        if self.use_replicas(x.shape[0], size):
             raw = self._replicas.forward(kind, x)
         else:
             raw = self.forward_local(kind, x)

@@ -103,6 +103,8 @@ class ReplicaSet:
     # ---- the pool ------------------------------------------------------------------------
     def pool(self) -> ReplicaPool:
         """The running pool (started on first use, after the engine's self-checks)."""
+        if self._pool is None:
+            _ = self._engine.provenance, self.threads  # decide paths, flags and threads before forking
         with self._lock:
             if self._pool is None:
                 if self._engine.device.type != "cpu":
@@ -111,9 +113,7 @@ class ReplicaSet:
                         "processes cannot share a CUDA context); use replicas=1, and one process per GPU")
                 from steadyclip.replicas import ReplicaPool
 
-                eng = self._engine
-                _ = eng.provenance, self.threads  # decide paths, flags and threads before forking
-                pool = ReplicaPool(eng, self.count, init=_init_replica)
+                pool = ReplicaPool(self._engine, self.count, init=_init_replica)
                 self._finalizer = weakref.finalize(self, pool.close)
                 self._pool = pool
                 _logger.info("started %d engine replicas at %d thread(s) each", self.count, self.threads)

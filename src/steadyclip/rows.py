@@ -50,7 +50,7 @@ def decode_and_embed(engine: Engine, images: Sequence[ImageInput]) -> list[np.nd
 def embed_rows(engine: Engine, images: Sequence[ImageInput]) -> list[Row]:
     """One row per input: its L2-normalised embedding, or an :class:`ImageFailure`."""
     size = engine.micro_batch
-    if len(images) > size and engine.replicas > 1:
+    if engine.use_replicas(len(images), size):
         futures = [engine._replicas.submit(decode_and_embed, list(images[s : s + size]))
                    for s in range(0, len(images), size)]
         results = [r for f in futures for r in f.result()]
