@@ -33,19 +33,11 @@ from typing import TextIO
 
 from PIL import Image
 
+from steadyclip._forksafe import ForkSafeRLock
+
 _logger = logging.getLogger(__name__)
 
-_LOCK = threading.RLock()
-
-
-def _fresh_lock_after_fork() -> None:
-    # An engine replica is forked with only the forking thread: a lock another thread held
-    # (a server decoding a request) would stay held in it forever.
-    global _LOCK
-    _LOCK = threading.RLock()
-
-
-os.register_at_fork(after_in_child=_fresh_lock_after_fork)
+_LOCK = ForkSafeRLock()  # an engine replica forked while a thread held it gets it unheld
 _MAX_CHARS = 500  # one warning's text; a decoder can print a whole tag dump
 
 

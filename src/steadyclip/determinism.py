@@ -46,11 +46,11 @@ import logging
 import os
 import random
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from steadyclip._early import early_init as _lead_early_init
+from steadyclip._forksafe import ForkSafeRLock
 from steadyclip.errors import DeviceError, InputError
 
 CUBLAS_WORKSPACE = ":4096:8"
@@ -91,17 +91,7 @@ __all__ = [
 ]
 
 _logger = logging.getLogger(__name__)
-_LOCK = threading.RLock()
-
-
-def _fresh_lock_after_fork() -> None:
-    # Only the forking thread survives a fork: a lock another thread held would stay held forever
-    # in the child (an engine replica), so the child starts with a fresh one.
-    global _LOCK
-    _LOCK = threading.RLock()
-
-
-os.register_at_fork(after_in_child=_fresh_lock_after_fork)
+_LOCK = ForkSafeRLock()  # an engine replica forked while a thread held it gets it unheld
 
 PROFILES = ("strict", "fast")
 _PRECISIONS = ("fp32", "bf16", "fp16")
