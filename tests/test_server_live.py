@@ -33,7 +33,7 @@ def server(workdir: Path, request: pytest.FixtureRequest) -> Iterator[str]:
     with serve_process(workdir, "steadyclip-demo", "--batch-wait-ms", "10", "--replicas", request.param) as url:
         doc = httpx.get(f"{url}/v1/model", timeout=30).json()
         assert doc["execution"]["replicas"] == int(request.param)
-        assert doc["batching"]["max_rows"] == 8 * int(request.param)
+        assert (doc["batching"]["max_rows"], doc["batching"]["in_flight"]) == (8, int(request.param))
         yield url
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -21,9 +21,16 @@ if TYPE_CHECKING:
     from steadyclip.engine import Engine
     from steadyclip.images import ImageInput
 
-__all__ = ["decode_and_embed", "embed_rows", "source_name"]
+__all__ = ["as_list", "decode_and_embed", "embed_rows", "source_name"]
 
 Row = Any  # np.ndarray (D,) float32 | ImageFailure
+
+
+def as_list(images: Sequence[ImageInput] | ImageInput) -> list[ImageInput]:
+    """One image (path, bytes, PIL) or a sequence of them -> a list."""
+    if isinstance(images, (str, bytes, bytearray)) or not isinstance(images, Sequence):
+        return [images]
+    return [cast("ImageInput", im) for im in images]
 
 
 def source_name(image: Any) -> str | None:
@@ -51,7 +58,7 @@ def embed_rows(engine: Engine, images: Sequence[ImageInput]) -> list[Row]:
     """One row per input: its L2-normalised embedding, or an :class:`ImageFailure`."""
     size = engine.micro_batch
     if engine.use_replicas(len(images), size):
-        futures = [engine._replicas.submit(decode_and_embed, list(images[s : s + size]))
+        futures = [engine.submit(decode_and_embed, list(images[s : s + size]))
                    for s in range(0, len(images), size)]
         results = [r for f in futures for r in f.result()]
     else:

@@ -27,7 +27,7 @@ from steadyclip.determinism import Profile
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["SelfCheckStore", "batch_path", "probe_inputs", "rows_equal_single", "rows_equal_threads"]
+__all__ = ["SelfCheckStore", "batch_path", "probe_inputs", "rows_equal_single", "rows_equal_threads", "run_chunk"]
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -119,3 +119,16 @@ def batch_path(engine: Any, kind: str) -> str:
             store.put(key, path)
     _logger.info("%s tower batch path: %s (micro-batch %d)", kind, path, size)
     return path
+
+
+def run_chunk(fn: Callable[[torch.Tensor], torch.Tensor], chunk: torch.Tensor, size: int, path: str) -> np.ndarray:
+    """One micro-batch of ``chunk`` at the fixed shape ``size``: padded, or row by row where proven equal."""
+    n = chunk.shape[0]
+    if n == size:
+        out: np.ndarray = fn(chunk).float().cpu().numpy()
+        return out
+    if path == "verified-invariant":
+        return np.concatenate([fn(chunk[i : i + 1]).float().cpu().numpy() for i in range(n)], axis=0)
+    pad = torch.zeros((size - n, *chunk.shape[1:]), dtype=chunk.dtype, device=chunk.device)
+    padded: np.ndarray = fn(torch.cat([chunk, pad], dim=0)).float().cpu().numpy()
+    return padded[:n]  # (size, D) -> (n, D)

@@ -39,9 +39,9 @@ class Service:
     def __init__(self, engine: Any, settings: ServerSettings) -> None:
         self.engine = engine
         self.settings = settings
-        # One micro-batch per replica per round: concurrent requests keep every replica busy.
-        rows = int(getattr(engine, "micro_batch", 8)) * int(getattr(engine, "replicas", 1))
-        self.batcher = Batcher(engine, max_rows=rows,
+        # One micro-batch in flight per replica: while they compute, the next one is gathered.
+        self.batcher = Batcher(engine, max_rows=int(getattr(engine, "micro_batch", 8)),
+                               in_flight=int(getattr(engine, "replicas", 1)),
                                max_wait_s=settings.batch_wait_ms / 1000.0, max_queue=settings.max_queue)
         self.golden = golden_mod.Golden()
         self.provenance: dict[str, Any] | None = None
@@ -192,10 +192,15 @@ class Service:
         return doc
 
     async def self_check(self) -> tuple[bool, dict[str, Any]]:
-        """Recompute the probe embedding and compare it bitwise with the start-up reference."""
+        """Check this process's model (text tower and head serve from it), then recompute the probe
+        embedding through the serving path (the replicas, if any) and compare it bitwise with the
+        start-up reference."""
         t0 = time.perf_counter()
         detail: dict[str, Any] = {"golden_sha256": self.golden.digest, "probe": golden_mod.PROBE_DESCRIPTION}
         try:
+            check_state = getattr(self.engine, "check_state", None)
+            if check_state is not None:
+                await self._engine(check_state)
             fresh = await asyncio.wait_for(self._probe_embedding(), timeout=self.settings.request_timeout_s)
             problem = self.golden.compare(fresh)
         except ApiError as e:
@@ -221,7 +226,8 @@ class Service:
             "provenance": self.provenance,
             "golden": {"sha256": self.golden.digest, "probe": golden_mod.PROBE_DESCRIPTION, "error": self.golden.error},
             "limits": self.settings.public_dict(),
-            "batching": {"max_rows": self.batcher.max_rows, "wait_ms": self.settings.batch_wait_ms,
+            "batching": {"max_rows": self.batcher.max_rows, "in_flight": self.batcher.in_flight,
+                         "wait_ms": self.settings.batch_wait_ms,
                          **self.batcher.stats.to_dict()},
             "suggested_labels": _suggested_labels(info.arch),
         }
