@@ -11,7 +11,7 @@ import numpy as np
 T = TypeVar("T")
 U = TypeVar("U")
 
-__all__ = ["completed", "joined_rows", "mapped"]
+__all__ = ["completed", "joined", "joined_lists", "joined_rows", "mapped"]
 
 
 def completed(fn: Callable[..., T], *args: Any) -> Future[T]:
@@ -42,16 +42,16 @@ def mapped(fut: Future[T], fn: Callable[[T], U]) -> Future[U]:
     return out
 
 
-def joined_rows(parts: Sequence[Future[np.ndarray]]) -> Future[np.ndarray]:
-    """One future of the parts' rows concatenated in order; the first error fails it."""
-    out: Future[np.ndarray] = Future()
+def joined(parts: Sequence[Future[T]], combine: Callable[[list[T]], U], empty: U) -> Future[U]:
+    """One future of ``combine([results in order])``; the first error fails it (``empty`` if no parts)."""
+    out: Future[U] = Future()
     if not parts:
-        out.set_result(np.zeros((0, 0), dtype=np.float32))
+        out.set_result(empty)
         return out
     lock = threading.Lock()
     left = [len(parts)]
 
-    def done(f: Future[np.ndarray]) -> None:
+    def done(f: Future[T]) -> None:
         err = f.exception()
         with lock:
             if out.done():
@@ -63,10 +63,20 @@ def joined_rows(parts: Sequence[Future[np.ndarray]]) -> Future[np.ndarray]:
             if left[0]:
                 return
         try:
-            out.set_result(np.concatenate([p.result() for p in parts], axis=0))
+            out.set_result(combine([p.result() for p in parts]))
         except BaseException as e:  # noqa: BLE001
             out.set_exception(e)
 
     for p in parts:
         p.add_done_callback(done)
     return out
+
+
+def joined_rows(parts: Sequence[Future[np.ndarray]]) -> Future[np.ndarray]:
+    """One future of the parts' (n_i, D) rows concatenated in order."""
+    return joined(parts, lambda arrays: np.concatenate(arrays, axis=0), np.zeros((0, 0), dtype=np.float32))
+
+
+def joined_lists(parts: Sequence[Future[list[T]]]) -> Future[list[T]]:
+    """One future of the parts' lists concatenated in order."""
+    return joined(parts, lambda lists: [x for part in lists for x in part], [])

@@ -2,7 +2,7 @@
 
 Two threads own the engine:
 
-- the *batch* thread takes image jobs (preprocessed pixels) from its queue, gathers
+- the *batch* thread takes image jobs (preprocessed pixels, or uploaded bytes) from its queue, gathers
   them into one micro-batch (up to ``max_rows`` rows) and hands it to the engine
   without waiting for the result (``engine.submit_pixels``), so while K replicas
   compute, the next micro-batch is already being gathered. At most ``in_flight``
@@ -50,9 +50,11 @@ class Overloaded(Exception):
 
 
 @dataclass
-class _PixelJob:
-    pixels: torch.Tensor  # (n, 3, H, W)
-    future: Future[np.ndarray] = field(default_factory=Future)
+class _RowsJob:
+    kind: str  # "pixels": a (n, 3, H, W) tensor; "images": a list of n uploaded files' bytes
+    items: Any
+    rows: int
+    future: Future[Any] = field(default_factory=Future)
     queued: float = field(default_factory=time.monotonic)
 
 
@@ -90,16 +92,20 @@ class Batcher:
         max_wait_s: how long a job waits for companions when nothing else is running.
         max_queue: queued jobs beyond which :class:`Overloaded` is raised.
         in_flight: micro-batches running at once (normally the engine's replicas).
+        images_fn: for :meth:`submit_images`: uploaded files' bytes -> a future of one row each
+            (the server decodes and embeds them in the replicas: ``rows.embed_uploads``).
     """
 
     def __init__(self, engine: Any, *, max_rows: int, max_wait_s: float = 0.005, max_queue: int = 1024,
-                 in_flight: int = 1) -> None:
+                 in_flight: int = 1, images_fn: Callable[[list[bytes]], Future[list[Any]]] | None = None) -> None:
         if max_rows < 1 or in_flight < 1:
             raise InputError(f"max_rows and in_flight must be >= 1, got {max_rows} and {in_flight}")
         self.engine = engine
         self.max_rows = max_rows
         self.max_wait_s = max_wait_s
         self.in_flight = in_flight
+        self.images_fn = images_fn
+        self._held: _RowsJob | None = None  # a job of the other kind that ended the last gather
         self._pixels: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
         self._calls: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
         self._slots = threading.BoundedSemaphore(in_flight)
@@ -146,7 +152,15 @@ class Batcher:
         """Queue preprocessed images (n, 3, H, W); the future yields their (n, D) embeddings."""
         if pixels.ndim != 4 or pixels.shape[0] < 1:
             raise InputError(f"pixels must be (n>=1, 3, H, W), got {tuple(pixels.shape)}")
-        job = _PixelJob(pixels)
+        job = _RowsJob("pixels", pixels, int(pixels.shape[0]))
+        self._put(self._pixels, job)
+        return job.future
+
+    def submit_images(self, datas: list[bytes]) -> Future[list[Any]]:
+        """Queue uploaded images' bytes; the future yields one row per image (see ``images_fn``)."""
+        if self.images_fn is None or not datas:
+            raise InputError("submit_images needs an images_fn and at least one image")
+        job = _RowsJob("images", list(datas), len(datas))
         self._put(self._pixels, job)
         return job.future
 
@@ -156,7 +170,7 @@ class Batcher:
         self._put(self._calls, job)
         return job.future
 
-    def _put(self, q: queue.Queue[Any], job: _PixelJob | _CallJob) -> None:
+    def _put(self, q: queue.Queue[Any], job: _RowsJob | _CallJob) -> None:
         if not self.running:
             raise RuntimeError("the engine worker is not running (server starting up or shutting down)")
         try:
@@ -184,7 +198,7 @@ class Batcher:
                       self.in_flight, self.max_wait_s * 1e3)
         stop = False
         while not stop:
-            job = self._pixels.get()
+            job, self._held = (self._held, None) if self._held is not None else (self._pixels.get(), None)
             if job is _STOP:
                 break
             self._slots.acquire()  # a replica is free; rows keep queueing meanwhile
@@ -200,10 +214,10 @@ class Batcher:
             forward_s = self._forward_s
         return max(self.max_wait_s, BUSY_WAIT_FRACTION * forward_s) if busy else self.max_wait_s
 
-    def _gather(self, first: _PixelJob) -> tuple[list[_PixelJob], bool]:
-        """Collect pixel jobs behind ``first`` up to ``max_rows`` rows or the wait deadline."""
+    def _gather(self, first: _RowsJob) -> tuple[list[_RowsJob], bool]:
+        """Collect jobs of ``first``'s kind behind it, up to ``max_rows`` rows or the wait deadline."""
         batch = [first]
-        rows = first.pixels.shape[0]
+        rows = first.rows
         deadline = first.queued + self._wait_s()
         while rows < self.max_rows:
             remaining = deadline - time.monotonic()
@@ -213,11 +227,14 @@ class Batcher:
                 break
             if nxt is _STOP:
                 return batch, True
+            if nxt.kind != first.kind:
+                self._held = nxt  # starts the next micro-batch
+                break
             batch.append(nxt)
-            rows += nxt.pixels.shape[0]
+            rows += nxt.rows
         return batch, False
 
-    def _dispatch(self, batch: list[_PixelJob]) -> None:
+    def _dispatch(self, batch: list[_RowsJob]) -> None:
         live = [j for j in batch if j.future.set_running_or_notify_cancel()]
         self._count(cancelled=len(batch) - len(live))
         if not live:
@@ -227,19 +244,24 @@ class Batcher:
             self._running += 1
         t0 = time.monotonic()
         try:
-            pixels = torch.cat([j.pixels for j in live], dim=0)  # (sum n, 3, H, W)
-            submit = getattr(self.engine, "submit_pixels", None)
-            fut: Future[np.ndarray] = submit(pixels) if submit is not None else completed(self.engine.embed_pixels,
-                                                                                          pixels)
+            fut = self._submit(live)
         except BaseException as e:  # noqa: BLE001 - every waiter must hear about the failure
             fut = Future()
             fut.set_exception(e)
         fut.add_done_callback(lambda f: self._finish(live, t0, f))
 
-    def _finish(self, live: list[_PixelJob], t0: float, fut: Future[np.ndarray]) -> None:
+    def _submit(self, live: list[_RowsJob]) -> Future[Any]:
+        if live[0].kind == "images":
+            assert self.images_fn is not None
+            return self.images_fn([data for j in live for data in j.items])
+        pixels = torch.cat([j.items for j in live], dim=0)  # (sum n, 3, H, W)
+        submit = getattr(self.engine, "submit_pixels", None)
+        return submit(pixels) if submit is not None else completed(self.engine.embed_pixels, pixels)
+
+    def _finish(self, live: list[_RowsJob], t0: float, fut: Future[Any]) -> None:
         """A micro-batch is done (on whichever thread completed it): hand out rows, free the slot."""
         try:
-            rows = sum(int(j.pixels.shape[0]) for j in live)
+            rows = sum(j.rows for j in live)
             err = fut.exception()
             if err is not None:
                 for j in live:
@@ -256,9 +278,9 @@ class Batcher:
                 self.on_batch(rows)
             offset = 0
             for j in live:
-                n = j.pixels.shape[0]
-                j.future.set_result(np.ascontiguousarray(emb[offset : offset + n]))
-                offset += n
+                part = emb[offset : offset + j.rows]
+                j.future.set_result(np.ascontiguousarray(part) if j.kind == "pixels" else part)
+                offset += j.rows
         finally:
             with self._lock:
                 self._running -= 1
