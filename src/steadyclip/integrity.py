@@ -27,6 +27,7 @@ from typing import Literal
 
 import torch
 
+from steadyclip.cachedir import cache_dir
 from steadyclip.errors import IntegrityError
 
 _logger = logging.getLogger(__name__)
@@ -35,7 +36,6 @@ __all__ = [
     "CHUNK_SIZE",
     "HashCache",
     "buffers_fingerprint",
-    "cache_dir",
     "compare_lock",
     "fingerprint_from_digests",
     "get_hash_cache",
@@ -51,16 +51,6 @@ __all__ = [
 CHUNK_SIZE = 1 << 20  # 1 MiB: large enough to amortise syscalls, small enough to stream
 _CACHE_VERSION = 1
 _MAX_ENTRIES = 4096  # the cache is a convenience; keep the JSON small
-
-
-def cache_dir() -> Path:
-    """steadyclip's cache directory: ``$STEADYCLIP_CACHE_DIR`` or the platform user cache dir."""
-    env = os.environ.get("STEADYCLIP_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("steadyclip"))
 
 
 def _stat_key(path: Path) -> dict[str, int]:
