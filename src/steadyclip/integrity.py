@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 
 from steadyclip.cachedir import cache_dir
-from steadyclip.errors import IntegrityError
+from steadyclip.errors import InputError, IntegrityError
 
 _logger = logging.getLogger(__name__)
 
@@ -196,11 +196,12 @@ def verify_sha256(
     Returns:
         The full actual digest.
     Raises:
+        InputError: ``expected`` is not a hex digest (or a prefix of at least 8 hex digits).
         IntegrityError: naming the file, the expected and the actual hash.
     """
     expected = expected.strip().lower()
     if len(expected) < 8 or any(c not in "0123456789abcdef" for c in expected):
-        raise ValueError(f"expected SHA-256 must be at least 8 hex digits, got {expected!r}")
+        raise InputError(f"expected SHA-256 must be at least 8 hex digits, got {expected!r}")
     actual = sha256_file(path, cache=cache)
     if not actual.startswith(expected):
         raise IntegrityError(
