@@ -18,15 +18,12 @@ from steadyclip.errors import InputError, IntegrityError, LockMismatchError
 from steadyclip.integrity import (
     HashCache,
     buffers_fingerprint,
-    compare_lock,
     get_hash_cache,
-    read_lock,
     sha256_file,
     state_fingerprint,
-    write_lock,
 )
 from steadyclip.loading import load
-from steadyclip.lockfile import make_lock
+from steadyclip.lockfile import compare_lock, make_lock, read_lock, write_lock
 
 DEMO_ARCH = registry.DEMO_ARCH
 

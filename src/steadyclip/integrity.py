@@ -11,8 +11,7 @@ Three checks at three prices:
   engine call (every buffer in full, a fixed sample of every parameter, and each
   parameter's storage identity and in-place version counter).
 
-Lockfiles (``write_lock``/``read_lock``/``compare_lock``) live in
-``steadyclip.lockfile`` and are re-exported here.
+Lockfiles (``write_lock``/``read_lock``/``compare_lock``) live in ``steadyclip.lockfile``.
 """
 from __future__ import annotations
 
@@ -36,16 +35,13 @@ __all__ = [
     "CHUNK_SIZE",
     "HashCache",
     "buffers_fingerprint",
-    "compare_lock",
     "fingerprint_from_digests",
     "get_hash_cache",
     "param_sample_fingerprint",
-    "read_lock",
     "sha256_file",
     "state_fingerprint",
     "tensor_digests",
     "verify_sha256",
-    "write_lock",
 ]
 
 CHUNK_SIZE = 1 << 20  # 1 MiB: large enough to amortise syscalls, small enough to stream
@@ -315,7 +311,3 @@ def buffers_fingerprint(module: torch.nn.Module) -> str:
     h.update("".join(f"{name}:{p.data_ptr()}:{p._version}\n" for name, p in sorted(params, key=lambda kv: kv[0]))
              .encode())
     return h.hexdigest()
-
-
-# Lockfile functions are part of this module's contract (docs/INTERFACES.md).
-from steadyclip.lockfile import compare_lock, read_lock, write_lock
