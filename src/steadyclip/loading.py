@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import torch
 
-from steadyclip import checkpoints, integrity, sources
+from steadyclip import checkpoints, integrity, lockfile, sources
 from steadyclip.errors import (
     DeviceError,
     InferenceStateError,
@@ -252,7 +252,7 @@ def load(
 
     t0 = time.perf_counter()
     _check_device(device)
-    lock_doc = integrity.read_lock(lock) if lock is not None else None
+    lock_doc = lockfile.read_lock(lock) if lock is not None else None
     locked = lock_doc["model"] if lock_doc else {}
     resolved = sources.resolve(source, pretrained, revision=locked.get("revision"), cache_dir=cache_dir,
                                expected_sha256=locked.get("weights_sha256"))
@@ -310,7 +310,7 @@ def load(
     )
     loaded = LoadedModel(model, preprocess, tokenizer, info, guard=guard, tensor_digests=digests)
     if lock_doc is not None:
-        integrity.compare_lock(lock_doc, info)
+        lockfile.compare_lock(lock_doc, info)
     _logger.info("loaded %s (sha256 %s, fingerprint %s) in %.2fs", info.model_id, info.weights_sha256[:12],
                  info.fingerprint[:12], time.perf_counter() - t0)
     return loaded
