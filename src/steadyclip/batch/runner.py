@@ -39,6 +39,7 @@ from steadyclip.batch.writer import (
     read_metadata,
 )
 from steadyclip.errors import BatchJobError, InputError
+from steadyclip.layout import usable_cpus
 from steadyclip.prompts import TemplateSet, get_template_set, validate_labels
 
 _logger = logging.getLogger(__name__)
@@ -92,8 +93,8 @@ class BatchSummary:
 
 
 def default_workers() -> int:
-    """Decoder processes: one per CPU left after the model's, at least 1, at most 8."""
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+    """Decoder processes: one per usable CPU (affinity, cgroup quota) left after the model's, 1 to 8."""
+    return max(1, min(8, usable_cpus() - 1))
 
 
 def run_batch(
