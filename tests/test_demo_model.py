@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from steadyclip.demo.shapes import generate, render
+from steadyclip.errors import InputError
 from steadyclip.registry import DEMO_ARCH, DEMO_SPEC, demo_labels, register_demo_config
 
 WEIGHTS = DEMO_SPEC.weights_file
@@ -109,9 +110,9 @@ def test_generator_is_deterministic_per_seed() -> None:
 
 
 def test_generator_rejects_unknown_names() -> None:
-    with pytest.raises(ValueError, match="magenta"):
+    with pytest.raises(InputError, match="magenta"):
         render("magenta", "circle", np.random.default_rng(0))
-    with pytest.raises(ValueError, match="hexagon"):
+    with pytest.raises(InputError, match="hexagon"):
         render("red", "hexagon", np.random.default_rng(0))
 
 

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from steadyclip.engine import Engine
+from steadyclip.errors import InputError
 from steadyclip.loading import load
 from steadyclip.prompts import get_template_set
 from steadyclip.server import ServerSettings, create_app
@@ -183,6 +184,17 @@ def test_token_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STEADYCLIP_TOKEN", "from-env")
     assert ServerSettings.from_env().token == "from-env"
     assert ServerSettings.from_env(token="explicit").token == "explicit"
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    ({"max_images": 0}, "max_images must be >= 1"),
+    ({"request_timeout_s": 0.0}, "request_timeout_s must be > 0"),
+    ({"allowed_url_hosts": ("https://x.example/a",)}, "without a scheme or path"),
+    ({"token": "  "}, "token is blank"),
+])
+def test_bad_settings_are_input_errors_that_say_what_to_do(overrides: dict[str, Any], match: str) -> None:
+    with pytest.raises(InputError, match=match):
+        ServerSettings(**overrides)
 
 
 # ---- size limits --------------------------------------------------------------------------------

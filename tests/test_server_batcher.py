@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from steadyclip.errors import InputError
 from steadyclip.server.batcher import Batcher, Overloaded
 
 
@@ -113,5 +114,5 @@ def test_full_queue_and_stopped_worker_are_refused() -> None:
             b.submit_pixels(_px(1.0))
     finally:
         b.stop()
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError, match="max_rows"):
         Batcher(FakeEngine(), max_rows=0)

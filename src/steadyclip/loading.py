@@ -28,6 +28,7 @@ from steadyclip import checkpoints, integrity, sources
 from steadyclip.errors import (
     DeviceError,
     InferenceStateError,
+    InputError,
     IntegrityError,
     LockMismatchError,
     NumericsError,
@@ -133,7 +134,7 @@ class LoadedModel:
         tensor_digests: Mapping[str, str] | None = None,
     ) -> None:
         if guard not in ("warn", "raise"):
-            raise ValueError(f"guard must be 'warn' or 'raise', got {guard!r}")
+            raise InputError(f"guard must be 'warn' or 'raise', got {guard!r}; 'warn' restores eval mode, 'raise' refuses")
         self.model = model
         self.preprocess = preprocess
         self.tokenizer = tokenizer

@@ -26,6 +26,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from steadyclip.errors import InputError
+
 _logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -77,7 +79,7 @@ class Batcher:
 
     def __init__(self, engine: Any, *, max_rows: int, max_wait_s: float = 0.005, max_queue: int = 1024) -> None:
         if max_rows < 1:
-            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+            raise InputError(f"max_rows must be >= 1, got {max_rows}; give the engine's micro-batch size")
         self.engine = engine
         self.max_rows = max_rows
         self.max_wait_s = max_wait_s
@@ -116,7 +118,8 @@ class Batcher:
     def submit_pixels(self, pixels: torch.Tensor) -> Future[np.ndarray]:
         """Queue preprocessed images (n, 3, H, W); the future yields their (n, D) embeddings."""
         if pixels.ndim != 4 or pixels.shape[0] < 1:
-            raise ValueError(f"pixels must be (n>=1, 3, H, W), got {tuple(pixels.shape)}")
+            raise InputError(f"pixels must be (n>=1, 3, H, W), got {tuple(pixels.shape)}; preprocess the images "
+                             "with the model's transform and stack them")
         job = _PixelJob(pixels)
         self._put(job)
         return job.future
