@@ -48,7 +48,8 @@ def _logits(demo: Any, images: list[Any]) -> torch.Tensor:
     with torch.no_grad():
         text = model.encode_text(tokenizer([PROMPT.format(label) for label in demo_labels()]), normalize=True)
         x = torch.stack([preprocess(im) for im in images])  # (N, 3, 64, 64)
-        return model.logit_scale.exp() * model.encode_image(x, normalize=True) @ text.t()
+        logits: torch.Tensor = model.logit_scale.exp() * model.encode_image(x, normalize=True) @ text.t()
+    return logits
 
 
 def test_weights_hash_matches_pinned_spec() -> None:

@@ -295,7 +295,7 @@ def test_readyz_fails_when_weights_are_tampered() -> None:
     with _client(tampered) as c:
         assert c.get("/readyz").status_code == 200
         with torch.no_grad():  # nudge one value per image-tower tensor, as a bad in-place edit would
-            for p in tampered.loaded.model.visual.parameters():
+            for p in tampered.loaded.model.get_submodule("visual").parameters():
                 p.view(-1)[0] += 0.25
         resp = c.get("/readyz")
         assert resp.status_code == 503, resp.text

@@ -1,6 +1,7 @@
 """The micro-batcher on its own, with a fake engine: gathering, dispatch, cancellation, failure."""
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from concurrent.futures import Future
@@ -69,7 +70,11 @@ def test_calls_run_on_the_engine_thread_in_order() -> None:
     b.start()
     try:
         seen: list[tuple[int, str]] = []
-        futs = [b.submit_call(lambda i=i: seen.append((i, threading.current_thread().name))) for i in range(3)]
+
+        def record(i: int) -> None:
+            seen.append((i, threading.current_thread().name))
+
+        futs = [b.submit_call(functools.partial(record, i)) for i in range(3)]
         for f in futs:
             f.result(10)
     finally:
