@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from steadyclip import registry
 from steadyclip.errors import (
     InferenceStateError,
+    InputError,
     IntegrityError,
     ModelSourceError,
     NumericsError,
@@ -128,6 +129,13 @@ def test_missing_keys_is_an_error_not_a_random_model(demo_arch_checkpoint: Path,
     assert "missing keys" in str(e.value) and all(k in str(e.value) for k in dropped)
     m = load(DEMO_ARCH, pretrained=path, allow_partial=True)  # explicit opt-in only
     assert not m.model.training
+    with pytest.warns(DeprecationWarning, match="allow_partial=True instead"):
+        old = load(DEMO_ARCH, pretrained=path, strict=False)  # the deprecated spelling of the same switch
+    assert old.info.fingerprint == m.info.fingerprint
+    with pytest.warns(DeprecationWarning), pytest.raises(WeightsError, match="missing keys"):
+        load(DEMO_ARCH, pretrained=path, strict=True)
+    with pytest.raises(InputError, match="contradicts"):
+        load(DEMO_ARCH, pretrained=path, strict=True, allow_partial=True)
 
 
 def test_unexpected_keys_and_shape_mismatch_are_errors(demo_arch_checkpoint: Path, tmp_path: Path) -> None:
@@ -316,6 +324,23 @@ def test_device_that_is_missing_is_an_error_not_a_fallback(demo_arch_checkpoint:
         pytest.skip("CUDA present")
     with pytest.raises(DeviceError, match="CUDA is not available"):
         load(DEMO_ARCH, pretrained=demo_arch_checkpoint, device="cuda")
+
+
+@pytest.mark.parametrize("device", ["mps", "meta", "xpu:0"])
+def test_load_refuses_the_devices_the_engine_refuses(demo_arch_checkpoint: Path, device: str) -> None:
+    from steadyclip.errors import DeviceError
+
+    with pytest.raises(DeviceError, match="not supported by steadyclip; use 'cpu', 'cuda' or 'cuda:N'"):
+        load(DEMO_ARCH, pretrained=demo_arch_checkpoint, device=device)
+
+
+def test_default_templates_come_from_the_models_spec(demo_arch_checkpoint: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     tmp_path: Path) -> None:
+    assert load().default_templates == registry.DEMO_SPEC.default_templates
+    assert load(DEMO_ARCH, pretrained=demo_arch_checkpoint).default_templates == registry.DEFAULT_TEMPLATES
+    spec = dataclasses.replace(registry.DEMO_SPEC, default_templates="x")
+    monkeypatch.setitem(registry._SPECS, registry.DEMO_MODEL_ID, spec)
+    assert load().default_templates == "x"
 
 
 def test_no_weights_means_no_random_model_even_for_open_clip_names(monkeypatch: pytest.MonkeyPatch) -> None:
