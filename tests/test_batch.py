@@ -317,13 +317,26 @@ def test_resume_refused_when_label_embeddings_drift(engine: Engine, small_folder
         run_batch(small_folder, engine, labels=LABELS, out=out, workers=1, part_size=4)
 
 
+def test_embeddings_only_resume_refused_when_the_numerics_key_changes(engine: Engine, small_folder: Path,
+                                                                      tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """No label embeddings to compare: the numerics key (versions, flags, CPU) is what refuses the mix."""
+    out = tmp_path / "out.parquet"
+    _interrupted(engine, small_folder, out, 5, embeddings=True)
+    monkeypatch.setattr(engine, "numerics_basis", lambda: "0" * 64)  # as after a torch upgrade
+    with pytest.raises(BatchJobError, match=r"option numerics changed .*numerics flags.*restart=True \(--restart\)"):
+        run_batch(small_folder, engine, embeddings=True, out=out, workers=1, part_size=4)
+    summary = run_batch(small_folder, engine, embeddings=True, out=out, workers=1, part_size=4, restart=True)
+    assert summary.resumed == 0 and summary.processed == 14
+
+
 def test_finished_output_is_not_recomputed_or_overwritten(engine: Engine, small_folder: Path,
                                                           tmp_path: Path) -> None:
     out = tmp_path / "out.parquet"
     first = run_batch(small_folder, engine, labels=LABELS, out=out, workers=1)
     again = run_batch(small_folder, engine, labels=LABELS, out=out, workers=1)
     assert again.already_complete and again.processed == 0 and (again.ok, again.errors) == (first.ok, first.errors)
-    with pytest.raises(BatchJobError, match="already exists.*--restart"):
+    with pytest.raises(BatchJobError, match=r"already exists.*out=, --out.*restart=True \(--restart\)"):
         run_batch(small_folder, engine, labels=LABELS[:5], out=out, workers=1)
     not_ours = tmp_path / "other.parquet"
     pq.write_table(pa.table({"x": [1]}), not_ours)

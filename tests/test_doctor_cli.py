@@ -73,7 +73,7 @@ def test_lock_mismatch_is_weights_corrupted(image_files: list[str], demo_arch_ch
     from safetensors.torch import save_file
 
     import steadyclip
-    from steadyclip.integrity import write_lock
+    from steadyclip.lockfile import write_lock
 
     lock = tmp_path / "steadyclip.lock"
     write_lock(lock, steadyclip.load(DEMO_ARCH, pretrained=demo_arch_checkpoint).info)

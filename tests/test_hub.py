@@ -14,9 +14,9 @@ from open_clip import pretrained as ocp
 
 from steadyclip import registry
 from steadyclip.errors import IntegrityError, LockMismatchError, ModelSourceError
-from steadyclip.hub import hub_commit, url_sha256
-from steadyclip.integrity import write_lock
 from steadyclip.loading import load
+from steadyclip.lockfile import write_lock
+from steadyclip.sources.hub import hub_commit, url_sha256
 
 DEMO_ARCH = registry.DEMO_ARCH
 

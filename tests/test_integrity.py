@@ -18,15 +18,12 @@ from steadyclip.errors import InputError, IntegrityError, LockMismatchError
 from steadyclip.integrity import (
     HashCache,
     buffers_fingerprint,
-    compare_lock,
     get_hash_cache,
-    read_lock,
     sha256_file,
     state_fingerprint,
-    write_lock,
 )
 from steadyclip.loading import load
-from steadyclip.lockfile import make_lock
+from steadyclip.lockfile import compare_lock, make_lock, read_lock, write_lock
 
 DEMO_ARCH = registry.DEMO_ARCH
 
@@ -209,6 +206,26 @@ def test_lock_roundtrip_and_extra_sections(demo_arch_checkpoint: Path, tmp_path:
     assert {"torch", "open_clip_torch", "python"} <= doc["versions"].keys()
     compare_lock(doc, m.info)
     assert load(DEMO_ARCH, pretrained=demo_arch_checkpoint, lock=path).info == m.info
+
+
+def test_lock_written_with_the_old_version_map_reads_without_warnings(
+        demo_arch_checkpoint: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import platform
+    from importlib import metadata
+
+    m = load(DEMO_ARCH, pretrained=demo_arch_checkpoint)
+    doc = make_lock(m.info)
+    # the map locks carried before identity.software_stack(): distribution versions, torch without its build tag
+    doc["versions"] = {"python": platform.python_version(), **{d: metadata.version(d) for d in (
+        "torch", "open_clip_torch", "safetensors", "timm", "steadyclip")}}
+    with caplog.at_level("WARNING", logger="steadyclip.lockfile"):
+        compare_lock(doc, m.info)
+    assert not caplog.records
+    doc["versions"]["torch"] = "1.0.0"
+    doc["versions"]["timm"] = "0.0.1"
+    with caplog.at_level("WARNING", logger="steadyclip.lockfile"):
+        compare_lock(doc, m.info)
+    assert sorted(r.getMessage().split()[4] for r in caplog.records) == ["timm", "torch"]
 
 
 @pytest.mark.parametrize(

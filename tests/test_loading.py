@@ -385,3 +385,18 @@ def test_check_buffers_is_cheap_on_vit_b_32(random_checkpoints) -> None:  # type
 
     cheap, full = best_of(m.check_buffers, 5), best_of(m.verify_full, 2)
     assert cheap < 0.25 * full, (cheap, full)
+
+
+def test_config_hash_keeps_the_form_existing_locks_pin() -> None:
+    """config_hash moved to identity.sha256_json; for open_clip's (ASCII) configs the bytes hashed are the same."""
+    import hashlib
+    import json
+
+    import open_clip
+
+    from steadyclip.sources import config_hash
+
+    for arch in ("ViT-B-32", "RN50", "convnext_base"):
+        cfg = open_clip.get_model_config(arch)
+        old = hashlib.sha256(json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+        assert config_hash(cfg) == old

@@ -59,6 +59,33 @@ def test_other_stack_small_drift_is_reported_and_accepted(locked: Path) -> None:
     assert 1e-6 < doc["probe"]["max_abs"] < 1e-5
 
 
+def test_probe_stack_is_the_software_stack_and_an_open_clip_change_is_another_stack(locked: Path) -> None:
+    from steadyclip import identity
+
+    stack = json.loads(locked.read_text())["probe"]["stack"]
+    assert identity.software_stack().items() <= stack.items()
+    _edit_probe(locked, delta=2e-6, stack={"open_clip_torch": "0.0.1"})
+    code, doc = _run("verify", "--lock", str(locked), "--json")
+    assert code == 0
+    assert doc["probe"]["status"] == "within-tolerance"
+    assert set(doc["probe"]["stack_differences"]) == {"open_clip_torch"}
+
+
+def test_probe_from_before_the_full_software_stack_is_still_bitwise_checked(locked: Path) -> None:
+    from steadyclip import identity
+
+    doc = json.loads(locked.read_text())
+    stack = doc["probe"]["stack"]
+    for key in set(identity.software_stack()) - {"torch", "numpy", "pillow"}:  # what older locks lacked
+        del stack[key]
+    locked.write_text(json.dumps(doc))
+    code, out = _run("verify", "--lock", str(locked), "--json")
+    assert (code, out["probe"]["status"]) == (0, "bitwise-identical")
+    _edit_probe(locked, delta=1e-7)
+    code, out = _run("verify", "--lock", str(locked), "--json")
+    assert (code, out["probe"]["status"], out["probe"]["stack_differences"]) == (3, "regression", {})
+
+
 def test_other_stack_large_drift_fails(locked: Path) -> None:
     _edit_probe(locked, delta=0.05, stack={"cpu_capability": "NEON"})
     code, doc = _run("verify", "--lock", str(locked), "--json")

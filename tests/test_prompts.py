@@ -3,8 +3,14 @@ from __future__ import annotations
 
 import pytest
 
+from steadyclip import identity
 from steadyclip.errors import LabelError, TemplateError
-from steadyclip.prompts import get_template_set, read_labels_file, validate_labels
+from steadyclip.prompts import (
+    TemplateSet,
+    get_template_set,
+    read_labels_file,
+    validate_labels,
+)
 
 
 def test_valid_labels_are_stripped() -> None:
@@ -39,6 +45,14 @@ def test_builtin_template_sets() -> None:
     assert len(imagenet.templates) == 80
     assert all(t.count("{}") == 1 for t in imagenet.templates)
     assert imagenet.sha256 != get_template_set("photo").sha256
+
+
+def test_template_hash_is_of_the_exact_ordered_strings_in_the_one_canonical_form() -> None:
+    a = get_template_set(["a photo of a {}.", "a drawing of a {}."])
+    assert a.sha256 == identity.sha256_json(["a photo of a {}.", "a drawing of a {}."])
+    assert a.sha256 == TemplateSet("another name", a.templates).sha256  # the name is not part of it
+    assert a.sha256 != get_template_set(list(reversed(a.templates))).sha256
+    assert a.sha256 != get_template_set(["a photo of a {}. ", "a drawing of a {}."]).sha256
 
 
 def test_template_fill_keeps_braces_in_labels() -> None:

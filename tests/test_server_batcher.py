@@ -65,7 +65,7 @@ def test_batch_stops_gathering_at_max_rows() -> None:
     assert engine.calls == [4, 4]
 
 
-def test_calls_run_on_the_engine_thread_in_order() -> None:
+def test_calls_run_on_the_call_thread_in_order() -> None:
     b = Batcher(FakeEngine(), max_rows=8, max_wait_s=0.0)
     b.start()
     try:
@@ -79,7 +79,7 @@ def test_calls_run_on_the_engine_thread_in_order() -> None:
             f.result(10)
     finally:
         b.stop()
-    assert seen == [(0, "steadyclip-engine"), (1, "steadyclip-engine"), (2, "steadyclip-engine")]
+    assert seen == [(0, "steadyclip-engine-calls"), (1, "steadyclip-engine-calls"), (2, "steadyclip-engine-calls")]
 
 
 def test_cancelled_jobs_are_skipped_and_failures_reach_every_waiter() -> None:
@@ -121,3 +121,68 @@ def test_full_queue_and_stopped_worker_are_refused() -> None:
         b.stop()
     with pytest.raises(InputError, match="max_rows"):
         Batcher(FakeEngine(), max_rows=0)
+
+
+class AsyncEngine(FakeEngine):
+    """Like a replicated engine: ``submit_pixels`` returns at once, rows arrive later from other threads."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(delay=delay)
+        self.running = 0
+        self.most_running = 0
+        self._lock = threading.Lock()
+
+    def submit_pixels(self, pixels: torch.Tensor) -> Future[np.ndarray]:
+        fut: Future[np.ndarray] = Future()
+
+        def work() -> None:
+            with self._lock:
+                self.running += 1
+                self.most_running = max(self.most_running, self.running)
+            try:
+                fut.set_result(self.embed_pixels(pixels))
+            finally:
+                with self._lock:
+                    self.running -= 1
+
+        threading.Thread(target=work).start()
+        return fut
+
+
+def test_micro_batches_overlap_up_to_in_flight_and_calls_never_wait_behind_them() -> None:
+    engine = AsyncEngine(delay=0.4)
+    b = Batcher(engine, max_rows=2, max_wait_s=0.0, in_flight=2)
+    b.start()
+    try:
+        futs = [b.submit_pixels(_px(float(i))) for i in range(6)]
+        time.sleep(0.1)  # two micro-batches are now running
+        t = time.monotonic()
+        assert b.submit_call(lambda: "ok").result(10) == "ok"
+        call_s = time.monotonic() - t
+        out = [f.result(10) for f in futs]
+    finally:
+        b.stop()
+    assert call_s < 0.3  # not queued behind a 0.4 s forward
+    assert engine.most_running == 2  # never more than in_flight
+    assert sum(engine.calls) == 6 and max(engine.calls) <= 2
+    assert [float(r[0, 0]) for r in out] == [12.0 * i for i in range(6)]  # every job got its own row
+
+
+def test_under_load_a_micro_batch_waits_for_companions() -> None:
+    """With a forward in flight, a lone job waits (up to a quarter of a forward) for its micro-batch to fill."""
+    engine = AsyncEngine(delay=0.8)
+    b = Batcher(engine, max_rows=4, max_wait_s=0.0, in_flight=2)
+    b.start()
+    try:
+        b.submit_pixels(_px(1.0, 4)).result(10)  # measures a forward: 0.8 s
+        busy = b.submit_pixels(_px(1.0, 4))  # runs for 0.8 s: the server is under load
+        time.sleep(0.05)
+        trickle = []
+        for _ in range(4):  # one job every 30 ms, as requests arrive while clients decode
+            trickle.append(b.submit_pixels(_px(2.0)))
+            time.sleep(0.03)
+        for f in [busy, *trickle]:
+            f.result(10)
+    finally:
+        b.stop()
+    assert engine.calls == [4, 4, 4]  # the trickle became one full micro-batch, not four padded ones

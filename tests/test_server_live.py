@@ -33,7 +33,7 @@ def server(workdir: Path, request: pytest.FixtureRequest) -> Iterator[str]:
     with serve_process(workdir, "steadyclip-demo", "--batch-wait-ms", "10", "--replicas", request.param) as url:
         doc = httpx.get(f"{url}/v1/model", timeout=30).json()
         assert doc["execution"]["replicas"] == int(request.param)
-        assert doc["batching"]["max_rows"] == 8 * int(request.param)
+        assert (doc["batching"]["max_rows"], doc["batching"]["in_flight"]) == (8, int(request.param))
         yield url
 
 
@@ -114,3 +114,30 @@ def test_loadtest_script_reports_throughput_and_latency(server: str, images: lis
     assert report["latency_ms"]["p50"] <= report["latency_ms"]["p99"]
     with pytest.raises(ValueError, match="loopback"):
         run_loadtest("http://10.1.2.3:8000", b"", LABELS)
+
+
+def _png(exif: bytes | None = None) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (0, 200, 0)).save(buf, format="PNG", **({"exif": exif} if exif else {}))
+    return buf.getvalue()
+
+
+def test_bad_uploads_and_decoder_warnings_are_the_same_wherever_images_are_decoded(server: str) -> None:
+    """With replicas the uploads are decoded in them: same error (naming the image), same warnings."""
+    with httpx.Client(timeout=60) as client:
+        bad = client.post(f"{server}/v1/embed", files=[("image", ("ok.png", _png(), "image/png")),
+                                                       ("image", ("junk.png", b"not an image", "image/png"))])
+        assert bad.status_code == 422, bad.text
+        err = bad.json()["error"]
+        assert err["type"] == "ImageDecodeError" and "image #1 (junk.png)" in err["message"], err
+        noisy = client.post(f"{server}/v1/embed",
+                            files={"image": ("exif.png", _png(b"II*\x00\x08\x00\x00\x00\xff\xff"), "image/png")})
+        assert noisy.status_code == 200, noisy.text
+        notes = noisy.json()["warnings"]
+        assert [n["index"] for n in notes] == [0] and "Corrupt EXIF" in notes[0]["message"], notes
+        clean = client.post(f"{server}/v1/embed", files={"image": ("ok.png", _png(), "image/png")}).json()
+        assert clean["warnings"] == [] and len(clean["images"][0]["embedding"]) > 0

@@ -6,7 +6,10 @@ import sqlite3
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from steadyclip.integrity import get_hash_cache
+from steadyclip.selfcheck import SelfCheckStore
 from steadyclip.textcache import TextCache
 
 
@@ -65,3 +68,16 @@ def test_concurrent_processes_share_one_cache(tmp_path: Path) -> None:
     got = cache.get_many([f"w{w}-{i}" for w in range(4) for i in range(50)])
     assert len(got) == 200
     assert all(v[0] == int(k[1]) * 1000 + int(k.split("-")[1]) for k, v in got.items())
+
+
+def test_every_cache_follows_steadyclip_cache_dir_with_home_expanded(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("STEADYCLIP_CACHE_DIR", "~/sc-cache")
+    want = tmp_path / "sc-cache"
+    assert TextCache().path == want / "text-embeddings.sqlite3"
+    assert get_hash_cache().path == want / "sha256-cache.json"
+    assert SelfCheckStore().path.parent == want
+    SelfCheckStore().put("k", "fixed-shape")
+    assert SelfCheckStore().get("k") == "fixed-shape"
+    assert not (Path.cwd() / "~").exists()  # a literal "~" folder was never created

@@ -17,7 +17,6 @@ the weights) and zero-filling a missing ``logit_bias`` (hides a missing key).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pickle
@@ -50,6 +49,8 @@ __all__ = [
     "read_state_dict",
 ]
 
+# The file names a weights file usually has (a format is judged from its bytes, never from this);
+# used to spot a path among tag names and to find the one weights file of a folder.
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 
@@ -265,12 +266,3 @@ def convert_to_safetensors(
         raise SteadyClipError(f"cannot write {dst_p}: {e}; check that its folder exists and is writable") from e
     return {"source": os.fspath(src), "output": os.fspath(dst_p), "tensors": len(out),
             "cloned_shared": cloned, "source_format": fmt.value}
-
-
-def safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
-    """The free-form metadata block of a safetensors file (empty if none)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    meta = header.get("__metadata__") or {}
-    return {str(k): str(v) for k, v in meta.items()}

@@ -5,32 +5,29 @@ reference and a reduced-precision run of the same inputs) into :class:`DriftFigu
 (min cosine of embeddings, max |delta prob| of the zero-shot head, top-1 agreement).
 The engine feeds it the behaviour probe under ``strict`` and ``fast`` at first use per
 model and stack (:func:`engine_drift`); ``doctor``'s ``precision_drift`` feeds it the
-user's images and labels. Verdicts are remembered on disk (:class:`VerdictStore`),
+user's images and labels. Verdicts are remembered on disk (:class:`steadyclip.cachedir.VerdictStore`),
 keyed by everything the numbers depend on, like the batch self-check's.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from steadyclip import determinism
+from steadyclip import determinism, identity
+from steadyclip.cachedir import VerdictStore
 
 if TYPE_CHECKING:
     from steadyclip.engine import Engine
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["DRIFT_VERSION", "DriftFigures", "VerdictStore", "compare", "engine_drift", "fast_record",
-           "thread_verdict"]
+__all__ = ["DRIFT_VERSION", "DriftFigures", "compare", "engine_drift", "fast_record", "thread_verdict"]
 
 DRIFT_VERSION = 1
 
@@ -92,41 +89,6 @@ def compare(ref_images: np.ndarray, ref_texts: np.ndarray, images: np.ndarray, t
         images=int(images.shape[0]), labels=int(texts.shape[0]), reference=reference, inputs=inputs)
 
 
-class VerdictStore:
-    """A small JSON map in the cache dir (``name``.json); a lost update only costs a re-measurement."""
-
-    def __init__(self, name: str) -> None:
-        from steadyclip.textcache import default_cache_dir
-
-        self.path = default_cache_dir() / f"{name}.json"
-
-    def _read(self) -> dict[str, Any]:
-        try:
-            doc = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
-        return doc if isinstance(doc, dict) else {}
-
-    def get(self, key: str) -> Any:
-        return self._read().get(key)
-
-    def put(self, key: str, value: Any) -> None:
-        doc = self._read()
-        doc[key] = value
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.stem}-")
-            with os.fdopen(fd, "w") as f:
-                json.dump(doc, f, sort_keys=True)
-            os.replace(tmp, self.path)
-        except OSError as e:  # a read-only cache dir only costs a re-measurement next time
-            _logger.info("could not remember a verdict in %s: %s", self.path, e)
-
-
-def _key(*parts: object) -> str:
-    return hashlib.sha256("\0".join(str(p) for p in parts).encode()).hexdigest()
-
-
 def fast_record(fast: Engine) -> dict[str, Any]:
     """``Provenance.reduced_precision`` of a fast engine: the cast, the CPU's bf16 support, drift, threads."""
     assert fast._cast is not None, "fast_record is for engines running a reduced-precision copy"
@@ -147,8 +109,8 @@ def engine_drift(fast: Engine, strict: Engine) -> DriftFigures:
     """
     from steadyclip.probe import PROBE_TEXTS, probe_images
 
-    key = _key(DRIFT_VERSION, fast.numerics_basis(), strict.numerics_basis(), fast.micro_batch,
-               fast.text_micro_batch)
+    key = identity.sha256_json([DRIFT_VERSION, fast.numerics_basis(), strict.numerics_basis(), fast.micro_batch,
+                                fast.text_micro_batch])
     store = VerdictStore("precision-drift")
     remembered = store.get(key)
     if isinstance(remembered, dict):
@@ -182,7 +144,7 @@ def thread_verdict(fn: Callable[[torch.Tensor], torch.Tensor], probe: torch.Tens
     if device != "cpu" or other < 1:
         return {"verdict": "not-applicable", "compared": [mine], "pinned": mine,
                 "why": "not a CPU run" if device != "cpu" else "only one CPU"}
-    key = _key(DRIFT_VERSION, "threads", basis, mine, other, tuple(probe.shape))
+    key = identity.sha256_json([DRIFT_VERSION, "threads", basis, mine, other, list(probe.shape)])
     store = VerdictStore("thread-selfcheck")
     remembered = store.get(key)
     if isinstance(remembered, dict):

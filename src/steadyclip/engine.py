@@ -14,12 +14,14 @@ import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, Self, cast, overload
+from concurrent.futures import Future
+from typing import Any, Literal, Self, TypeVar, overload
 
 import numpy as np
 import torch
 
 from steadyclip import determinism, drift, identity, precision, rows, selfcheck
+from steadyclip._futures import completed, mapped
 from steadyclip.determinism import Profile
 from steadyclip.engine_replicas import ReplicaSet
 from steadyclip.errors import InputError
@@ -44,6 +46,7 @@ from steadyclip.textcache import TextCache
 
 _logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 BatchInvariance = Literal["auto", "fixed"]
 OnError = Literal["raise", "row"]
 
@@ -214,7 +217,7 @@ class Engine:
         """Encode rows of ``x`` at the engine's fixed shapes; L2-normalised float32 (N, D)."""
         _, size = self.tower(kind)
         if self.use_replicas(x.shape[0], size):
-            raw = self._replicas.forward(kind, x)
+            raw = self._replicas.forward_async(kind, x).result()
         else:
             raw = self.forward_local(kind, x)
         if kind == "text":
@@ -233,7 +236,7 @@ class Engine:
                     determinism.autocast(profile, self.device.type):
                 for start in range(0, x.shape[0], size):
                     chunk = x[start : start + size].to(self.device)
-                    outs.append(_run_chunk(fn, chunk, size, path))
+                    outs.append(selfcheck.run_chunk(fn, chunk, size, path))
         return np.concatenate(outs, axis=0) if outs else np.zeros((0, 0), dtype=np.float32)
 
     def _batch_path(self, kind: str) -> str:
@@ -274,6 +277,17 @@ class Engine:
             raise InputError(f"pixels must be (N, 3, H, W), got shape {tuple(pixels.shape)}")
         return self._forward("image", pixels)
 
+    def submit_pixels(self, pixels: torch.Tensor) -> Future[np.ndarray]:
+        """:meth:`embed_pixels` without waiting: with replicas, the rows are computed in them (even
+        one micro-batch) while the caller goes on; else computed now. Same bits either way."""
+        if self._building or not self._replicas.wanted() or pixels.ndim != 4:
+            return completed(self.embed_pixels, pixels)
+        return mapped(self._replicas.forward_async("image", pixels), lambda raw: normalise(raw, "image"))
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        """Run ``fn(engine_copy, *args)`` in a replica (``fn`` a module-level function; pickled args)."""
+        return self._replicas.submit(fn, *args)
+
     @overload
     def embed_images(self, images: Sequence[ImageInput], *, on_error: Literal["raise"] = ...) -> np.ndarray: ...
     @overload
@@ -286,7 +300,7 @@ class Engine:
         image instead of raising at the first. Inputs beyond one micro-batch are decoded and
         embedded in the replicas.
         """
-        images = _as_list(images)
+        images = rows.as_list(images)
         if on_error not in ("raise", "row"):
             raise InputError(f"on_error must be 'raise' or 'row', got {on_error!r}")
         found = rows.embed_rows(self, images) if images else []
@@ -350,7 +364,7 @@ class Engine:
         clean = validate_labels(labels)
         tset = get_template_set(templates)
         classes = self.class_embeddings(clean, tset)
-        images = _as_list(images)
+        images = rows.as_list(images)
         report = self.embed_images(images, on_error="row")
         if sources is None:
             sources = [rows.source_name(im) for im in images]
@@ -376,31 +390,8 @@ class Engine:
         head = ZeroShotHead.from_model(self.loaded.model)
         prov = dataclasses.replace(self.provenance, template_set=templates.name, template_sha256=templates.sha256)
         results = []
-        for i, row in enumerate(image_emb):
-            probs = head.probs(row, class_emb)  # (C,), per-row: independent of N
-            order = np.argsort(-probs, kind="stable")[:top_k]
+        for i, (probs, order) in enumerate(head.ranked(image_emb, class_emb, top_k)):
             src = sources[i] if sources is not None and i < len(sources) else None
-            results.append(Classification(
-                labels=tuple(labels), probs=tuple(float(p) for p in probs),
-                top=tuple((labels[j], float(probs[j])) for j in order), provenance=prov, source=src,
-            ))
+            results.append(Classification(labels=tuple(labels), probs=tuple(float(p) for p in probs), source=src,
+                                          top=tuple((labels[j], float(probs[j])) for j in order), provenance=prov))
         return results
-
-
-def _run_chunk(fn: Callable[[torch.Tensor], torch.Tensor], chunk: torch.Tensor, size: int, path: str) -> np.ndarray:
-    n = chunk.shape[0]
-    if n == size:
-        out: np.ndarray = fn(chunk).float().cpu().numpy()
-        return out
-    if path == "verified-invariant":
-        return np.concatenate([fn(chunk[i : i + 1]).float().cpu().numpy() for i in range(n)], axis=0)
-    pad = torch.zeros((size - n, *chunk.shape[1:]), dtype=chunk.dtype, device=chunk.device)
-    padded: np.ndarray = fn(torch.cat([chunk, pad], dim=0)).float().cpu().numpy()
-    return padded[:n]  # (size, D) -> (n, D)
-
-
-def _as_list(images: Sequence[ImageInput] | ImageInput) -> list[ImageInput]:
-    """One image (path, bytes, PIL) or a sequence of them -> a list."""
-    if isinstance(images, (str, bytes, bytearray)) or not isinstance(images, Sequence):
-        return [images]
-    return [cast(ImageInput, im) for im in images]

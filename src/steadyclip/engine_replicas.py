@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from steadyclip import identity, selfcheck
+from steadyclip._futures import joined_rows
 from steadyclip.errors import InputError
 from steadyclip.layout import ExecutionRecord, auto_replicas, usable_cpus
 
@@ -126,16 +127,18 @@ class ReplicaSet:
             pool.close()
 
     def submit(self, fn: Any, *args: Any) -> Future[Any]:
-        """Run ``fn(engine_copy, *args)`` in a replica (checks this process's model first)."""
-        self._engine.check_state()
+        """Run ``fn(engine_copy, *args)`` in a replica (which checks its copy's state before each forward).
+
+        This process's model is not checked here: replicas are copies forked when the pool
+        started, so a change to it later cannot reach their rows.
+        """
         return self.pool().submit(fn, *args)
 
-    def forward(self, kind: str, x: torch.Tensor) -> np.ndarray:
-        """Raw rows (N, D) of ``x``, one micro-batch per task, in input order."""
+    def forward_async(self, kind: str, x: torch.Tensor) -> Future[np.ndarray]:
+        """Raw rows (N, D) of ``x`` as one future: one micro-batch per task, in input order."""
         _, size = self._engine.tower(kind)
         arr = x.cpu().numpy()
-        futures = [self.submit(_forward_task, kind, arr[s : s + size]) for s in range(0, arr.shape[0], size)]
-        return np.concatenate([f.result() for f in futures], axis=0)
+        return joined_rows([self.submit(_forward_task, kind, arr[s : s + size]) for s in range(0, arr.shape[0], size)])
 
 
 def _cpu_count() -> int:

@@ -65,6 +65,14 @@ class ZeroShotHead:
             raise NumericsError(f"probabilities sum to {probs.sum()!r}, not 1")
         return probs
 
+    def ranked(self, image_emb: np.ndarray, class_emb: np.ndarray, top_k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per image row: its (C,) probabilities and the indices of its ``top_k`` labels (stable order)."""
+        out = []
+        for row in image_emb:
+            probs = self.probs(row, class_emb)  # (C,), per-row: independent of N
+            out.append((probs, np.argsort(-probs, kind="stable")[:top_k]))
+        return out
+
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     out: np.ndarray = np.where(x >= 0, 1.0 / (1.0 + np.exp(-np.abs(x))), np.exp(-np.abs(x)) / (1.0 + np.exp(-np.abs(x))))

@@ -17,11 +17,12 @@ import functools
 import hashlib
 import json
 import platform
+from collections.abc import Mapping
 from importlib import metadata
 from typing import Any
 
-__all__ = ["EXECUTION_FLAG_KEYS", "NUMERICS_FLAG_KEYS", "execution_flags", "numerics_flags", "numerics_key", "sha256_json",
-           "software_stack"]
+__all__ = ["EXECUTION_FLAG_KEYS", "NUMERICS_FLAG_KEYS", "RESULT_FIELDS", "execution_flags", "numerics_flags",
+           "numerics_key", "result_identity", "sha256_json", "software_stack"]
 
 # Flags (from determinism.current_flags) that can change a forward's bits.
 NUMERICS_FLAG_KEYS = ("onednn_enabled", "mkl_cbwr", "mkl_cbwr_effective", "float32_matmul_precision",
@@ -29,6 +30,10 @@ NUMERICS_FLAG_KEYS = ("onednn_enabled", "mkl_cbwr", "mkl_cbwr_effective", "float
                       "cuda_matmul_allow_tf32", "cudnn_allow_tf32")
 # Flags that describe how the work was spread over the machine, never what it computed.
 EXECUTION_FLAG_KEYS = ("threads", "interop_threads", "env")
+# Provenance fields that decide a result's rows besides the numerics key: the weights as named and
+# hashed, the profile, and the shapes the forwards ran at.
+RESULT_FIELDS = ("model_id", "weights_sha256", "fingerprint", "profile", "precision", "device", "threads",
+                 "micro_batch", "batch_path")
 _STACK_DISTS = ("open_clip_torch", "timm", "numpy", "safetensors", "pillow", "steadyclip")
 
 
@@ -80,3 +85,12 @@ def numerics_key(*, fingerprint: str, config_hash: str | None, profile: dict[str
         "cpu": (flags.get("build") or {}).get("cpu_capability"),
     }
     return sha256_json(basis)
+
+
+def result_identity(provenance: Mapping[str, Any], numerics: str) -> dict[str, Any]:
+    """What two runs must agree on to write the same rows: :data:`RESULT_FIELDS` and the numerics key.
+
+    A resumed batch job must match its first run on all of it, a Ray actor its driver.
+    ``numerics`` is the engine's :func:`numerics_key` (``Engine.numerics_basis()``).
+    """
+    return {**{k: provenance[k] for k in RESULT_FIELDS}, "numerics": numerics}

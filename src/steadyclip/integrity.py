@@ -11,8 +11,7 @@ Three checks at three prices:
   engine call (every buffer in full, a fixed sample of every parameter, and each
   parameter's storage identity and in-place version counter).
 
-Lockfiles (``write_lock``/``read_lock``/``compare_lock``) live in
-``steadyclip.lockfile`` and are re-exported here.
+Lockfiles (``write_lock``/``read_lock``/``compare_lock``) live in ``steadyclip.lockfile``.
 """
 from __future__ import annotations
 
@@ -27,7 +26,8 @@ from typing import Literal
 
 import torch
 
-from steadyclip.errors import IntegrityError
+from steadyclip.cachedir import cache_dir
+from steadyclip.errors import InputError, IntegrityError
 
 _logger = logging.getLogger(__name__)
 
@@ -35,32 +35,18 @@ __all__ = [
     "CHUNK_SIZE",
     "HashCache",
     "buffers_fingerprint",
-    "cache_dir",
-    "compare_lock",
     "fingerprint_from_digests",
     "get_hash_cache",
     "param_sample_fingerprint",
-    "read_lock",
     "sha256_file",
     "state_fingerprint",
     "tensor_digests",
     "verify_sha256",
-    "write_lock",
 ]
 
 CHUNK_SIZE = 1 << 20  # 1 MiB: large enough to amortise syscalls, small enough to stream
 _CACHE_VERSION = 1
 _MAX_ENTRIES = 4096  # the cache is a convenience; keep the JSON small
-
-
-def cache_dir() -> Path:
-    """steadyclip's cache directory: ``$STEADYCLIP_CACHE_DIR`` or the platform user cache dir."""
-    env = os.environ.get("STEADYCLIP_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("steadyclip"))
 
 
 def _stat_key(path: Path) -> dict[str, int]:
@@ -206,11 +192,12 @@ def verify_sha256(
     Returns:
         The full actual digest.
     Raises:
+        InputError: ``expected`` is not a hex digest (or a prefix of at least 8 hex digits).
         IntegrityError: naming the file, the expected and the actual hash.
     """
     expected = expected.strip().lower()
     if len(expected) < 8 or any(c not in "0123456789abcdef" for c in expected):
-        raise ValueError(f"expected SHA-256 must be at least 8 hex digits, got {expected!r}")
+        raise InputError(f"expected SHA-256 must be at least 8 hex digits, got {expected!r}")
     actual = sha256_file(path, cache=cache)
     if not actual.startswith(expected):
         raise IntegrityError(
@@ -324,7 +311,3 @@ def buffers_fingerprint(module: torch.nn.Module) -> str:
     h.update("".join(f"{name}:{p.data_ptr()}:{p._version}\n" for name, p in sorted(params, key=lambda kv: kv[0]))
              .encode())
     return h.hexdigest()
-
-
-# Lockfile functions are part of this module's contract (docs/INTERFACES.md).
-from steadyclip.lockfile import compare_lock, read_lock, write_lock

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import torch
 
-from steadyclip import checkpoints, integrity, registry, sources
+from steadyclip import checkpoints, integrity, lockfile, registry, sources
 from steadyclip.errors import (
     DeviceError,
     InferenceStateError,
@@ -196,7 +196,7 @@ def load(
         model.to(device)
     loaded = _lock_in(model, resolved, guard)
     if lock_doc is not None:
-        integrity.compare_lock(lock_doc, loaded.info)
+        lockfile.compare_lock(lock_doc, loaded.info)
     _logger.info("loaded %s (sha256 %s, fingerprint %s) in %.2fs", loaded.info.model_id,
                  loaded.info.weights_sha256[:12], loaded.info.fingerprint[:12], time.perf_counter() - t0)
     return loaded
@@ -220,7 +220,7 @@ def _resolve(
     """The verified weights for ``source``; with a lock, pinned to its revision and hash (and the lock)."""
     if lock is None:
         return sources.resolve(source, pretrained, cache_dir=cache_dir), None
-    lock_doc = integrity.read_lock(lock)
+    lock_doc = lockfile.read_lock(lock)
     locked = lock_doc["model"]
     resolved = sources.resolve(source, pretrained, revision=locked.get("revision"), cache_dir=cache_dir,
                                expected_sha256=locked.get("weights_sha256"))

@@ -7,7 +7,7 @@ Format (version 1)::
       "model": {model_id, arch, source, pretrained, revision, weights_files,
                 weights_sha256, fingerprint, config_hash, preprocess, tokenizer,
                 context_length},
-      "versions": {python, torch, open_clip, safetensors, steadyclip},
+      "versions": identity.software_stack() (python, torch, open_clip_torch, timm, numpy, ...),
       ...                      # extra sections (e.g. "probe") are kept as written
     }
 
@@ -22,13 +22,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import tempfile
 from collections.abc import Mapping
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
+from steadyclip import identity
 from steadyclip.errors import (
     InputError,
     LockMismatchError,
@@ -37,7 +36,7 @@ from steadyclip.errors import (
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["LOCKED_FIELDS", "LOCK_VERSION", "compare_lock", "library_versions", "make_lock", "read_lock", "write_lock"]
+__all__ = ["LOCKED_FIELDS", "LOCK_VERSION", "compare_lock", "make_lock", "read_lock", "write_lock"]
 
 LOCK_VERSION = 1
 
@@ -59,17 +58,6 @@ class _HasToDict(Protocol):
     def to_dict(self) -> dict[str, Any]: ...
 
 
-def library_versions() -> dict[str, str]:
-    """Versions of the libraries that shape a result."""
-    out = {"python": platform.python_version()}
-    for dist in ("torch", "open_clip_torch", "safetensors", "timm", "steadyclip"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    return out
-
-
 def _info_dict(info: _HasToDict | Mapping[str, Any]) -> dict[str, Any]:
     return dict(info) if isinstance(info, Mapping) else info.to_dict()
 
@@ -78,9 +66,10 @@ def make_lock(info: _HasToDict | Mapping[str, Any], **extra: Any) -> dict[str, A
     """The lock document for a loaded model's info, plus extra sections (e.g. ``probe=...``)."""
     reserved = {"steadyclip_lock", "model", "versions"} & extra.keys()
     if reserved:
-        raise ValueError(f"extra lock sections may not be named {sorted(reserved)}")
+        raise InputError(f"extra lock sections may not be named {sorted(reserved)}")
     # Round-trip through JSON so the in-memory lock equals what a read returns (tuples -> lists).
-    doc: dict[str, Any] = {"steadyclip_lock": LOCK_VERSION, "model": _info_dict(info), "versions": library_versions()}
+    doc: dict[str, Any] = {"steadyclip_lock": LOCK_VERSION, "model": _info_dict(info),
+                           "versions": identity.software_stack()}
     doc.update(extra)
     result: dict[str, Any] = json.loads(json.dumps(doc, allow_nan=False))
     return result
@@ -147,11 +136,24 @@ def compare_lock(lock: Mapping[str, Any], info: _HasToDict | Mapping[str, Any]) 
                     _mismatch(f"{field}.{sub}", exp.get(sub), act.get(sub))
         elif exp != act:
             _mismatch(field, exp, act)
-    locked_versions = lock.get("versions") or {}
-    now = library_versions()
-    for name, ver in sorted(locked_versions.items()):
-        if now.get(name) != ver:
+    now = identity.software_stack()
+    for name, ver in sorted((lock.get("versions") or {}).items()):
+        if _comparable(name, ver, now.get(name)) != ver:
             _logger.warning("lock was made with %s %s, this is %s %s", name, ver, name, now.get(name))
+
+
+def _comparable(name: str, locked: str, now: str | None) -> str | None:
+    """This stack's version of ``name`` in the form the lock recorded it.
+
+    Locks always keyed versions by distribution name (python, torch, open_clip_torch, ...), the
+    keys of ``identity.software_stack()``, so no key needs mapping; a lock from before numpy and
+    pillow were recorded pins fewer, and only what a lock pins is compared. But those locks read
+    torch's distribution version ("2.14.1"), without the build tag ``torch.__version__`` carries
+    ("2.14.1+cu130"): such a lock is compared without the tag.
+    """
+    if name == "torch" and now is not None and "+" not in locked:
+        return now.split("+")[0]
+    return now
 
 
 def _mismatch(field: str, expected: object, actual: object) -> None:

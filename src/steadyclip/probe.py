@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from steadyclip import identity
+
 if TYPE_CHECKING:
     from steadyclip.engine import Engine
 
@@ -59,13 +61,10 @@ def probe_images(size: tuple[int, int] | int, n: int = 6) -> list[Any]:
 
 
 def stack_id(engine: Engine) -> dict[str, str]:
-    """What must match for a bitwise comparison to be meaningful."""
-    import PIL
-    import torch
-
+    """What must match for a bitwise comparison to be meaningful: the software stack, CPU and shapes."""
     build = engine.provenance.flags.get("build", {})
     return {
-        "torch": torch.__version__, "numpy": np.__version__, "pillow": PIL.__version__,
+        **identity.software_stack(),
         "device": str(engine.device), "cpu_capability": str(build.get("cpu_capability")),
         "machine": platform.machine(), "profile": engine.profile.name, "threads": str(engine.profile.threads),
         "micro_batch": str(engine.micro_batch), "precision": engine.profile.precision,
@@ -145,6 +144,8 @@ def compare_probe(stored: dict[str, Any], engine: Engine) -> ProbeReport:
     old_stack: dict[str, str] = dict(stored.get("stack", {}))
     if old_stack.get("profile") == "strict":  # locks written before the precision keys existed were fp32
         old_stack = {"precision": "fp32", "bf16": "n/a", **old_stack}
+    if "python" not in old_stack:  # written before the stack was identity.software_stack(): of it, only
+        old_stack = {**identity.software_stack(), **old_stack}  # torch, numpy and pillow were recorded
     diffs = {k: (old_stack.get(k, "?"), v) for k, v in fresh["stack"].items() if old_stack.get(k) != v}
     tol = {**tolerance_for(engine.profile.precision), **stored.get("tolerance", {})}
     max_abs, min_cos = 0.0, 1.0

@@ -7,8 +7,6 @@ A user template file holds one template per line, each with exactly one ``{}``.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -16,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from steadyclip import identity
 from steadyclip.errors import LabelError, TemplateError
 
 _logger = logging.getLogger(__name__)
@@ -33,7 +32,7 @@ class TemplateSet:
     @property
     def sha256(self) -> str:
         """Hash of the exact template strings, part of every result's provenance."""
-        return hashlib.sha256(json.dumps(list(self.templates)).encode()).hexdigest()
+        return identity.sha256_json(list(self.templates))
 
     def fill(self, label: str) -> list[str]:
         """The prompts for one label."""

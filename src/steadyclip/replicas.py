@@ -50,7 +50,7 @@ from steadyclip.errors import ReplicaCrashError, SteadyClipError
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["ReplicaPool"]
+__all__ = ["ReplicaPool", "rebuild_error"]
 
 RETRIES = 1  # a task is run again once on a fresh replica before it is declared a crasher
 
@@ -203,7 +203,7 @@ class ReplicaPool:
         if status == "ok":
             task.future.set_result(value)
         else:
-            task.future.set_exception(_rebuild_error(value))
+            task.future.set_exception(rebuild_error(value))
 
     def _replace(self, worker: _Worker) -> None:
         """A replica died: start another, and run its task again (once)."""
@@ -347,7 +347,8 @@ def _portable_error(e: Exception) -> Any:
         return (type(e).__name__, str(e))
 
 
-def _rebuild_error(value: Any) -> BaseException:
+def rebuild_error(value: Any) -> BaseException:
+    """An error sent back from a replica: the exception, or a typed one rebuilt from (class name, message)."""
     if isinstance(value, BaseException):
         return value
     name, message = value

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
 
+from steadyclip._futures import joined_lists
 from steadyclip.errors import ImageError
 from steadyclip.head import normalise
 from steadyclip.results import ImageFailure
@@ -21,9 +24,16 @@ if TYPE_CHECKING:
     from steadyclip.engine import Engine
     from steadyclip.images import ImageInput
 
-__all__ = ["decode_and_embed", "embed_rows", "source_name"]
+__all__ = ["UploadRow", "as_list", "decode_and_embed", "embed_rows", "embed_uploads", "source_name"]
 
 Row = Any  # np.ndarray (D,) float32 | ImageFailure
+
+
+def as_list(images: Sequence[ImageInput] | ImageInput) -> list[ImageInput]:
+    """One image (path, bytes, PIL) or a sequence of them -> a list."""
+    if isinstance(images, (str, bytes, bytearray)) or not isinstance(images, Sequence):
+        return [images]
+    return [cast("ImageInput", im) for im in images]
 
 
 def source_name(image: Any) -> str | None:
@@ -51,7 +61,7 @@ def embed_rows(engine: Engine, images: Sequence[ImageInput]) -> list[Row]:
     """One row per input: its L2-normalised embedding, or an :class:`ImageFailure`."""
     size = engine.micro_batch
     if engine.use_replicas(len(images), size):
-        futures = [engine._replicas.submit(decode_and_embed, list(images[s : s + size]))
+        futures = [engine.submit(decode_and_embed, list(images[s : s + size]))
                    for s in range(0, len(images), size)]
         results = [r for f in futures for r in f.result()]
     else:
@@ -69,3 +79,40 @@ def raise_first(rows: Sequence[Row], images: Sequence[ImageInput]) -> None:
         if isinstance(r, ImageFailure):
             cls = getattr(errors, r.error_type, errors.ImageError)
             raise cls(r.message)
+
+
+@dataclass(frozen=True)
+class UploadRow:
+    """One uploaded image's outcome: its embedding, or the error that refused it; its decoders' warnings."""
+
+    embedding: np.ndarray | None  # (D,) L2-normalised float32
+    warnings: tuple[str, ...] = ()
+    error: tuple[str, str] | None = None  # (error class name, message): rebuilt by the caller
+
+
+def embed_uploads(engine: Engine, datas: Sequence[bytes], max_pixels: int | None) -> Future[list[UploadRow]]:
+    """Decode, preprocess and embed uploaded image bytes in the replicas, one micro-batch per task.
+
+    The server uses this on every core: decoding runs beside the model in each replica
+    (decoders' warnings are captured per process, so replicas decode in parallel).
+    """
+    size = engine.micro_batch
+    return joined_lists([engine.submit(decode_uploads, list(datas[s : s + size]), max_pixels)
+                         for s in range(0, len(datas), size)])
+
+
+def decode_uploads(engine: Engine, datas: list[bytes], max_pixels: int | None) -> list[UploadRow]:
+    """In a replica: each upload decoded (a bad one is an error row, in place), the good ones embedded."""
+    from steadyclip.images import decode_image
+
+    pixels: list[torch.Tensor] = []
+    prepared: list[tuple[tuple[str, ...], tuple[str, str] | None]] = []
+    for data in datas:
+        try:
+            decoded = decode_image(data, max_pixels=max_pixels)
+            pixels.append(engine.preprocess(decoded.image))
+            prepared.append((decoded.warnings, None))
+        except ImageError as e:
+            prepared.append(((), (type(e).__name__, str(e))))
+    vectors = iter(normalise(engine.forward_local("image", torch.stack(pixels)), "image") if pixels else [])
+    return [UploadRow(next(vectors) if err is None else None, warned, err) for warned, err in prepared]

@@ -12,10 +12,7 @@ Two questions, each answered once per model, profile, stack and shape, then reme
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -23,46 +20,25 @@ import numpy as np
 import torch
 
 from steadyclip import determinism
+from steadyclip.cachedir import VerdictStore
 from steadyclip.determinism import Profile
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["SelfCheckStore", "batch_path", "probe_inputs", "rows_equal_single", "rows_equal_threads"]
+__all__ = ["SelfCheckStore", "batch_path", "probe_inputs", "rows_equal_single", "rows_equal_threads", "run_chunk"]
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
-class SelfCheckStore:
-    """A small JSON map of self-check verdicts in the cache dir; a lost update only costs a re-check."""
+class SelfCheckStore(VerdictStore):
+    """The self-check verdicts (``batch-selfcheck.json``); each verdict is a string."""
 
     def __init__(self) -> None:
-        from steadyclip.textcache import default_cache_dir
-
-        self.path = default_cache_dir() / "batch-selfcheck.json"
+        super().__init__("batch-selfcheck")
 
     def get(self, key: str) -> str | None:
-        try:
-            value = json.loads(self.path.read_text()).get(key)
-        except (OSError, ValueError, AttributeError):
-            return None
+        value = super().get(key)
         return value if isinstance(value, str) else None
-
-    def put(self, key: str, value: str) -> None:
-        try:
-            doc = json.loads(self.path.read_text()) if self.path.exists() else {}
-            if not isinstance(doc, dict):
-                doc = {}
-        except (OSError, ValueError):
-            doc = {}
-        doc[key] = value
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".selfcheck-")
-            with os.fdopen(fd, "w") as f:
-                json.dump(doc, f)
-            os.replace(tmp, self.path)
-        except OSError as e:  # a read-only cache dir only costs a re-check next time
-            _logger.info("could not remember a self-check verdict in %s: %s", self.path, e)
 
 
 def _run(fn: Forward, x: torch.Tensor, profile: Profile, device: str) -> np.ndarray:
@@ -119,3 +95,16 @@ def batch_path(engine: Any, kind: str) -> str:
             store.put(key, path)
     _logger.info("%s tower batch path: %s (micro-batch %d)", kind, path, size)
     return path
+
+
+def run_chunk(fn: Callable[[torch.Tensor], torch.Tensor], chunk: torch.Tensor, size: int, path: str) -> np.ndarray:
+    """One micro-batch of ``chunk`` at the fixed shape ``size``: padded, or row by row where proven equal."""
+    n = chunk.shape[0]
+    if n == size:
+        out: np.ndarray = fn(chunk).float().cpu().numpy()
+        return out
+    if path == "verified-invariant":
+        return np.concatenate([fn(chunk[i : i + 1]).float().cpu().numpy() for i in range(n)], axis=0)
+    pad = torch.zeros((size - n, *chunk.shape[1:]), dtype=chunk.dtype, device=chunk.device)
+    padded: np.ndarray = fn(torch.cat([chunk, pad], dim=0)).float().cpu().numpy()
+    return padded[:n]  # (size, D) -> (n, D)

@@ -19,26 +19,18 @@ from pathlib import Path
 
 import numpy as np
 
+from steadyclip.cachedir import cache_dir
+
 _logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
-
-
-def default_cache_dir() -> Path:
-    """``$STEADYCLIP_CACHE_DIR`` or the platform's user cache dir for steadyclip."""
-    env = os.environ.get("STEADYCLIP_CACHE_DIR")
-    if env:
-        return Path(env)
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("steadyclip"))
 
 
 class TextCache:
     """Process-safe, size-bounded store of float32 vectors keyed by strings."""
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
-        self.path = Path(path) if path is not None else default_cache_dir() / "text-embeddings.sqlite3"
+        self.path = Path(path) if path is not None else cache_dir() / "text-embeddings.sqlite3"
         self.max_bytes = max_bytes
         self.hits = 0
         self.misses = 0

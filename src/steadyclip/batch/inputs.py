@@ -29,7 +29,7 @@ from steadyclip.errors import BatchJobError
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["IMAGE_SUFFIXES", "MANIFEST_SUFFIXES", "InputItem", "InputSource", "open_inputs"]
+__all__ = ["IMAGE_SUFFIXES", "MANIFEST_SUFFIXES", "InputItem", "InputSource", "ListingHasher", "open_inputs"]
 
 IMAGE_SUFFIXES = frozenset({
     ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".dib", ".webp", ".tif", ".tiff",
@@ -92,12 +92,27 @@ class InputSource:
 
     def fingerprint(self) -> tuple[str, int]:
         """SHA-256 over the ordered listed paths, and how many there are (one streaming pass)."""
-        h = hashlib.sha256(b"steadyclip-inputs-v1\0")
-        n = 0
-        for item in self:
-            h.update(item.path.encode("utf-8", "surrogateescape") + b"\0")
-            n += 1
-        return h.hexdigest(), n
+        hasher = ListingHasher()
+        for _ in hasher.watch(self):
+            pass
+        return hasher.digest()
+
+
+class ListingHasher:
+    """Hashes a listing while it streams by: a job hashes it again as it runs, to prove it did not change."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256(b"steadyclip-inputs-v1\0")
+        self._n = 0
+
+    def watch(self, source: Iterable[InputItem]) -> Iterator[InputItem]:
+        for item in source:
+            self._h.update(item.path.encode("utf-8", "surrogateescape") + b"\0")
+            self._n += 1
+            yield item
+
+    def digest(self) -> tuple[str, int]:
+        return self._h.hexdigest(), self._n
 
 
 def open_inputs(spec: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> InputSource:

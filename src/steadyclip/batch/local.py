@@ -27,6 +27,7 @@ from steadyclip.batch import _prep
 from steadyclip.batch._prep import ItemResult, Prepared
 from steadyclip.batch.inputs import InputItem
 from steadyclip.batch.writer import kill_point
+from steadyclip.errors import InputError
 
 _logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class LocalPipeline:
     def __init__(self, engine: Any, *, workers: int, start_method: str | None = None,
                  max_file_bytes: int = _prep.DEFAULT_MAX_FILE_BYTES, prefetch: int | None = None) -> None:
         if workers < 0:
-            raise ValueError(f"workers must be >= 0, got {workers}")
+            raise InputError(f"workers must be >= 0, got {workers}")
         self.engine = engine
         self.workers = workers
         methods = multiprocessing.get_all_start_methods()

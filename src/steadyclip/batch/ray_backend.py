@@ -4,8 +4,9 @@
 the job's pending inputs through ``ray.data.from_items(...).map_batches(...)``
 with a pool of actors, each holding its own :class:`~steadyclip.engine.Engine`
 rebuilt from the driver's model source and settings. An actor refuses to start
-unless its weights hash, state fingerprint, profile, threads, micro-batch and
-batch path equal the driver's, so every row is computed exactly as the local
+unless its weights hash, state fingerprint, profile, threads, micro-batch,
+batch path and numerics key (software versions, numerics flags, CPU) equal the
+driver's (``identity.result_identity``), so every row is computed exactly as the local
 backend would compute it. Results come back in input order (``preserve_order``)
 and go through the same part files, journal and assembly as a local job.
 
@@ -23,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from steadyclip import identity
 from steadyclip.batch import _prep
 from steadyclip.batch._prep import ItemResult
 from steadyclip.batch.inputs import InputItem
@@ -32,11 +34,6 @@ from steadyclip.layout import usable_cpus
 _logger = logging.getLogger(__name__)
 
 __all__ = ["RayPipeline", "engine_spec", "require_ray"]
-
-# Provenance fields that decide the numbers; an actor must match the driver on all of them.
-_MUST_MATCH = ("model_id", "weights_sha256", "fingerprint", "profile", "precision", "device", "threads",
-               "micro_batch", "batch_path")
-
 
 def require_ray() -> Any:
     """Import ray, or say how to install it."""
@@ -81,12 +78,13 @@ class _EmbedActor:
         import ray
 
         self.node = ray.get_runtime_context().get_node_id()
-        actual = self.engine.provenance.to_dict()
-        diffs = [f"{k}: driver {expected[k]!r}, actor {actual[k]!r}" for k in _MUST_MATCH if actual[k] != expected[k]]
+        actual = identity.result_identity(self.engine.provenance.to_dict(), self.engine.numerics_basis())
+        diffs = [f"{k}: driver {v!r}, actor {actual.get(k)!r}" for k, v in expected.items() if actual.get(k) != v]
         if diffs:
             raise IntegrityError(
                 "a Ray actor's model or settings differ from the driver's, its results would not be the same: "
-                + "; ".join(diffs) + ". Make the same weights and steadyclip/torch versions available on every node."
+                + "; ".join(diffs) + " (numerics covers the software versions, numerics flags and CPU). Make the "
+                "same weights and steadyclip/torch/open_clip versions available on every node."
             )
         self.dim = dim
         self.max_file_bytes = max_file_bytes
@@ -166,7 +164,7 @@ class RayPipeline:
         ctx.execution_options.preserve_order = True  # rows must come back in input order for the parts
         ctx.enable_progress_bars = False
         try:
-            expected = self.engine.provenance.to_dict()
+            expected = identity.result_identity(self.engine.provenance.to_dict(), self.engine.numerics_basis())
             ds = ray.data.from_items(rows).map_batches(
                 _EmbedActor,
                 fn_constructor_kwargs={"spec": self.spec, "expected": expected, "dim": self.dim,

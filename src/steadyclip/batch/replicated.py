@@ -58,7 +58,7 @@ class ReplicaPipeline:
             yield self._collect(*window.popleft())
 
     def _submit(self, chunk: list[InputItem]) -> Future[list[ItemResult]]:
-        fut: Future[list[ItemResult]] = self.engine._replicas.submit(prepare_and_embed, chunk, self.max_file_bytes)
+        fut: Future[list[ItemResult]] = self.engine.submit(prepare_and_embed, chunk, self.max_file_bytes)
         return fut
 
     def _collect(self, chunk: list[InputItem], fut: Future[list[ItemResult]]) -> list[ItemResult]:

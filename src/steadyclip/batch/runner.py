@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import time
@@ -23,15 +22,23 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pyarrow as pa
 
+from steadyclip import identity
 from steadyclip.batch import _prep
 from steadyclip.batch._prep import ItemResult
-from steadyclip.batch.inputs import InputItem, InputSource, open_inputs
+from steadyclip.batch.inputs import InputSource, ListingHasher, open_inputs
 from steadyclip.batch.local import LocalPipeline
 from steadyclip.batch.replicated import ReplicaPipeline
 from steadyclip.batch.table import Columns, build_table, make_schema
-from steadyclip.batch.writer import JobSpec, PartStore, read_metadata
-from steadyclip.errors import BatchJobError
+from steadyclip.batch.writer import (
+    RESTART_ADVICE,
+    JobSpec,
+    PartStore,
+    StoreState,
+    read_metadata,
+)
+from steadyclip.errors import BatchJobError, InputError
 from steadyclip.prompts import TemplateSet, get_template_set, validate_labels
 
 _logger = logging.getLogger(__name__)
@@ -138,6 +145,7 @@ def run_batch(
     Returns:
         A :class:`BatchSummary`.
     Raises:
+        InputError: an unknown ``backend``, ``top_k`` < 1, ``part_size`` < 1.
         BatchJobError: no inputs, unreadable manifest, or a resume that would mix two different jobs.
         LabelError, TemplateError: bad labels or templates.
 
@@ -148,9 +156,48 @@ def run_batch(
     """
     t0 = time.perf_counter()
     if backend not in ("local", "ray"):
-        raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
+        raise InputError(f"backend must be 'local' or 'ray', got {backend!r}")
+    plan = _plan(inputs, engine, labels=labels, templates=templates, top_k=top_k, all_probs=all_probs,
+                 embeddings=embeddings, part_size=part_size)
+    store = PartStore(out, plan.job, part_size=part_size)
+    with store.locked():
+        state = store.open(restart=restart)
+        if state.complete:
+            return _already_complete(store, plan, engine, backend, workers, t0)
+        pipeline, n_workers = _pipeline(engine, backend, plan.dim, workers=workers, start_method=start_method,
+                                        max_file_bytes=max_file_bytes, ray_address=ray_address,
+                                        ray_actors=ray_actors, verbose=verbose)
+        ok, errors = _compute(plan, store, state, pipeline, engine, progress)
+    elapsed = time.perf_counter() - t0
+    _logger.info("batch done: %d rows (%d ok, %d errors) in %.1fs -> %s", plan.n, ok, errors, elapsed, store.out)
+    return BatchSummary(store.out, plan.n, ok, errors, state.done_rows, plan.n - state.done_rows, elapsed,
+                        pipeline.model_s, pipeline.wait_s, backend, n_workers, engine.threads, engine.micro_batch,
+                        False, plan.provenance, _execution(engine, pipeline))
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything a job computes against, settled before any part is opened."""
+
+    source: InputSource
+    inputs_sha: str
+    n: int
+    labels: list[str]
+    tset: TemplateSet | None
+    class_emb: np.ndarray | None
+    dim: int  # the model's embedding width
+    cols: Columns
+    schema: pa.Schema
+    provenance: dict[str, Any]
+    job: JobSpec
+
+
+def _plan(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], engine: Any, *,
+          labels: Sequence[str] | None, templates: str | Sequence[str] | TemplateSet | None, top_k: int,
+          all_probs: bool, embeddings: bool, part_size: int) -> _Plan:
+    """Validate the request, list the inputs once and compute the label embeddings."""
     if top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
+        raise InputError(f"top_k must be >= 1, got {top_k}")
     source = open_inputs(inputs)
     clean = validate_labels(list(labels)) if labels is not None else []
     if not clean and not embeddings:
@@ -160,59 +207,63 @@ def run_batch(
     if n == 0:
         raise BatchJobError(f"no images found in {source.description!r}; check the path, pattern or manifest")
     class_emb = engine.class_embeddings(clean, tset) if tset is not None else None
-    model_dim = _embedding_dim(engine, class_emb)
-    cols = Columns(labels=tuple(clean), top_k=top_k, all_probs=all_probs,
-                   embedding_dim=model_dim if embeddings else None)
-    schema = make_schema(cols)
+    dim = _embedding_dim(engine, class_emb)
+    cols = Columns(labels=tuple(clean), top_k=top_k, all_probs=all_probs, embedding_dim=dim if embeddings else None)
     provenance = engine.provenance.to_dict()
     if tset is not None:
         provenance |= {"template_set": tset.name, "template_sha256": tset.sha256}
-    job = _job_spec(inputs_sha, n, provenance, clean, tset, cols, part_size, source, class_emb)
-    store = PartStore(out, job, part_size=part_size)
+    job = _job_spec(inputs_sha, n, identity.result_identity(provenance, engine.numerics_basis()), clean, tset, cols,
+                    part_size, source, class_emb)
+    return _Plan(source, inputs_sha, n, clean, tset, class_emb, dim, cols, make_schema(cols), provenance, job)
+
+
+def _already_complete(store: PartStore, plan: _Plan, engine: Any, backend: str, workers: int | None,
+                      t0: float) -> BatchSummary:
+    meta = read_metadata(store.out)
+    _logger.info("%s already holds this job; nothing to do", store.out)
+    return BatchSummary(store.out, plan.n, meta["ok"], meta["errors"], plan.n, 0, time.perf_counter() - t0, 0.0,
+                        0.0, backend, default_workers() if workers is None else workers, engine.threads,
+                        engine.micro_batch, True, plan.provenance)
+
+
+def _pipeline(engine: Any, backend: str, dim: int, *, workers: int | None, start_method: str | None,
+              max_file_bytes: int, ray_address: str | None, ray_actors: int | None,
+              verbose: bool) -> tuple[Any, int]:
+    """The model stage for ``backend``, and how many workers it runs."""
     n_workers = default_workers() if workers is None else workers
+    if backend == "ray":
+        from steadyclip.batch.ray_backend import RayPipeline
 
-    with store.locked():
-        state = store.open(restart=restart)
-        if state.complete:
-            meta = read_metadata(store.out)
-            _logger.info("%s already holds this job; nothing to do", store.out)
-            return BatchSummary(store.out, n, meta["ok"], meta["errors"], n, 0, time.perf_counter() - t0, 0.0,
-                                0.0, backend, n_workers, engine.threads, engine.micro_batch, True,
-                                provenance)
-        hasher = _ListingHasher()
-        pending = (it for it in hasher.watch(source) if it.index // part_size not in state.done_parts)
-        if backend == "ray":
-            from steadyclip.batch.ray_backend import RayPipeline
+        return RayPipeline(engine, dim=dim, address=ray_address, actors=ray_actors or workers or None,
+                           max_file_bytes=max_file_bytes, verbose=verbose), n_workers
+    if workers is None and engine.replicas > 1:
+        replicated = ReplicaPipeline(engine, max_file_bytes=max_file_bytes)
+        return replicated, replicated.workers
+    return LocalPipeline(engine, workers=n_workers, start_method=start_method,
+                         max_file_bytes=max_file_bytes), n_workers
 
-            pipeline: Any = RayPipeline(engine, dim=model_dim, address=ray_address,
-                                        actors=ray_actors or workers or None, max_file_bytes=max_file_bytes,
-                                        verbose=verbose)
-        elif workers is None and engine.replicas > 1:
-            pipeline = ReplicaPipeline(engine, max_file_bytes=max_file_bytes)
-            n_workers = pipeline.workers
-        else:
-            pipeline = LocalPipeline(engine, workers=n_workers, start_method=start_method,
-                                     max_file_bytes=max_file_bytes)
-        counts = _Counts(done=state.done_rows, errors=state.done_errors)
-        with contextlib.closing(pipeline.run(pending, part_size)) as stream:
-            for k, rows in _parts(stream, part_size, counts, n, state.done_rows, progress):
-                table = build_table(rows, cols, schema, engine=engine, class_emb=class_emb, templates=tset)
-                store.write_part(k, table)
-        if hasher.digest() != (inputs_sha, n):
-            raise BatchJobError(
-                f"the input listing of {source.description!r} changed while the job ran; the finished parts "
-                "may not match the inputs any more. Re-run with --restart (or restart=True)."
-            )
-        metadata = {"format": "steadyclip-batch", "provenance": provenance, "labels": list(clean),
-                    "templates": list(tset.templates) if tset is not None else None,
-                    "columns": [f.name for f in schema]}
-        ok, errors = store.assemble(schema, metadata)
-    elapsed = time.perf_counter() - t0
-    summary = BatchSummary(store.out, n, ok, errors, state.done_rows, n - state.done_rows, elapsed,
-                           pipeline.model_s, pipeline.wait_s, backend, n_workers, engine.threads,
-                           engine.micro_batch, False, provenance, _execution(engine, pipeline))
-    _logger.info("batch done: %d rows (%d ok, %d errors) in %.1fs -> %s", n, ok, errors, elapsed, store.out)
-    return summary
+
+def _compute(plan: _Plan, store: PartStore, state: StoreState, pipeline: Any, engine: Any,
+             progress: Callable[[BatchProgress], None] | None) -> tuple[int, int]:
+    """Compute the missing parts, check the listing did not change meanwhile, assemble; (ok, errors)."""
+    part_size = store.part_size
+    hasher = ListingHasher()
+    pending = (it for it in hasher.watch(plan.source) if it.index // part_size not in state.done_parts)
+    counts = _Counts(done=state.done_rows, errors=state.done_errors)
+    with contextlib.closing(pipeline.run(pending, part_size)) as stream:
+        for k, rows in _parts(stream, part_size, counts, plan.n, state.done_rows, progress):
+            table = build_table(rows, plan.cols, plan.schema, engine=engine, class_emb=plan.class_emb,
+                                templates=plan.tset)
+            store.write_part(k, table)
+    if hasher.digest() != (plan.inputs_sha, plan.n):
+        raise BatchJobError(
+            f"the input listing of {plan.source.description!r} changed while the job ran; the finished parts "
+            f"may not match the inputs any more. Run again with {RESTART_ADVICE}."
+        )
+    metadata = {"format": "steadyclip-batch", "provenance": plan.provenance, "labels": list(plan.labels),
+                "templates": list(plan.tset.templates) if plan.tset is not None else None,
+                "columns": [f.name for f in plan.schema]}
+    return store.assemble(plan.schema, metadata)
 
 
 def _execution(engine: Any, pipeline: Any) -> dict[str, Any]:
@@ -232,42 +283,20 @@ def _embedding_dim(engine: Any, class_emb: np.ndarray | None) -> int:
     return int(engine.embedding_dim)  # read from the model: no text forward just to learn D
 
 
-def _sha(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
-def _job_spec(inputs_sha: str, n: int, prov: dict[str, Any], labels: list[str], tset: TemplateSet | None,
+def _job_spec(inputs_sha: str, n: int, result: dict[str, Any], labels: list[str], tset: TemplateSet | None,
               cols: Columns, part_size: int, source: InputSource, class_emb: np.ndarray | None) -> JobSpec:
-    model = {k: prov[k] for k in ("model_id", "weights_sha256", "fingerprint")}
+    """``result`` is ``identity.result_identity``: a resumed job must compute exactly like the first run."""
+    model_keys = ("model_id", "weights_sha256", "fingerprint")
     options = {
         "top_k": cols.top_k, "all_probs": cols.all_probs, "embeddings": cols.embedding_dim is not None,
-        "part_size": part_size,
-        # what decides the numbers: a resumed job must compute exactly like the first run
-        **{k: prov[k] for k in ("profile", "precision", "device", "threads", "micro_batch", "batch_path")},
+        "part_size": part_size, **{k: v for k, v in result.items() if k not in model_keys},
     }
-    return JobSpec(inputs_sha256=inputs_sha, n_inputs=n, model=model,
-                   labels_sha256=_sha(labels) if labels else None,
+    return JobSpec(inputs_sha256=inputs_sha, n_inputs=n, model={k: result[k] for k in model_keys},
+                   labels_sha256=identity.sha256_json(labels) if labels else None,
                    templates_sha256=tset.sha256 if tset is not None else None, options=options,
                    class_embeddings_sha256=hashlib.sha256(np.ascontiguousarray(class_emb).tobytes()).hexdigest()
                    if class_emb is not None else None,
                    description={"inputs": source.description, "kind": source.kind})
-
-
-class _ListingHasher:
-    """Hashes the listing while the job streams it, to prove it did not change since the first pass."""
-
-    def __init__(self) -> None:
-        self._h = hashlib.sha256(b"steadyclip-inputs-v1\0")
-        self._n = 0
-
-    def watch(self, source: Iterable[InputItem]) -> Iterator[InputItem]:
-        for item in source:
-            self._h.update(item.path.encode("utf-8", "surrogateescape") + b"\0")
-            self._n += 1
-            yield item
-
-    def digest(self) -> tuple[str, int]:
-        return self._h.hexdigest(), self._n
 
 
 @dataclass

@@ -106,6 +106,6 @@ def _fixed_list(rows: Sequence[Any], width: int, value_type: pa.DataType) -> pa.
         if row is not None:
             flat[i] = np.asarray(row, dtype=dtype)
             valid[i] = True
-    values = pa.array(flat.reshape(-1), type=value_type)
+    values = pa.array(flat.reshape(-1))  # zero-copy from NumPy (passing type= converts element by element)
     mask = pa.array(~valid)
     return pa.FixedSizeListArray.from_arrays(values, width, mask=mask)

@@ -21,6 +21,7 @@ from typing import Any
 from steadyclip.batch import _prep
 from steadyclip.batch.inputs import open_inputs
 from steadyclip.batch.runner import default_workers, run_batch
+from steadyclip.errors import InputError
 
 _logger = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def measure_throughput(engine: Any, inputs: str | os.PathLike[str] | Sequence[st
     decode_s = time.perf_counter() - t
     pixels = [p.pixels for p in prepared if p.pixels is not None]
     if not pixels:
-        raise ValueError("none of the inputs decoded; give real images to measure")
+        raise InputError("none of the inputs decoded; give real images to measure")
     stacked = torch.from_numpy(np.stack(pixels))  # (N, 3, H, W)
     engine.embed_pixels(stacked[: engine.micro_batch])  # warm-up
     t = time.perf_counter()

@@ -1,6 +1,6 @@
 """Crash-safe output: atomic part files, a job journal, and atomic assembly of the final file.
 
-Layout while a job runs, for ``--out results.parquet``::
+Layout while a job runs, for ``out="results.parquet"``::
 
     results.parquet.parts/
         job.json                 what this job is (inputs hash, model, labels, options)
@@ -12,7 +12,7 @@ Part k always holds exactly the inputs with ``index // part_size == k``, so a
 part file either exists complete (written to a temporary name, fsynced, renamed)
 or not at all, and a resumed job recomputes only missing parts. At the end the
 parts are copied, in order, into a temporary file next to the output, which is
-fsynced and renamed over ``--out``; then the parts folder is removed. A kill at
+fsynced and renamed over ``out``; then the parts folder is removed. A kill at
 any moment leaves either the old state or the new one.
 """
 from __future__ import annotations
@@ -33,13 +33,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from steadyclip.batch.table import METADATA_KEY
-from steadyclip.errors import BatchJobError
+from steadyclip.errors import BatchJobError, InputError
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["JobSpec", "PartStore", "StoreState", "kill_point"]
+__all__ = ["RESTART_ADVICE", "JobSpec", "PartStore", "StoreState", "kill_point"]
 
 FORMAT_VERSION = 1
+# How a caller discards an earlier job, in both vocabularies (the library's argument, the CLI's flag).
+RESTART_ADVICE = "restart=True (--restart)"
+_NEW_OUT = "a new output path (out=, --out)"
 _KILL_ENV = "STEADYCLIP_BATCH_TEST_KILL_AT"
 _kill_counts: dict[str, int] = {}
 
@@ -105,7 +108,8 @@ class JobSpec:
                        "stack, numerics settings or text cache changed since)")
         for key in sorted(set(self.options) | set(other.options)):
             if self.options.get(key) != other.options.get(key):
-                out.append(f"option {key} changed ({other.options.get(key)!r} -> {self.options.get(key)!r})")
+                why = " (the software versions, numerics flags or CPU differ)" if key == "numerics" else ""
+                out.append(f"option {key} changed ({other.options.get(key)!r} -> {self.options.get(key)!r}){why}")
         if self.format_version != other.format_version:
             out.append(f"job format changed ({other.format_version} -> {self.format_version})")
         return out
@@ -126,7 +130,7 @@ class PartStore:
 
     def __init__(self, out: str | os.PathLike[str], job: JobSpec, *, part_size: int) -> None:
         if part_size < 1:
-            raise ValueError(f"part_size must be >= 1, got {part_size}")
+            raise InputError(f"part_size must be >= 1, got {part_size}")
         self.out = Path(out)
         self.job = job
         self.part_size = part_size
@@ -140,7 +144,8 @@ class PartStore:
         from filelock import FileLock, Timeout
 
         if self.out.is_dir():
-            raise BatchJobError(f"--out {self.out} is a folder; give a file name such as {self.out / 'results.parquet'}")
+            raise BatchJobError(f"the output {self.out} is a folder; give a file name such as "
+                                f"{self.out / 'results.parquet'}")
         with _io_errors(f"create {self.parts_dir}"):
             self.out.parent.mkdir(parents=True, exist_ok=True)
             self.parts_dir.mkdir(exist_ok=True)
@@ -172,7 +177,7 @@ class PartStore:
             if diffs:
                 raise BatchJobError(
                     f"cannot resume the unfinished job in {self.parts_dir}: " + "; ".join(diffs) +
-                    ". Use a new --out for a different job, or --restart to discard the finished parts."
+                    f". Use {_NEW_OUT} for a different job, or {RESTART_ADVICE} to discard the finished parts."
                 )
             if self._output_matches():  # killed between the final rename and the clean-up
                 shutil.rmtree(self.parts_dir, ignore_errors=True)
@@ -184,7 +189,7 @@ class PartStore:
                 return StoreState(True, frozenset(), self.job.n_inputs, 0)
             raise BatchJobError(
                 f"{self.out} already exists and holds a different job (or is not a steadyclip result); "
-                "use a new --out, or --restart to replace it"
+                f"use {_NEW_OUT}, or {RESTART_ADVICE} to replace it"
             )
         _atomic_write_bytes(journal, json.dumps(self.job.to_dict(), indent=2, sort_keys=True).encode())
         return StoreState(False, frozenset(), 0, 0)
@@ -194,14 +199,15 @@ class PartStore:
             if p.name != "lock":
                 p.unlink()
         if self.out.exists():
-            _logger.warning("--restart: removing %s", self.out)
+            _logger.warning("restart: removing %s", self.out)
             self.out.unlink()
 
     def _read_journal(self, journal: Path) -> JobSpec:
         try:
             return JobSpec.from_dict(json.loads(journal.read_text()))
         except (OSError, ValueError, TypeError) as e:
-            raise BatchJobError(f"the job journal {journal} is unreadable ({e}); use --restart to start over") from e
+            raise BatchJobError(f"the job journal {journal} is unreadable ({e}); start over with {RESTART_ADVICE}") \
+                from e
 
     def _output_matches(self) -> bool:
         try:
@@ -271,7 +277,8 @@ class PartStore:
             cols = pq.read_table(p, columns=["index", "status"])
             start = k * self.part_size
             if cols.num_rows != self._part_len(k) or cols.column("index")[0].as_py() != start:
-                raise BatchJobError(f"part {p} does not hold rows {start}.. of this job; use --restart")
+                raise BatchJobError(f"part {p} does not hold rows {start}.. of this job; start over with "
+                                    f"{RESTART_ADVICE}")
             n_err = int(pc.sum(pc.equal(cols.column("status"), "error")).as_py() or 0)
             errors += n_err
             ok += cols.num_rows - n_err
@@ -285,7 +292,8 @@ class PartStore:
                         table = pq.read_table(self.part_path(k))
                         if not table.schema.equals(schema):
                             raise BatchJobError(
-                                f"part {self.part_path(k)} has a different schema than this job; use --restart"
+                                f"part {self.part_path(k)} has a different schema than this job; start over "
+                                f"with {RESTART_ADVICE}"
                             )
                         writer.write_table(table.replace_schema_metadata(full.metadata),
                                            row_group_size=self.part_size)

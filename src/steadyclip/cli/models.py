@@ -67,8 +67,8 @@ def info(model: str, pretrained: str | None, allow_torchscript: bool, as_json: b
 def lock(model: str, pretrained: str | None, allow_torchscript: bool, output: Path, probe: bool, profile: str,
          micro_batch: int, threads: int | None, as_json: bool) -> None:
     """Write a lockfile pinning MODEL: source, revision, hashes, fingerprint, config, versions, behaviour."""
-    from steadyclip.integrity import write_lock
     from steadyclip.loading import load
+    from steadyclip.lockfile import write_lock
 
     loaded = load(model, pretrained=pretrained, allow_torchscript=allow_torchscript)
     extra: dict[str, Any] = {}
@@ -101,8 +101,8 @@ def verify(model: str | None, pretrained: str | None, lock_path: Path, allow_tor
     Exit 3 when anything differs, naming the field and both values.
     """
     from steadyclip.errors import IntegrityError, LockMismatchError
-    from steadyclip.integrity import read_lock
     from steadyclip.loading import load, source_from_lock
+    from steadyclip.lockfile import read_lock
 
     lock_doc = read_lock(lock_path)
     src, pre = source_from_lock(lock_doc)

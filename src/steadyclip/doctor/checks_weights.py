@@ -211,7 +211,7 @@ def check_corrupted(
     expected_sha256: str | None,
 ) -> None:
     """``weights_corrupted``: the file's SHA-256 or the model's fingerprint differs from a lock or known hash."""
-    from steadyclip.integrity import read_lock
+    from steadyclip.lockfile import read_lock
 
     expected_fp = None
     source = "expected_sha256"

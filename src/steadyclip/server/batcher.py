@@ -1,16 +1,25 @@
-"""One worker thread owns the engine; image rows from concurrent requests share forwards.
+"""Micro-batching in front of the engine: concurrent requests share forwards, every replica busy.
 
-Requests hand preprocessed image tensors to :meth:`Batcher.submit_pixels`. The
-worker takes the first waiting job, gathers more until it holds ``max_rows``
-rows or ``max_wait_s`` has passed, runs *one* ``engine.embed_pixels`` over them
-and hands each request back its own rows. This is safe for reproducibility
-because the engine runs every forward at a fixed micro-batch shape (or has
-proved single rows bitwise equal to batched ones): a row never depends on its
-neighbours, so a request gets the same bits however it was batched.
+Two threads own the engine:
 
-Everything else that touches the engine (text embeddings, the zero-shot head,
-provenance) runs on the same thread through :meth:`Batcher.submit_call`, so
-the engine is never used from two threads at once.
+- the *batch* thread takes image jobs (preprocessed pixels, or uploaded bytes) from its queue, gathers
+  them into one micro-batch (up to ``max_rows`` rows) and hands it to the engine
+  without waiting for the result (``engine.submit_pixels``), so while K replicas
+  compute, the next micro-batch is already being gathered. At most ``in_flight``
+  micro-batches run at once (one per replica); each request gets its own rows back.
+- the *call* thread runs everything else that touches the engine (text embeddings,
+  the zero-shot head, provenance), one call at a time, in order, never behind a
+  forward: a request's class embeddings are ready when its pixels are.
+
+Reproducibility does not depend on how rows are batched: the engine runs every
+forward at its fixed micro-batch shape (or has proved single rows bitwise equal to
+batched ones), so a row never depends on its neighbours.
+
+How long to wait for companions: a partial micro-batch is padded to the full shape,
+so it costs as much as a full one. When nothing is running, a job waits at most
+``max_wait_s`` (latency first). When other micro-batches are in flight the server is
+under load, and the batch thread waits up to a quarter of a forward's measured time
+for the micro-batch to fill: a little latency for many times the throughput.
 """
 from __future__ import annotations
 
@@ -26,11 +35,14 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from steadyclip._futures import completed
 from steadyclip.errors import InputError
 
 _logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+BUSY_WAIT_FRACTION = 0.25  # of a forward's time: how long a job may wait for companions under load
 
 
 class Overloaded(Exception):
@@ -38,9 +50,12 @@ class Overloaded(Exception):
 
 
 @dataclass
-class _PixelJob:
-    pixels: torch.Tensor  # (n, 3, H, W)
-    future: Future[np.ndarray] = field(default_factory=Future)
+class _RowsJob:
+    kind: str  # "pixels": a (n, 3, H, W) tensor; "images": a list of n uploaded files' bytes
+    items: Any
+    rows: int
+    future: Future[Any] = field(default_factory=Future)
+    queued: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -54,7 +69,7 @@ _STOP = object()
 
 @dataclass
 class BatchStats:
-    """Counters for observability and tests (read without the worker's cooperation)."""
+    """Counters for observability and tests (read without the workers' cooperation)."""
 
     batches: int = 0
     rows: int = 0
@@ -68,51 +83,70 @@ class BatchStats:
 
 
 class Batcher:
-    """Micro-batching front of an engine-like object with ``embed_pixels(N,3,H,W) -> (N, D)``.
+    """Micro-batching front of an engine with ``embed_pixels`` (and, to overlap, ``submit_pixels``).
 
     Args:
-        engine: the :class:`~steadyclip.engine.Engine` (only this object's thread calls it).
-        max_rows: rows to gather before running (normally the engine's micro-batch).
-        max_wait_s: how long to wait for companions when fewer than ``max_rows`` are queued.
+        engine: the :class:`~steadyclip.engine.Engine`. ``engine.submit_pixels(pixels)`` (a future
+            of (n, D)) is used when present, else ``engine.embed_pixels(pixels)`` on the batch thread.
+        max_rows: rows per micro-batch (normally the engine's micro-batch).
+        max_wait_s: how long a job waits for companions when nothing else is running.
         max_queue: queued jobs beyond which :class:`Overloaded` is raised.
+        in_flight: micro-batches running at once (normally the engine's replicas).
+        images_fn: for :meth:`submit_images`: uploaded files' bytes -> a future of one row each
+            (the server decodes and embeds them in the replicas: ``rows.embed_uploads``).
     """
 
-    def __init__(self, engine: Any, *, max_rows: int, max_wait_s: float = 0.005, max_queue: int = 1024) -> None:
-        if max_rows < 1:
-            raise InputError(f"max_rows must be >= 1, got {max_rows}; give the engine's micro-batch size")
+    def __init__(self, engine: Any, *, max_rows: int, max_wait_s: float = 0.005, max_queue: int = 1024,
+                 in_flight: int = 1, images_fn: Callable[[list[bytes]], Future[list[Any]]] | None = None) -> None:
+        if max_rows < 1 or in_flight < 1:
+            raise InputError(f"max_rows and in_flight must be >= 1, got {max_rows} and {in_flight}; give the engine's "
+                             "micro-batch size and replica count")
         self.engine = engine
         self.max_rows = max_rows
         self.max_wait_s = max_wait_s
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
-        self._thread: threading.Thread | None = None
+        self.in_flight = in_flight
+        self.images_fn = images_fn
+        self._held: _RowsJob | None = None  # a job of the other kind that ended the last gather
+        self._pixels: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
+        self._calls: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
+        self._slots = threading.BoundedSemaphore(in_flight)
+        self._lock = threading.Lock()
+        self._running = 0  # micro-batches in flight
+        self._forward_s = 0.0  # moving average of a micro-batch's time, for the wait under load
+        self._threads: list[threading.Thread] = []
         self.stats = BatchStats()
         self.on_batch: Callable[[int], None] | None = None  # called with each forward's row count (metrics)
 
     # ---- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
-        if self._thread is not None:
+        if self._threads:
             return
-        self._thread = threading.Thread(target=self._run, name="steadyclip-engine", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run_batches, name="steadyclip-engine", daemon=True),
+                         threading.Thread(target=self._run_calls, name="steadyclip-engine-calls", daemon=True)]
+        for t in self._threads:
+            t.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Finish queued jobs, then end the worker thread."""
-        if self._thread is None:
+        """Finish queued jobs (and the micro-batches in flight), then end the worker threads."""
+        if not self._threads:
             return
-        self._queue.put(_STOP)
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            _logger.warning("engine worker did not stop within %.0fs (a forward is still running)", timeout)
-        self._thread = None
+        self._pixels.put(_STOP)
+        self._calls.put(_STOP)
+        for t in self._threads:
+            t.join(timeout)
+            if t.is_alive():
+                _logger.warning("engine worker %s did not stop within %.0fs (a forward is still running)",
+                                t.name, timeout)
+        self._threads = []
 
     @property
     def queue_depth(self) -> int:
-        """Jobs waiting for the worker (approximate, like every queue size read from another thread)."""
-        return self._queue.qsize()
+        """Jobs waiting for the workers (approximate, like every queue size read from another thread)."""
+        return self._pixels.qsize() + self._calls.qsize()
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return bool(self._threads) and all(t.is_alive() for t in self._threads)
 
     # ---- submission (any thread) --------------------------------------------------------
     def submit_pixels(self, pixels: torch.Tensor) -> Future[np.ndarray]:
@@ -120,94 +154,142 @@ class Batcher:
         if pixels.ndim != 4 or pixels.shape[0] < 1:
             raise InputError(f"pixels must be (n>=1, 3, H, W), got {tuple(pixels.shape)}; preprocess the images "
                              "with the model's transform and stack them")
-        job = _PixelJob(pixels)
-        self._put(job)
+        job = _RowsJob("pixels", pixels, int(pixels.shape[0]))
+        self._put(self._pixels, job)
+        return job.future
+
+    def submit_images(self, datas: list[bytes]) -> Future[list[Any]]:
+        """Queue uploaded images' bytes; the future yields one row per image (see ``images_fn``)."""
+        if self.images_fn is None or not datas:
+            raise InputError("submit_images needs an images_fn and at least one image")
+        job = _RowsJob("images", list(datas), len(datas))
+        self._put(self._pixels, job)
         return job.future
 
     def submit_call(self, fn: Callable[[], T]) -> Future[T]:
-        """Run ``fn()`` on the engine thread (between micro-batches)."""
+        """Run ``fn()`` on the engine's call thread (in order with other calls)."""
         job = _CallJob(fn)
-        self._put(job)
+        self._put(self._calls, job)
         return job.future
 
-    def _put(self, job: _PixelJob | _CallJob) -> None:
+    def _put(self, q: queue.Queue[Any], job: _RowsJob | _CallJob) -> None:
         if not self.running:
             raise RuntimeError("the engine worker is not running (server starting up or shutting down)")
         try:
-            self._queue.put_nowait(job)
+            q.put_nowait(job)
         except queue.Full:
-            raise Overloaded(f"{self._queue.maxsize} engine jobs already queued") from None
+            raise Overloaded(f"{q.maxsize} engine jobs already queued") from None
 
-    # ---- the worker ---------------------------------------------------------------------
-    def _run(self) -> None:
-        _logger.debug("engine worker started (max_rows=%d, max_wait=%.1fms)", self.max_rows, self.max_wait_s * 1e3)
-        while True:
-            job = self._queue.get()
+    # ---- the call thread ----------------------------------------------------------------
+    def _run_calls(self) -> None:
+        while (job := self._calls.get()) is not _STOP:
+            if not job.future.set_running_or_notify_cancel():
+                self._count(cancelled=1)
+                continue
+            try:
+                result = job.fn()
+            except BaseException as e:  # noqa: BLE001 - the waiter hears about it
+                job.future.set_exception(e)
+                continue
+            self._count(calls=1)
+            job.future.set_result(result)
+
+    # ---- the batch thread ---------------------------------------------------------------
+    def _run_batches(self) -> None:
+        _logger.debug("batch worker started (max_rows=%d, in_flight=%d, max_wait=%.1fms)", self.max_rows,
+                      self.in_flight, self.max_wait_s * 1e3)
+        stop = False
+        while not stop:
+            job, self._held = (self._held, None) if self._held is not None else (self._pixels.get(), None)
             if job is _STOP:
                 break
-            if isinstance(job, _CallJob):
-                self._run_call(job)
-                continue
-            batch, deferred, stop = self._gather(job)
-            self._run_batch(batch)
-            for call in deferred:
-                self._run_call(call)
-            if stop:
-                break
-        _logger.debug("engine worker stopped")
+            self._slots.acquire()  # a replica is free; rows keep queueing meanwhile
+            batch, stop = self._gather(job)
+            self._dispatch(batch)
+        for _ in range(self.in_flight):  # wait for the micro-batches still running
+            self._slots.acquire()
+        _logger.debug("batch worker stopped")
 
-    def _gather(self, first: _PixelJob) -> tuple[list[_PixelJob], list[_CallJob], bool]:
-        """Collect pixel jobs behind ``first`` up to ``max_rows`` rows or the wait deadline."""
-        batch: list[_PixelJob] = [first]
-        deferred: list[_CallJob] = []
-        rows = first.pixels.shape[0]
-        deadline = time.monotonic() + self.max_wait_s
+    def _wait_s(self) -> float:
+        with self._lock:
+            busy = self._running > 0
+            forward_s = self._forward_s
+        return max(self.max_wait_s, BUSY_WAIT_FRACTION * forward_s) if busy else self.max_wait_s
+
+    def _gather(self, first: _RowsJob) -> tuple[list[_RowsJob], bool]:
+        """Collect jobs of ``first``'s kind behind it, up to ``max_rows`` rows or the wait deadline."""
+        batch = [first]
+        rows = first.rows
+        deadline = first.queued + self._wait_s()
         while rows < self.max_rows:
             remaining = deadline - time.monotonic()
             try:
-                nxt = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                nxt = self._pixels.get(timeout=remaining) if remaining > 0 else self._pixels.get_nowait()
             except queue.Empty:
                 break
             if nxt is _STOP:
-                return batch, deferred, True
-            if isinstance(nxt, _CallJob):
-                deferred.append(nxt)  # keeps its place relative to other calls; runs after this batch
-                continue
+                return batch, True
+            if nxt.kind != first.kind:
+                self._held = nxt  # starts the next micro-batch
+                break
             batch.append(nxt)
-            rows += nxt.pixels.shape[0]
-        return batch, deferred, False
+            rows += nxt.rows
+        return batch, False
 
-    def _run_batch(self, batch: list[_PixelJob]) -> None:
+    def _dispatch(self, batch: list[_RowsJob]) -> None:
         live = [j for j in batch if j.future.set_running_or_notify_cancel()]
-        self.stats.cancelled += len(batch) - len(live)
+        self._count(cancelled=len(batch) - len(live))
         if not live:
+            self._slots.release()
             return
+        with self._lock:
+            self._running += 1
+        t0 = time.monotonic()
         try:
-            pixels = torch.cat([j.pixels for j in live], dim=0)  # (sum n, 3, H, W)
-            emb = self.engine.embed_pixels(pixels)  # (sum n, D)
+            fut = self._submit(live)
         except BaseException as e:  # noqa: BLE001 - every waiter must hear about the failure
-            for j in live:
-                j.future.set_exception(e)
-            return
-        self.stats.batches += 1
-        self.stats.rows += int(pixels.shape[0])
-        self.stats.largest = max(self.stats.largest, int(pixels.shape[0]))
-        if self.on_batch is not None:
-            self.on_batch(int(pixels.shape[0]))
-        offset = 0
-        for j in live:
-            n = j.pixels.shape[0]
-            j.future.set_result(np.ascontiguousarray(emb[offset : offset + n]))
-            offset += n
+            fut = Future()
+            fut.set_exception(e)
+        fut.add_done_callback(lambda f: self._finish(live, t0, f))
 
-    def _run_call(self, job: _CallJob) -> None:
-        if not job.future.set_running_or_notify_cancel():
-            self.stats.cancelled += 1
-            return
+    def _submit(self, live: list[_RowsJob]) -> Future[Any]:
+        if live[0].kind == "images":
+            assert self.images_fn is not None
+            return self.images_fn([data for j in live for data in j.items])
+        pixels = torch.cat([j.items for j in live], dim=0)  # (sum n, 3, H, W)
+        submit = getattr(self.engine, "submit_pixels", None)
+        return submit(pixels) if submit is not None else completed(self.engine.embed_pixels, pixels)
+
+    def _finish(self, live: list[_RowsJob], t0: float, fut: Future[Any]) -> None:
+        """A micro-batch is done (on whichever thread completed it): hand out rows, free the slot."""
         try:
-            result = job.fn()
-        except BaseException as e:  # noqa: BLE001
-            job.future.set_exception(e)
-            return
-        self.stats.calls += 1
-        job.future.set_result(result)
+            rows = sum(j.rows for j in live)
+            err = fut.exception()
+            if err is not None:
+                for j in live:
+                    j.future.set_exception(err)
+                return
+            emb = fut.result()
+            with self._lock:
+                took = time.monotonic() - t0
+                self._forward_s = took if self._forward_s == 0 else 0.8 * self._forward_s + 0.2 * took
+                self.stats.batches += 1
+                self.stats.rows += rows
+                self.stats.largest = max(self.stats.largest, rows)
+            if self.on_batch is not None:
+                self.on_batch(rows)
+            offset = 0
+            for j in live:
+                part = emb[offset : offset + j.rows]
+                j.future.set_result(np.ascontiguousarray(part) if j.kind == "pixels" else part)
+                offset += j.rows
+        finally:
+            with self._lock:
+                self._running -= 1
+            self._slots.release()
+
+    def _count(self, *, calls: int = 0, cancelled: int = 0) -> None:
+        with self._lock:
+            self.stats.calls += calls
+            self.stats.cancelled += cancelled
+

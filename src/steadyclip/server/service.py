@@ -22,6 +22,8 @@ from starlette.concurrency import run_in_threadpool
 
 from steadyclip.errors import InferenceStateError, IntegrityError, SteadyClipError
 from steadyclip.images import decode_image
+from steadyclip.replicas import rebuild_error
+from steadyclip.rows import embed_uploads
 from steadyclip.server import golden as golden_mod
 from steadyclip.server.batcher import Batcher, Overloaded
 from steadyclip.server.http_errors import ApiError, from_library_error
@@ -39,10 +41,14 @@ class Service:
     def __init__(self, engine: Any, settings: ServerSettings) -> None:
         self.engine = engine
         self.settings = settings
-        # One micro-batch per replica per round: concurrent requests keep every replica busy.
-        rows = int(getattr(engine, "micro_batch", 8)) * int(getattr(engine, "replicas", 1))
-        self.batcher = Batcher(engine, max_rows=rows,
-                               max_wait_s=settings.batch_wait_ms / 1000.0, max_queue=settings.max_queue)
+        # One micro-batch in flight per replica: while they compute, the next one is gathered.
+        # With replicas, uploads are decoded in them too (in parallel, beside the model); with one
+        # process (and on CUDA) they are decoded in the thread pool while the model runs.
+        replicas = int(getattr(engine, "replicas", 1))
+        self.decode_in_replicas = replicas > 1 and hasattr(engine, "submit")
+        self.batcher = Batcher(engine, max_rows=int(getattr(engine, "micro_batch", 8)), in_flight=replicas,
+                               max_wait_s=settings.batch_wait_ms / 1000.0, max_queue=settings.max_queue,
+                               images_fn=lambda datas: embed_uploads(engine, datas, settings.max_pixels))
         self.golden = golden_mod.Golden()
         self.provenance: dict[str, Any] | None = None
         self.started_at: float | None = None
@@ -98,6 +104,20 @@ class Service:
         row: np.ndarray = emb[0]
         return row
 
+    async def _embed_images(self, images: list[ImagePayload]) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """Embeddings (n, D) of uploaded images and the decoders' warnings; the first bad image fails the
+        request (with the same error wherever it was decoded)."""
+        if not self.decode_in_replicas:
+            pixels, notes = await self._preprocess(images)
+            return await self._embed_pixels(pixels), notes
+        rows = await self._await(self._submit(lambda: self.batcher.submit_images([img.data for img in images])))
+        notes = []
+        for i, (img, row) in enumerate(zip(images, rows)):
+            if row.error is not None:
+                raise _image_error(i, img, rebuild_error(row.error))
+            notes += [{"index": i, "source": img.name, "message": m} for m in row.warnings]
+        return np.stack([row.embedding for row in rows]), notes
+
     async def _preprocess(self, images: list[ImagePayload]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
         """Decode + preprocess in the thread pool, a bounded number of requests at a time.
 
@@ -118,9 +138,7 @@ class Service:
                 tensors.append(tensor)
                 notes += [{"index": i, "source": img.name, "message": m} for m in warned]
             except SteadyClipError as e:
-                api = from_library_error(e)
-                name = f" ({img.name})" if img.name else ""
-                raise ApiError(api.status, api.type, f"image #{i}{name}: {api.message}") from e
+                raise _image_error(i, img, e) from e
         return torch.stack(tensors), notes  # (n, 3, H, W)
 
     def _preprocess_one(self, data: bytes) -> tuple[torch.Tensor, tuple[str, ...]]:
@@ -158,11 +176,11 @@ class Service:
         labels, tset = inp.labels, inp.templates
         classes_fut = self._submit(lambda: self.batcher.submit_call(lambda: self.engine.class_embeddings(labels, tset)))
         try:
-            pixels, notes = await self._preprocess(inp.images)
+            image_emb, notes = await self._embed_images(inp.images)
         except BaseException:
             classes_fut.cancel()
             raise
-        image_emb, classes = await asyncio.gather(self._embed_pixels(pixels), self._await(classes_fut))
+        classes = await self._await(classes_fut)
         results = await self._engine(
             lambda: self.engine.classify_embeddings(image_emb, classes, labels, tset, top_k=inp.top_k))
         rows = [{**res.to_dict(with_provenance=False), "source": img.name} for img, res in zip(inp.images, results)]
@@ -175,12 +193,11 @@ class Service:
         doc: dict[str, Any] = {"images": [], "texts": [], "warnings": []}
         if inp.images:
             try:
-                pixels, doc["warnings"] = await self._preprocess(inp.images)
+                emb, doc["warnings"] = await self._embed_images(inp.images)
             except BaseException:
                 if texts_fut is not None:
                     texts_fut.cancel()
                 raise
-            emb = await self._embed_pixels(pixels)
             doc["images"] = [{"source": img.name, "embedding": _encode(e, inp.encoding)}
                              for img, e in zip(inp.images, emb)]
         if texts_fut is not None:
@@ -192,10 +209,15 @@ class Service:
         return doc
 
     async def self_check(self) -> tuple[bool, dict[str, Any]]:
-        """Recompute the probe embedding and compare it bitwise with the start-up reference."""
+        """Check this process's model (text tower and head serve from it), then recompute the probe
+        embedding through the serving path (the replicas, if any) and compare it bitwise with the
+        start-up reference."""
         t0 = time.perf_counter()
         detail: dict[str, Any] = {"golden_sha256": self.golden.digest, "probe": golden_mod.PROBE_DESCRIPTION}
         try:
+            check_state = getattr(self.engine, "check_state", None)
+            if check_state is not None:
+                await self._engine(check_state)
             fresh = await asyncio.wait_for(self._probe_embedding(), timeout=self.settings.request_timeout_s)
             problem = self.golden.compare(fresh)
         except ApiError as e:
@@ -221,7 +243,8 @@ class Service:
             "provenance": self.provenance,
             "golden": {"sha256": self.golden.digest, "probe": golden_mod.PROBE_DESCRIPTION, "error": self.golden.error},
             "limits": self.settings.public_dict(),
-            "batching": {"max_rows": self.batcher.max_rows, "wait_ms": self.settings.batch_wait_ms,
+            "batching": {"max_rows": self.batcher.max_rows, "in_flight": self.batcher.in_flight,
+                         "wait_ms": self.settings.batch_wait_ms,
                          **self.batcher.stats.to_dict()},
             "suggested_labels": _suggested_labels(info.arch),
         }
@@ -229,6 +252,13 @@ class Service:
         if execution is not None:  # replicas, threads, CPUs: how the answers are computed here
             doc["execution"] = execution.to_dict()
         return doc
+
+
+def _image_error(i: int, img: ImagePayload, e: SteadyClipError | BaseException) -> ApiError:
+    """A bad upload's error, naming which image of the request it was."""
+    api = from_library_error(e) if isinstance(e, SteadyClipError) else ApiError(422, type(e).__name__, str(e))
+    name = f" ({img.name})" if img.name else ""
+    return ApiError(api.status, api.type, f"image #{i}{name}: {api.message}")
 
 
 def _encode(vec: np.ndarray, encoding: str) -> Any:

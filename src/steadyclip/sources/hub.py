@@ -17,24 +17,22 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from steadyclip import integrity
 from steadyclip.errors import IntegrityError, ModelSourceError
-from steadyclip.sources import (
-    ResolvedSource,
-    builtin_model_cfg,
-    move_aside,
-    read_open_clip_config,
-)
+from steadyclip.sources.local import read_open_clip_config
+from steadyclip.sources.spec import TAG_PREPROCESS_KEYS, ResolvedSource
+from steadyclip.sources.tags import builtin_model_cfg
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["fetch_verified", "hub_commit", "hub_lfs_sha256", "resolve_hf_hub", "resolve_tag", "url_sha256"]
+__all__ = ["fetch_verified", "hub_commit", "hub_lfs_sha256", "move_aside", "parse_hub_name", "resolve_hf_hub",
+           "resolve_tag", "url_sha256"]
 
-_PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode", "fill_color")
 _SNAPSHOT_RE = re.compile(r"[/\\]snapshots[/\\]([0-9a-f]{40})[/\\]")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
@@ -65,6 +63,14 @@ def hub_lfs_sha256(path: str | os.PathLike[str]) -> str | None:
         return None
     blob = p.resolve().name
     return blob if _SHA256_RE.match(blob) else None
+
+
+def move_aside(path: Path) -> Path:
+    """Rename a file that failed its hash to ``<name>.corrupt-<timestamp>`` (kept for inspection)."""
+    target = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+    os.replace(path, target)
+    _logger.warning("moved %s aside to %s after a failed hash check", path, target)
+    return target
 
 
 def _discard(path: Path) -> Path:
@@ -159,7 +165,7 @@ def resolve_tag(
     from open_clip import pretrained as ocp
 
     quick_gelu = bool(tag_cfg.get("quick_gelu", False))
-    overrides = {k: tag_cfg[k] for k in _PREPROCESS_KEYS if k in tag_cfg}
+    overrides = {k: tag_cfg[k] for k in TAG_PREPROCESS_KEYS if k in tag_cfg}
     url, hf_hub = tag_cfg.get("url", ""), tag_cfg.get("hf_hub", "")
     what = f"weights of {arch}/{tag}"
     used_revision: str | None = None

@@ -1,0 +1,67 @@
+"""``resolve``: what the user typed -> the resolver for that kind of source.
+
+Imports run one way: this module dispatches to ``local``, ``tags`` and ``hub``; none of them
+imports it. ``hub`` is imported only when a download is asked for.
+"""
+from __future__ import annotations
+
+import os
+
+from steadyclip.errors import ModelSourceError
+from steadyclip.registry import DEMO_SPEC, get_spec
+from steadyclip.sources.local import resolve_bundled, resolve_file, resolve_local_dir
+from steadyclip.sources.spec import ResolvedSource
+from steadyclip.sources.tags import builtin_arch, known_tags
+
+__all__ = ["resolve"]
+
+
+def resolve(
+    source: str | None,
+    pretrained: str | os.PathLike[str] | None = None,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    expected_sha256: str | None = None,
+) -> ResolvedSource:
+    """Resolve a user-facing model source to an architecture and verified weights.
+
+    Args:
+        source: model name; see :mod:`steadyclip.sources`.
+        pretrained: a tag or a checkpoint path (for built-in architecture names only).
+        revision: pin hub downloads to this commit (e.g. from a lockfile).
+        expected_sha256: the weights hash a lockfile pins; a download that differs is re-fetched once.
+        cache_dir: download cache for open_clip / the hub.
+    Raises:
+        ModelSourceError: unknown name or tag, missing file.
+        IntegrityError: the weights are not the pinned bytes.
+    """
+    source = source or DEMO_SPEC.model_id
+    pretrained_s = os.fspath(pretrained) if pretrained is not None else None
+    if get_spec(source) is not None and pretrained_s is None:
+        return resolve_bundled(source)
+    if source.startswith(("hf-hub:", "local-dir:")):
+        if pretrained_s is not None:
+            raise ModelSourceError(
+                f"pretrained={pretrained_s!r} cannot be combined with {source!r}, which names its own weights"
+            )
+        if source.startswith("local-dir:"):
+            return resolve_local_dir(source)
+        from steadyclip.sources.hub import resolve_hf_hub
+
+        return resolve_hf_hub(source, revision=revision, cache_dir=cache_dir, expected_sha256=expected_sha256)
+    arch = builtin_arch(source)
+    if pretrained_s is None:
+        raise ModelSourceError(
+            f"no weights given for {arch!r}; steadyclip never runs a randomly initialised model. "
+            f"Pass pretrained=TAG (one of {known_tags(arch) or 'none known'}) or pretrained=PATH to a checkpoint."
+        )
+    import open_clip
+
+    tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained_s)
+    if tag_cfg:
+        from steadyclip.sources.hub import resolve_tag
+
+        return resolve_tag(arch, pretrained_s, tag_cfg, revision=revision, cache_dir=cache_dir,
+                           expected_sha256=expected_sha256)
+    return resolve_file(arch, pretrained_s)
