@@ -40,7 +40,8 @@ browser:
 lint: $(STAMP)
 	$(BIN)/python -m pip install -q mypy ruff
 	$(BIN)/ruff check src tests
-	$(BIN)/mypy src
+	# strict for both (pyproject's [tool.mypy]): tests are typed like the library.
+	$(BIN)/mypy src tests
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

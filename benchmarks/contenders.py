@@ -92,7 +92,7 @@ class OpenClipBest:
     def embed_pixels(self, pixels: torch.Tensor) -> np.ndarray:
         outs = []
         with torch.inference_mode():
-            for chunk in pixels.split(self.mb):
+            for chunk in torch.split(pixels, self.mb):
                 outs.append(F.normalize(self.model.encode_image(chunk.to(self.dtype)).float(), dim=-1).numpy())
         return np.concatenate(outs)
 
@@ -125,7 +125,7 @@ class HFClip:
     def embed_pixels(self, pixels: torch.Tensor) -> np.ndarray:
         outs = []
         with torch.inference_mode():
-            for chunk in pixels.split(self.mb):
+            for chunk in torch.split(pixels, self.mb):
                 outs.append(F.normalize(self._features(chunk), dim=-1).numpy())
         return np.concatenate(outs)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -96,7 +97,7 @@ def test_two_node_cluster_uses_both_nodes_and_writes_the_local_rows(engine: Engi
     local, remote = tmp_path / "local.parquet", tmp_path / "ray.parquet"
     kw = {"labels": demo_labels(), "embeddings": True, "part_size": 6}
     run_batch(folder, engine, out=local, **kw)  # type: ignore[arg-type]
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster: Any = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()

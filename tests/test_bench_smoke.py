@@ -27,7 +27,9 @@ def test_images_are_deterministic_photo_sized_files(tmp_path: Path) -> None:
     b = make_images(tmp_path / "b", 4)
     assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
     info = describe(a)
-    assert info["count"] == 4 and info["png"] == 1 and "640x480" in info["sizes"]
+    sizes = info["sizes"]
+    assert isinstance(sizes, list)
+    assert info["count"] == 4 and info["png"] == 1 and "640x480" in sizes
 
 
 @pytest.mark.usefixtures("_root_log_level")

@@ -1,14 +1,19 @@
 """`steadyclip classify` end to end, in real subprocesses."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
+from steadyclip import registry
+from steadyclip.cli import cli
 from steadyclip.engine import Engine
 from steadyclip.loading import load
 from steadyclip.textcache import TextCache
@@ -64,6 +69,25 @@ def test_readable_table_and_provenance_line(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "provenance: model=steadyclip-demo weights=" in proc.stdout
     assert Path(EXAMPLES[0]).name in proc.stdout
+
+
+def test_no_templates_means_the_models_own_templates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    own = tmp_path / "shapes.txt"
+    own.write_text("a drawing of a {}.\nan icon of a {}.\n")
+    monkeypatch.setitem(registry._SPECS, registry.DEMO_MODEL_ID,
+                        dataclasses.replace(registry.DEMO_SPEC, default_templates=str(own)))
+
+    def classify(*extra: str) -> dict[str, Any]:
+        result = CliRunner().invoke(cli, ["classify", EXAMPLES[0], "--labels", LABELS, "--json", *extra],
+                                    catch_exceptions=False)
+        assert result.exit_code == 0, result.stderr
+        doc: dict[str, Any] = json.loads(result.stdout)
+        return doc
+
+    default, explicit = classify(), classify("--templates", "photo")
+    assert default["provenance"]["template_set"] == "file:shapes.txt"
+    assert explicit["provenance"]["template_set"] == "photo"  # a given --templates still wins
+    assert default["results"][0]["probs"] != explicit["results"][0]["probs"]
 
 
 def test_usage_errors_exit_2(tmp_path: Path) -> None:

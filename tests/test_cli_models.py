@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from steadyclip import registry
 from steadyclip.cli import cli
+from steadyclip.errors import IntegrityError
 from steadyclip.integrity import state_fingerprint
 
 DEMO_ARCH = registry.DEMO_ARCH
@@ -36,6 +37,7 @@ def test_info_json(demo_arch_checkpoint: Path) -> None:
     doc = json.loads(out)
     assert doc["arch"] == DEMO_ARCH and len(doc["fingerprint"]) == 64
     assert doc["preprocess"]["size"] == [64, 64]
+    assert doc["default_templates"] == registry.DEFAULT_TEMPLATES  # an architecture without a spec
     code, text, _ = run("info", DEMO_ARCH, "--pretrained", str(demo_arch_checkpoint))
     assert code == 0 and f"fingerprint: {doc['fingerprint']}" in text
 
@@ -93,6 +95,30 @@ def test_convert_pt_to_safetensors_keeps_the_state(demo_arch_checkpoint: Path, t
     summary = json.loads(out)
     assert summary["cloned_shared"] >= 1 and summary["tensors"] == len(tied)
     assert summary["fingerprint"] == state_fingerprint(load_file(str(out_path))) == state_fingerprint(tied)
+
+
+def test_convert_that_changes_a_tensor_is_refused_and_removed(demo_arch_checkpoint: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import safetensors.torch
+
+    from steadyclip.convert import convert_checkpoint
+
+    src = tmp_path / "model.pt"
+    torch.save(load_file(str(demo_arch_checkpoint)), src)
+    real = safetensors.torch.load_file
+
+    def corrupted(path: str) -> dict[str, torch.Tensor]:
+        sd = real(path)
+        sd["logit_scale"] = sd["logit_scale"] + 1  # what a lossy writer would do
+        return sd
+
+    monkeypatch.setattr(safetensors.torch, "load_file", corrupted)
+    out_path = tmp_path / "model.safetensors"
+    with pytest.raises(IntegrityError, match="conversion changed the tensors"):
+        convert_checkpoint(src, out_path)
+    assert not out_path.exists()
+    monkeypatch.setattr(safetensors.torch, "load_file", real)
+    assert convert_checkpoint(src, out_path).fingerprint == state_fingerprint(load_file(str(demo_arch_checkpoint)))
 
 
 def test_convert_refuses_code_running_pickle(tmp_path: Path) -> None:

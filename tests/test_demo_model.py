@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from steadyclip.demo.shapes import generate, render
+from steadyclip.errors import InputError
 from steadyclip.registry import DEMO_ARCH, DEMO_SPEC, demo_labels, register_demo_config
 
 WEIGHTS = DEMO_SPEC.weights_file
@@ -47,7 +48,8 @@ def _logits(demo: Any, images: list[Any]) -> torch.Tensor:
     with torch.no_grad():
         text = model.encode_text(tokenizer([PROMPT.format(label) for label in demo_labels()]), normalize=True)
         x = torch.stack([preprocess(im) for im in images])  # (N, 3, 64, 64)
-        return model.logit_scale.exp() * model.encode_image(x, normalize=True) @ text.t()
+        logits: torch.Tensor = model.logit_scale.exp() * model.encode_image(x, normalize=True) @ text.t()
+    return logits
 
 
 def test_weights_hash_matches_pinned_spec() -> None:
@@ -109,9 +111,9 @@ def test_generator_is_deterministic_per_seed() -> None:
 
 
 def test_generator_rejects_unknown_names() -> None:
-    with pytest.raises(ValueError, match="magenta"):
+    with pytest.raises(InputError, match="magenta"):
         render("magenta", "circle", np.random.default_rng(0))
-    with pytest.raises(ValueError, match="hexagon"):
+    with pytest.raises(InputError, match="hexagon"):
         render("red", "hexagon", np.random.default_rng(0))
 
 

@@ -45,12 +45,12 @@ def _configs(tmp_path_factory: pytest.TempPathFactory) -> None:
         open_clip.add_model_config(path)
 
 
-def build(arch: str, seed: int = 0) -> torch.nn.Module:
+def build(arch: str, seed: int = 0) -> Any:  # open_clip models are untyped
     torch.manual_seed(seed)
     return open_clip.create_model(arch)
 
 
-def drop_path_convnext() -> torch.nn.Module:
+def drop_path_convnext() -> Any:
     """The demo ConvNeXt with trained-like layer-scale gammas and only DropPath stochastic (head dropout off)."""
     model = build(DEMO_ARCH)
     with torch.no_grad():
@@ -125,7 +125,7 @@ def test_random_init_on_every_load_is_told_apart_from_a_changing_file(images: li
 
     save_file({k: v.contiguous() for k, v in build(DEMO_ARCH).state_dict().items()}, str(ckpt))
 
-    def pinned() -> torch.nn.Module:
+    def pinned() -> Any:
         model = open_clip.create_model(DEMO_ARCH)
         model.load_state_dict(load_file(str(ckpt)))
         return model.eval()
@@ -141,7 +141,7 @@ def test_weights_file_rewritten_between_loads(images: list[Any], tmp_path: Path,
     calls = {"n": 0}
     template = build(DEMO_ARCH)
 
-    def rewrite_then_load() -> torch.nn.Module:
+    def rewrite_then_load() -> Any:
         # another process "keeps training": new bytes in the file before every load
         gen = torch.Generator().manual_seed(100 + calls["n"])
         calls["n"] += 1
@@ -162,7 +162,7 @@ def test_weights_file_rewritten_between_loads(images: list[Any], tmp_path: Path,
     else:
         assert d.top.evidence["same_seed_reproduces_weights"] is False
 
-    def load_pinned() -> torch.nn.Module:  # the fix: a file nothing rewrites
+    def load_pinned() -> Any:  # the fix: a file nothing rewrites
         model = open_clip.create_model(DEMO_ARCH)
         model.load_state_dict(load_file(str(ckpt)))
         return model.eval()

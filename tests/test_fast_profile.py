@@ -7,6 +7,7 @@ who knows better would; the detection itself is forced on and off through the CP
 from __future__ import annotations
 
 import json
+import platform
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ EXAMPLE = "examples/red_circle.png"
 def _force_cpu_flags(monkeypatch: pytest.MonkeyPatch, flags: set[str] | None, machine: str = "x86_64") -> None:
     precision.cpu_bf16_support.cache_clear()
     monkeypatch.setattr(precision, "read_cpu_flags", lambda path=precision.CPUINFO: (flags, "Test CPU"))
-    monkeypatch.setattr(precision.platform, "machine", lambda: machine)
+    monkeypatch.setattr(platform, "machine", lambda: machine)  # the module precision reads
 
 
 @pytest.fixture(autouse=True)

@@ -273,5 +273,5 @@ def test_real_builtin_tag_through_fake_hub(fake_hub: FakeHub, arch_checkpoint) -
     m = load("RN50", pretrained="openai")
     assert m.info.revision == fake_hub.repos[repo][-1][0]
     assert m.info.preprocess.interpolation == "bicubic"
-    assert m.model.visual.layer1[0].act1.__class__.__name__ == "ReLU"  # RN50 convs unchanged
+    assert type(m.model.get_submodule("visual.layer1.0.act1")).__name__ == "ReLU"  # RN50 convs unchanged
     assert "QuickGELU" in {type(x).__name__ for x in m.model.modules()}

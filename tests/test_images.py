@@ -21,6 +21,7 @@ from steadyclip.errors import (
     ImageError,
     ImageSourceError,
     ImageTooLargeError,
+    InputError,
 )
 from steadyclip.images import EXIF_INFO_KEY, image_sha256, load_image
 
@@ -286,10 +287,10 @@ def test_pixel_cap_reports_the_numbers_and_how_to_raise_it() -> None:
     assert load_image(Image.new("RGB", (50, 50)), max_pixels=2500).size == (50, 50)
 
 
-def test_bad_options_are_value_errors() -> None:
-    with pytest.raises(ValueError, match="max_pixels"):
+def test_bad_options_are_input_errors() -> None:
+    with pytest.raises(InputError, match="max_pixels"):
         load_image(b"x", max_pixels=0)
-    with pytest.raises(ValueError, match="background"):
+    with pytest.raises(InputError, match="background"):
         load_image(b"x", background=(0, 0, 300))
 
 

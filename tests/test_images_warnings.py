@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 import io
 import warnings
+from typing import Literal
 
 import pytest
 from PIL import Image
@@ -19,7 +20,8 @@ def _png_with_corrupt_exif() -> bytes:
 
 
 @pytest.mark.parametrize("action", ["default", "error", "ignore"])
-def test_pillow_warnings_are_recorded_whatever_the_filter(action: str, capfd: pytest.CaptureFixture[str]) -> None:
+def test_pillow_warnings_are_recorded_whatever_the_filter(action: Literal["default", "error", "ignore"],
+                                                          capfd: pytest.CaptureFixture[str]) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter(action)
         out = decode_image(_png_with_corrupt_exif())

@@ -6,6 +6,7 @@ import os
 import pickle
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from steadyclip import registry
 from steadyclip.errors import (
     InferenceStateError,
+    InputError,
     IntegrityError,
     ModelSourceError,
     NumericsError,
@@ -127,6 +129,13 @@ def test_missing_keys_is_an_error_not_a_random_model(demo_arch_checkpoint: Path,
     assert "missing keys" in str(e.value) and all(k in str(e.value) for k in dropped)
     m = load(DEMO_ARCH, pretrained=path, allow_partial=True)  # explicit opt-in only
     assert not m.model.training
+    with pytest.warns(DeprecationWarning, match="allow_partial=True instead"):
+        old = load(DEMO_ARCH, pretrained=path, strict=False)  # the deprecated spelling of the same switch
+    assert old.info.fingerprint == m.info.fingerprint
+    with pytest.warns(DeprecationWarning), pytest.raises(WeightsError, match="missing keys"):
+        load(DEMO_ARCH, pretrained=path, strict=True)
+    with pytest.raises(InputError, match="contradicts"):
+        load(DEMO_ARCH, pretrained=path, strict=True, allow_partial=True)
 
 
 def test_unexpected_keys_and_shape_mismatch_are_errors(demo_arch_checkpoint: Path, tmp_path: Path) -> None:
@@ -231,7 +240,8 @@ def test_torchscript_refused_unless_allowed(tmp_path: Path) -> None:
     path = tmp_path / "scripted.pt"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.jit.script(torch.nn.Linear(2, 2)).save(str(path))
+        scripted: Any = torch.jit.script(torch.nn.Linear(2, 2))  # torch.jit's ScriptModule.save is untyped
+        scripted.save(str(path))
     with pytest.raises(UnsafeCheckpointError, match="TorchScript"):
         load(DEMO_ARCH, pretrained=path)
     with pytest.raises(WeightsError, match="do not fit"):  # allowed, read, but these are not CLIP weights
@@ -262,7 +272,7 @@ def test_train_mode_is_restored_with_a_warning(demo_arch_checkpoint: Path) -> No
 
 def test_train_mode_raises_under_strict_guard(demo_arch_checkpoint: Path) -> None:
     m = load(DEMO_ARCH, pretrained=demo_arch_checkpoint, guard="raise")
-    m.model.visual.train()
+    m.model.get_submodule("visual").train()
     with pytest.raises(InferenceStateError, match="visual"):
         m.ensure_inference_state()
 
@@ -280,7 +290,7 @@ def test_check_buffers_detects_in_place_weight_change(demo_arch_checkpoint: Path
     m.check_buffers()
     m.verify_full()
     with torch.no_grad():
-        m.model.text_projection[3, 5] += 1e-3
+        m.model.get_parameter("text_projection")[3, 5] += 1e-3
     with pytest.raises(IntegrityError, match="changed in memory"):
         m.check_buffers()
     with pytest.raises(IntegrityError, match=r"Changed tensors: \[text_projection\]"):
@@ -289,7 +299,7 @@ def test_check_buffers_detects_in_place_weight_change(demo_arch_checkpoint: Path
 
 def test_check_buffers_detects_writes_through_data(demo_arch_checkpoint: Path) -> None:
     m = load(DEMO_ARCH, pretrained=demo_arch_checkpoint)
-    m.model.text_projection.data.mul_(2)  # bypasses the version counter; the sample still sees it
+    m.model.get_parameter("text_projection").data.mul_(2)  # bypasses the version counter; the sample still sees it
     with pytest.raises(IntegrityError):
         m.check_buffers()
 
@@ -298,9 +308,10 @@ def test_check_buffers_detects_writes_through_data(demo_arch_checkpoint: Path) -
 def test_check_buffers_detects_batchnorm_stats_updated_by_train_forward(arch_checkpoint) -> None:  # type: ignore[no-untyped-def]
     m = load("RN50", pretrained=arch_checkpoint("RN50"))
     m.check_buffers()
-    m.model.visual.train()
+    m.model.get_submodule("visual").train()
+    clip: Any = m.model  # open_clip's CLIP is untyped
     with torch.no_grad():
-        m.model.encode_image(torch.randn(2, 3, 224, 224))
+        clip.encode_image(torch.randn(2, 3, 224, 224))
     m.model.eval()
     with pytest.raises(IntegrityError, match="BatchNorm"):
         m.check_buffers()
@@ -313,6 +324,23 @@ def test_device_that_is_missing_is_an_error_not_a_fallback(demo_arch_checkpoint:
         pytest.skip("CUDA present")
     with pytest.raises(DeviceError, match="CUDA is not available"):
         load(DEMO_ARCH, pretrained=demo_arch_checkpoint, device="cuda")
+
+
+@pytest.mark.parametrize("device", ["mps", "meta", "xpu:0"])
+def test_load_refuses_the_devices_the_engine_refuses(demo_arch_checkpoint: Path, device: str) -> None:
+    from steadyclip.errors import DeviceError
+
+    with pytest.raises(DeviceError, match="not supported by steadyclip; use 'cpu', 'cuda' or 'cuda:N'"):
+        load(DEMO_ARCH, pretrained=demo_arch_checkpoint, device=device)
+
+
+def test_default_templates_come_from_the_models_spec(demo_arch_checkpoint: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     tmp_path: Path) -> None:
+    assert load().default_templates == registry.DEMO_SPEC.default_templates
+    assert load(DEMO_ARCH, pretrained=demo_arch_checkpoint).default_templates == registry.DEFAULT_TEMPLATES
+    spec = dataclasses.replace(registry.DEMO_SPEC, default_templates="x")
+    monkeypatch.setitem(registry._SPECS, registry.DEMO_MODEL_ID, spec)
+    assert load().default_templates == "x"
 
 
 def test_no_weights_means_no_random_model_even_for_open_clip_names(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -332,9 +360,10 @@ def test_real_architectures_load_exactly_what_was_saved(arch: str, random_checkp
     assert m.info.fingerprint == state_fingerprint(random_checkpoints.state_dict(arch))
     assert not any(mod.training for mod in m.model.modules())
     m.check_buffers()
+    clip: Any = m.model  # open_clip's CLIP is untyped
     with torch.no_grad():
-        image = m.model.encode_image(torch.zeros(1, 3, *m.info.preprocess.size))
-        text = m.model.encode_text(m.tokenizer(["a photo"]))
+        image = clip.encode_image(torch.zeros(1, 3, *m.info.preprocess.size))
+        text = clip.encode_text(m.tokenizer(["a photo"]))
     assert image.shape[-1] == text.shape[-1]
     m.check_buffers()  # an eval forward changes nothing
 

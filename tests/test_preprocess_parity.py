@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import open_clip
@@ -36,7 +37,7 @@ def _images() -> list[Image.Image]:
     return imgs
 
 
-def _both(arch: str, tag: str, cfg: dict, weights: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[
+def _both(arch: str, tag: str, cfg: dict[str, Any], weights: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[
         Callable[[Image.Image], torch.Tensor], Callable[[Image.Image], torch.Tensor]]:
     entry = {**cfg, "file": str(weights)}
     entry.pop("hf_hub", None)

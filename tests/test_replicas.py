@@ -19,6 +19,7 @@ from steadyclip import Engine, load
 from steadyclip.batch import run_batch
 from steadyclip.errors import InputError
 from steadyclip.layout import cgroup_cpu_quota, usable_cpus
+from steadyclip.loading import LoadedModel
 from steadyclip.registry import demo_labels
 
 EXAMPLES = sorted(str(p) for p in Path("examples").glob("*.png"))
@@ -36,17 +37,18 @@ def _images(tmp_path: Path, n: int, seed: int = 7) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def demo() -> object:
-    return load()
+def demo() -> LoadedModel:
+    loaded: LoadedModel = load()  # steadyclip's lazy top-level names are untyped
+    return loaded
 
 
-def test_every_replica_count_gives_the_same_bits_and_numerics_provenance(demo: object, tmp_path: Path) -> None:
+def test_every_replica_count_gives_the_same_bits_and_numerics_provenance(demo: LoadedModel, tmp_path: Path) -> None:
     imgs = _images(tmp_path, 37)  # 10 micro-batches of 4, the last one partial
-    ref = Engine(demo, micro_batch=4, replicas=1, text_cache=None)  # type: ignore[arg-type]
+    ref = Engine(demo, micro_batch=4, replicas=1, text_cache=None)
     want = ref.embed_images(imgs)
     want_cls = ref.classify(imgs, demo_labels())
     for k in (2, 3, 4):  # oversubscribed on small machines: fine for identity
-        with Engine(demo, micro_batch=4, replicas=k, text_cache=None) as eng:  # type: ignore[arg-type]
+        with Engine(demo, micro_batch=4, replicas=k, text_cache=None) as eng:
             got = eng.embed_images(imgs)
             assert np.array_equal(got, want), f"replicas={k} changed a bit"
             assert len(eng._replicas.pool().pids()) == k
@@ -56,10 +58,10 @@ def test_every_replica_count_gives_the_same_bits_and_numerics_provenance(demo: o
             assert eng.execution.replicas == k and ref.execution.replicas == 1
 
 
-def test_a_killed_replica_is_replaced_and_nothing_changes(demo: object, tmp_path: Path) -> None:
+def test_a_killed_replica_is_replaced_and_nothing_changes(demo: LoadedModel, tmp_path: Path) -> None:
     imgs = _images(tmp_path, 120)
-    want = Engine(demo, micro_batch=2, replicas=1, text_cache=None).embed_images(imgs)  # type: ignore[arg-type]
-    eng = Engine(demo, micro_batch=2, replicas=2, text_cache=None)  # type: ignore[arg-type]
+    want = Engine(demo, micro_batch=2, replicas=1, text_cache=None).embed_images(imgs)
+    eng = Engine(demo, micro_batch=2, replicas=2, text_cache=None)
     victim = eng._replicas.pool().pids()[0]
     out: dict[str, np.ndarray] = {}
     job = threading.Thread(target=lambda: out.setdefault("emb", eng.embed_images(imgs)))
@@ -73,11 +75,11 @@ def test_a_killed_replica_is_replaced_and_nothing_changes(demo: object, tmp_path
     eng.close()
 
 
-def test_bad_images_are_rows_in_every_layout(demo: object, tmp_path: Path) -> None:
+def test_bad_images_are_rows_in_every_layout(demo: LoadedModel, tmp_path: Path) -> None:
     imgs = _images(tmp_path, 9)
     (tmp_path / "broken.png").write_bytes(b"not a png")
     mixed = imgs[:4] + [str(tmp_path / "broken.png")] + imgs[4:]
-    reports = [Engine(demo, micro_batch=2, replicas=k, text_cache=None).classify(  # type: ignore[arg-type]
+    reports = [Engine(demo, micro_batch=2, replicas=k, text_cache=None).classify(
         mixed, demo_labels(), on_error="row").to_dict() for k in (1, 3)]
     assert reports[0] == reports[1]
     assert reports[0]["errors"] == 1
@@ -100,10 +102,10 @@ def test_threads_beyond_one_only_where_rows_stay_equal(arch_checkpoint: object, 
     assert one.provenance == two.provenance  # threads are layout, not identity
 
 
-def test_bad_layout_arguments_are_input_errors(demo: object) -> None:
+def test_bad_layout_arguments_are_input_errors(demo: LoadedModel) -> None:
     for kwargs in ({"replicas": 0}, {"threads": -1}, {"replicas": "many"}, {"threads": True}):
         with pytest.raises(InputError):
-            Engine(demo, text_cache=None, **kwargs)  # type: ignore[arg-type]
+            Engine(demo, text_cache=None, **kwargs)
 
 
 def test_cgroup_quota_caps_the_cpus(tmp_path: Path) -> None:
@@ -114,13 +116,13 @@ def test_cgroup_quota_caps_the_cpus(tmp_path: Path) -> None:
     assert 1 <= usable_cpus() <= (os.cpu_count() or 1)
 
 
-def test_batch_file_is_byte_identical_for_any_replica_count(demo: object, tmp_path: Path) -> None:
+def test_batch_file_is_byte_identical_for_any_replica_count(demo: LoadedModel, tmp_path: Path) -> None:
     folder = tmp_path / "in"
     folder.mkdir()
     _images(folder, 21)
     outs = []
     for k in (1, 3):
-        eng = Engine(demo, micro_batch=4, replicas=k, text_cache=None)  # type: ignore[arg-type]
+        eng = Engine(demo, micro_batch=4, replicas=k, text_cache=None)
         out = tmp_path / f"k{k}.parquet"
         summary = run_batch(folder, eng, labels=demo_labels(), out=out, embeddings=True)
         assert summary.workers == k
@@ -129,9 +131,10 @@ def test_batch_file_is_byte_identical_for_any_replica_count(demo: object, tmp_pa
     assert pq.read_table(tmp_path / "k3.parquet").num_rows == 21
 
 
-def test_a_replica_killing_file_is_one_error_row(demo: object, tmp_path: Path,
+def test_a_replica_killing_file_is_one_error_row(demo: LoadedModel, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     from steadyclip.batch import _prep
+    from steadyclip.batch.inputs import InputItem
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -139,13 +142,14 @@ def test_a_replica_killing_file_is_one_error_row(demo: object, tmp_path: Path,
     victim = Path(paths[5]).name
     real = _prep.prepare
 
-    def crashing(item: object, *args: object) -> object:
-        if item.path.endswith(victim):  # type: ignore[attr-defined]
+    def crashing(item: InputItem, transform: _prep.Transform,
+                 max_file_bytes: int = _prep.DEFAULT_MAX_FILE_BYTES) -> _prep.Prepared:
+        if item.path.endswith(victim):
             os._exit(1)  # a segfaulting codec, seen from outside
-        return real(item, *args)  # type: ignore[arg-type]
+        return real(item, transform, max_file_bytes)
 
     monkeypatch.setattr(_prep, "prepare", crashing)  # forked replicas inherit the patch
-    eng = Engine(demo, micro_batch=4, replicas=2, text_cache=None)  # type: ignore[arg-type]
+    eng = Engine(demo, micro_batch=4, replicas=2, text_cache=None)
     run_batch(folder, eng, labels=demo_labels(), out=tmp_path / "o.parquet")
     rows = pq.read_table(tmp_path / "o.parquet").to_pylist()
     assert len(rows) == 10

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from steadyclip.engine import Engine
+from steadyclip.errors import InputError
 from steadyclip.loading import load
 from steadyclip.prompts import get_template_set
 from steadyclip.server import ServerSettings, create_app
@@ -185,6 +186,17 @@ def test_token_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ServerSettings.from_env(token="explicit").token == "explicit"
 
 
+@pytest.mark.parametrize(("overrides", "match"), [
+    ({"max_images": 0}, "max_images must be >= 1"),
+    ({"request_timeout_s": 0.0}, "request_timeout_s must be > 0"),
+    ({"allowed_url_hosts": ("https://x.example/a",)}, "without a scheme or path"),
+    ({"token": "  "}, "token is blank"),
+])
+def test_bad_settings_are_input_errors_that_say_what_to_do(overrides: dict[str, Any], match: str) -> None:
+    with pytest.raises(InputError, match=match):
+        ServerSettings(**overrides)
+
+
 # ---- size limits --------------------------------------------------------------------------------
 def test_body_over_limit_by_content_length_is_413(engine: Engine) -> None:
     with _client(engine, max_body_bytes=10_000) as c:
@@ -283,7 +295,7 @@ def test_readyz_fails_when_weights_are_tampered() -> None:
     with _client(tampered) as c:
         assert c.get("/readyz").status_code == 200
         with torch.no_grad():  # nudge one value per image-tower tensor, as a bad in-place edit would
-            for p in tampered.loaded.model.visual.parameters():
+            for p in tampered.loaded.model.get_submodule("visual").parameters():
                 p.view(-1)[0] += 0.25
         resp = c.get("/readyz")
         assert resp.status_code == 503, resp.text

@@ -1,6 +1,7 @@
 """The micro-batcher on its own, with a fake engine: gathering, dispatch, cancellation, failure."""
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from concurrent.futures import Future
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from steadyclip.errors import InputError
 from steadyclip.server.batcher import Batcher, Overloaded
 
 
@@ -68,7 +70,11 @@ def test_calls_run_on_the_call_thread_in_order() -> None:
     b.start()
     try:
         seen: list[tuple[int, str]] = []
-        futs = [b.submit_call(lambda i=i: seen.append((i, threading.current_thread().name))) for i in range(3)]
+
+        def record(i: int) -> None:
+            seen.append((i, threading.current_thread().name))
+
+        futs = [b.submit_call(functools.partial(record, i)) for i in range(3)]
         for f in futs:
             f.result(10)
     finally:
@@ -113,7 +119,7 @@ def test_full_queue_and_stopped_worker_are_refused() -> None:
             b.submit_pixels(_px(1.0))
     finally:
         b.stop()
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError, match="max_rows"):
         Batcher(FakeEngine(), max_rows=0)
 
 

@@ -6,6 +6,7 @@ import io
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -50,12 +51,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
-def _fuzz(server: str, where: str, strategy: st.SearchStrategy[schemathesis.Case], examples: int,
+def _fuzz(server: str, where: str, strategy: st.SearchStrategy[schemathesis.Case[schemathesis.APIOperation[Any, Any, Any, Any]]], examples: int,
           statuses: Counter[int], rejected: list[str]) -> None:
     @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
     @given(case=strategy)
-    def run(case: schemathesis.Case) -> None:
+    def run(case: schemathesis.Case[schemathesis.APIOperation[Any, Any, Any, Any]]) -> None:
         response = case.call(base_url=server, timeout=60)
         statuses[response.status_code] += 1
         if response.status_code >= 300:

@@ -54,6 +54,7 @@ from steadyclip.errors import (
     ImageError,
     ImageSourceError,
     ImageTooLargeError,
+    InputError,
 )
 
 __all__ = [
@@ -257,7 +258,7 @@ def _check_cap(max_pixels: int | None) -> int:
     if max_pixels is None:
         return DEFAULT_MAX_PIXELS
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
-        raise ValueError(f"max_pixels must be a positive int, got {max_pixels!r}")
+        raise InputError(f"max_pixels must be a positive int, got {max_pixels!r}; give a pixel count or None")
     return max_pixels
 
 
@@ -265,7 +266,8 @@ def _check_background(background: tuple[int, int, int]) -> tuple[int, int, int]:
     ok = (isinstance(background, (tuple, list)) and len(background) == 3
           and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in background))
     if not ok:
-        raise ValueError(f"background must be an (R, G, B) tuple of ints in 0..255, got {background!r}")
+        raise InputError(f"background must be an (R, G, B) tuple of ints in 0..255, got {background!r}; "
+                         "e.g. (255, 255, 255) for white")
     return (int(background[0]), int(background[1]), int(background[2]))
 
 
@@ -308,7 +310,7 @@ def _installed(formats: Sequence[str] | None) -> list[str] | None:
     wanted = [f.upper() for f in formats]
     have = [f for f in wanted if f in Image.OPEN]
     if not have:
-        raise ValueError(f"none of the formats {list(formats)} is available in this Pillow build; "
+        raise InputError(f"none of the formats {list(formats)} is available in this Pillow build; "
                          f"choose from {sorted(Image.OPEN)}")
     return have
 

@@ -19,96 +19,27 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
 
-from steadyclip import checkpoints, integrity, lockfile, sources
+from steadyclip import checkpoints, integrity, lockfile, registry, sources
 from steadyclip.errors import (
     DeviceError,
     InferenceStateError,
+    InputError,
     IntegrityError,
     LockMismatchError,
     NumericsError,
 )
+from steadyclip.model_info import ModelInfo, PreprocessConfig
+from steadyclip.numerics_env import device_kind
 
 _logger = logging.getLogger(__name__)
 
 __all__ = ["Guard", "LoadedModel", "ModelInfo", "PreprocessConfig", "load", "source_from_lock"]
 
 Guard = Literal["warn", "raise"]
-
-
-@dataclass(frozen=True)
-class PreprocessConfig:
-    """How images must be prepared for this model (from the pretrained tag or model config)."""
-
-    size: tuple[int, int]  # (height, width); open_clip's int sizes are normalised to (n, n)
-    mode: str
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    interpolation: str
-    resize_mode: str
-    fill_color: int
-
-    @classmethod
-    def from_open_clip(cls, cfg: dict[str, Any]) -> PreprocessConfig:
-        size = cfg["size"]
-        return cls(
-            size=(int(size[0]), int(size[1])) if isinstance(size, (list, tuple)) else (int(size), int(size)),
-            mode=str(cfg.get("mode", "RGB")),
-            mean=tuple(float(x) for x in cfg["mean"]),
-            std=tuple(float(x) for x in cfg["std"]),
-            interpolation=str(cfg["interpolation"]),
-            resize_mode=str(cfg["resize_mode"]),
-            fill_color=int(cfg.get("fill_color", 0)),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["size"] = list(self.size)
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """Everything that identifies a loaded model; goes into locks and provenance.
-
-    Attributes:
-        model_id: the source as given ("steadyclip-demo", "ViT-B-32", "hf-hub:org/repo").
-        arch: open_clip architecture (or schema name for hub/local-dir sources).
-        source: kind of source: bundled | tag | file | hf-hub | local-dir.
-        pretrained: tag or file path, if any.
-        revision: hub commit the weights came from (None off the hub).
-        weights_files: the weights file(s) read.
-        weights_sha256: full SHA-256 of the weights file.
-        fingerprint: ``integrity.state_fingerprint`` of the loaded state.
-        config_hash: SHA-256 of the model config built.
-        preprocess: image preprocessing in effect.
-        tokenizer: tokenizer class (and HF name where there is one).
-        context_length: tokens per text.
-    """
-
-    model_id: str
-    arch: str
-    source: str
-    pretrained: str | None
-    revision: str | None
-    weights_files: tuple[str, ...]
-    weights_sha256: str
-    fingerprint: str
-    config_hash: str
-    preprocess: PreprocessConfig
-    tokenizer: str
-    context_length: int
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["weights_files"] = list(self.weights_files)
-        d["preprocess"] = self.preprocess.to_dict()
-        return d
 
 
 class LoadedModel:
@@ -133,7 +64,7 @@ class LoadedModel:
         tensor_digests: Mapping[str, str] | None = None,
     ) -> None:
         if guard not in ("warn", "raise"):
-            raise ValueError(f"guard must be 'warn' or 'raise', got {guard!r}")
+            raise InputError(f"guard must be 'warn' or 'raise', got {guard!r}; 'warn' restores eval mode, 'raise' refuses")
         self.model = model
         self.preprocess = preprocess
         self.tokenizer = tokenizer
@@ -145,6 +76,11 @@ class LoadedModel:
 
     def __repr__(self) -> str:
         return f"LoadedModel({self.info.model_id!r}, fingerprint={self.info.fingerprint[:12]})"
+
+    @property
+    def default_templates(self) -> str:
+        """The prompt template set to classify with when none is given: the model's spec's, else "photo"."""
+        return registry.default_templates(self.info.model_id)
 
     def _lock_in_inference_state(self) -> None:
         self.model.eval()
@@ -218,12 +154,12 @@ def load(
     *,
     pretrained: str | os.PathLike[str] | None = None,
     lock: str | os.PathLike[str] | None = None,
-    strict: bool = True,
     allow_partial: bool = False,
     allow_torchscript: bool = False,
     guard: Guard = "warn",
     cache_dir: str | os.PathLike[str] | None = None,
     device: str = "cpu",
+    strict: bool | None = None,
 ) -> LoadedModel:
     """Load a verified model in inference state; never a random or silently wrong one.
 
@@ -232,43 +168,81 @@ def load(
             "hf-hub:ORG/REPO[@REVISION]" or "local-dir:PATH".
         pretrained: for an architecture name: a pretrained tag or a checkpoint path.
         lock: a lockfile; the loaded model must match it exactly (hub revision is pinned from it).
-        strict: refuse a partial load (kept for symmetry; ``allow_partial=True`` is what relaxes it).
-        allow_partial: allow missing keys (they keep their initial values; logged).
+        allow_partial: allow missing keys (they keep their initial values; logged). The one switch
+            for a partial load: unexpected keys and shape mismatches are errors either way.
         allow_torchscript: allow TorchScript archives (loading one runs its code).
         guard: "warn" restores eval mode if something switches to train; "raise" refuses.
         cache_dir: download cache for open_clip / hub sources.
-        device: "cpu" or a CUDA/MPS device; never a silent fallback.
+        device: "cpu", "cuda" or "cuda:N": the devices ``Engine`` runs on (its determinism
+            profiles are defined for those only). Anything else, "mps" included, is a
+            ``DeviceError`` here rather than a model no engine would accept; never a fallback.
+        strict: deprecated inverse of ``allow_partial`` (a ``DeprecationWarning``);
+            ``strict=False`` still means ``allow_partial=True``.
     Returns:
         A ``LoadedModel``.
     Raises:
         ModelSourceError, WeightsError, UnsafeCheckpointError, IntegrityError, LockMismatchError,
-        NumericsError, DeviceError.
+        NumericsError, DeviceError, InputError.
 
     Example:
         >>> m = load("ViT-B-32", pretrained="vit_b_32.safetensors", lock="steadyclip.lock")
     """
-    import open_clip
-    from open_clip.transform import PreprocessCfg, image_transform_v2
-
     t0 = time.perf_counter()
     _check_device(device)
-    lock_doc = lockfile.read_lock(lock) if lock is not None else None
-    locked = lock_doc["model"] if lock_doc else {}
+    partial = _partial_allowed(strict, allow_partial)
+    resolved, lock_doc = _resolve(source, pretrained, lock, cache_dir)
+    model = _build(resolved, allow_torchscript=allow_torchscript, allow_partial=partial)
+    if device != "cpu":
+        model.to(device)
+    loaded = _lock_in(model, resolved, guard)
+    if lock_doc is not None:
+        lockfile.compare_lock(lock_doc, loaded.info)
+    _logger.info("loaded %s (sha256 %s, fingerprint %s) in %.2fs", loaded.info.model_id,
+                 loaded.info.weights_sha256[:12], loaded.info.fingerprint[:12], time.perf_counter() - t0)
+    return loaded
+
+
+def _partial_allowed(strict: bool | None, allow_partial: bool) -> bool:
+    """``allow_partial``, the one switch; ``strict`` is its deprecated inverse."""
+    if strict is None:
+        return allow_partial
+    if strict and allow_partial:
+        raise InputError("strict=True contradicts allow_partial=True; drop strict (deprecated) and keep allow_partial")
+    warnings.warn(f"load(strict={strict}) is deprecated: loads are strict unless allow_partial=True; "
+                  f"pass allow_partial={not strict} instead", DeprecationWarning, stacklevel=3)
+    return not strict
+
+
+def _resolve(
+    source: str | None, pretrained: str | os.PathLike[str] | None, lock: str | os.PathLike[str] | None,
+    cache_dir: str | os.PathLike[str] | None,
+) -> tuple[sources.ResolvedSource, dict[str, Any] | None]:
+    """The verified weights for ``source``; with a lock, pinned to its revision and hash (and the lock)."""
+    if lock is None:
+        return sources.resolve(source, pretrained, cache_dir=cache_dir), None
+    lock_doc = lockfile.read_lock(lock)
+    locked = lock_doc["model"]
     resolved = sources.resolve(source, pretrained, revision=locked.get("revision"), cache_dir=cache_dir,
                                expected_sha256=locked.get("weights_sha256"))
     if locked.get("weights_sha256") and locked["weights_sha256"] != resolved.weights_sha256:
         # Before a single tensor is read: the file is not the one the lock pins.
         raise LockMismatchError(
             f"lock mismatch in weights_sha256: {resolved.weights_file} has SHA-256 {resolved.weights_sha256}, "
-            f"the lock {os.fspath(lock)} expects {locked['weights_sha256']}. Use the file the lock was made "  # type: ignore[arg-type]
+            f"the lock {os.fspath(lock)} expects {locked['weights_sha256']}. Use the file the lock was made "
             "from, or re-create the lock with `steadyclip lock`.",
             field="weights_sha256", expected=locked["weights_sha256"], actual=resolved.weights_sha256,
         )
+    return resolved, lock_doc
+
+
+def _build(resolved: sources.ResolvedSource, *, allow_torchscript: bool, allow_partial: bool) -> torch.nn.Module:
+    """The architecture built without weights, then the verified tensors applied, checked and eval'd (on CPU)."""
+    import open_clip
 
     # Building initialises weights: keep the caller's RNG untouched, and drop open_clip's
     # "initialized randomly" warning, which is false here (the weights are applied below).
     with torch.random.fork_rng(devices=[]), _quiet_random_init_warning():
-        model = open_clip.create_model(
+        model: torch.nn.Module = open_clip.create_model(
             resolved.create_name,
             pretrained=None,
             load_weights=False,
@@ -280,20 +254,22 @@ def load(
         )
     state = checkpoints.read_state_dict(resolved.weights_file, allow_torchscript=allow_torchscript)
     state = checkpoints.normalize_state_dict(model, state)
-    checkpoints.apply_state_dict(
-        model, state, allow_partial=allow_partial or not strict, source=str(resolved.weights_file)
-    )
+    checkpoints.apply_state_dict(model, state, allow_partial=allow_partial, source=str(resolved.weights_file))
     del state
     _check_finite(model, resolved.model_id)
-    model.eval()
-    if device != "cpu":
-        model.to(device)
+    return model.eval()
+
+
+def _lock_in(model: torch.nn.Module, resolved: sources.ResolvedSource, guard: Guard) -> LoadedModel:
+    """The built model with its tokenizer, eval transform and identity, locked in inference state."""
+    import open_clip
+    from open_clip.transform import PreprocessCfg, image_transform_v2
 
     final_state = model.state_dict()
     digests = integrity.tensor_digests(final_state)
     tokenizer = open_clip.get_tokenizer(resolved.tokenizer_name)
-    pp_cfg = dict(model.visual.preprocess_cfg)
-    preprocess = image_transform_v2(PreprocessCfg(**pp_cfg), is_train=False)
+    visual: Any = model.get_submodule("visual")  # open_clip's towers are untyped
+    pp_cfg = dict(visual.preprocess_cfg)
     info = ModelInfo(
         model_id=resolved.model_id,
         arch=resolved.arch,
@@ -308,12 +284,8 @@ def load(
         tokenizer=_describe_tokenizer(tokenizer),
         context_length=int(getattr(tokenizer, "context_length", 0) or 0),
     )
-    loaded = LoadedModel(model, preprocess, tokenizer, info, guard=guard, tensor_digests=digests)
-    if lock_doc is not None:
-        lockfile.compare_lock(lock_doc, info)
-    _logger.info("loaded %s (sha256 %s, fingerprint %s) in %.2fs", info.model_id, info.weights_sha256[:12],
-                 info.fingerprint[:12], time.perf_counter() - t0)
-    return loaded
+    preprocess = image_transform_v2(PreprocessCfg(**pp_cfg), is_train=False)
+    return LoadedModel(model, preprocess, tokenizer, info, guard=guard, tensor_digests=digests)
 
 
 class _DropRandomInitWarning(logging.Filter):
@@ -342,14 +314,10 @@ def source_from_lock(lock_doc: dict[str, Any]) -> tuple[str, str | None]:
 
 
 def _check_device(device: str) -> None:
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise DeviceError(f"{device!r} is not a torch device name (try 'cpu' or 'cuda:0')") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    """Only what ``Engine`` runs on (``numerics_env.device_kind``: CPU, CUDA), and only if it is here."""
+    kind, _ = device_kind(device)
+    if kind == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"device {device!r} asked for but CUDA is not available; pass device='cpu' explicitly")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise DeviceError(f"device {device!r} asked for but MPS is not available; pass device='cpu' explicitly")
 
 
 def _is_finite(t: torch.Tensor) -> bool:

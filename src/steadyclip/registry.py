@@ -16,6 +16,8 @@ _logger = logging.getLogger(__name__)
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 DEMO_ARCH = "steadyclip-shapes"
 DEMO_MODEL_ID = "steadyclip-demo"
+# The template set of a model without a spec (open_clip architectures, files, hub repos).
+DEFAULT_TEMPLATES = "photo"
 
 # The demo's label set: what it was trained on (8 colours x 6 shapes).
 DEMO_COLOURS: tuple[str, ...] = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink")
@@ -45,7 +47,7 @@ class ModelSpec:
     weights_file: Path | None
     sha256: str
     config_file: Path | None = None
-    default_templates: str = "photo"
+    default_templates: str = DEFAULT_TEMPLATES
 
 
 DEMO_SPEC = ModelSpec(
@@ -64,6 +66,12 @@ _SPECS: dict[str, ModelSpec] = {DEMO_MODEL_ID: DEMO_SPEC, "demo": DEMO_SPEC}
 def get_spec(model_id: str) -> ModelSpec | None:
     """The bundled spec for ``model_id``, or ``None`` if it is not bundled."""
     return _SPECS.get(model_id)
+
+
+def default_templates(model_id: str) -> str:
+    """The prompt template set (a built-in name or a file) ``model_id`` classifies with by default."""
+    spec = get_spec(model_id)
+    return spec.default_templates if spec is not None else DEFAULT_TEMPLATES
 
 
 @cache

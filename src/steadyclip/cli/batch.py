@@ -6,17 +6,21 @@ from typing import Any
 
 import click
 
-from steadyclip.cli._common import echo_json, handle_errors
-from steadyclip.cli.classify import _labels, build_engine, model_options
+from steadyclip.cli._common import (
+    build_engine,
+    echo_json,
+    handle_errors,
+    labels_options,
+    model_options,
+    read_labels,
+    top_k_option,
+)
 
 
 @click.command()
 @click.argument("input_spec", metavar="INPUT")
-@click.option("--labels", "-l", default=None, help='Comma-separated labels, e.g. "red circle,blue square".')
-@click.option("--labels-file", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="One label per line.")
-@click.option("--templates", default=None, help="Prompt templates: 'photo', 'openai-imagenet' or a file.")
-@click.option("--top-k", "-k", type=click.IntRange(min=1), default=5, show_default=True)
+@labels_options
+@top_k_option(5)
 @click.option("--all-probs", is_flag=True, help="Also write every label's probability (column 'probs').")
 @click.option("--embeddings", is_flag=True, help="Also write the float32 image embedding (column 'embedding').")
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="The Parquet file to write.")
@@ -47,8 +51,10 @@ def batch(input_spec: str, labels: str | None, labels_file: str | None, template
     """
     from steadyclip.batch import run_batch
 
-    label_list = _labels(labels, labels_file) if (labels or labels_file or not embeddings) else None
+    label_list = read_labels(labels, labels_file) if (labels or labels_file or not embeddings) else None
     engine = build_engine(model, pretrained, lock_path, profile, micro_batch, threads, replicas)
+    if templates is None and label_list is not None:
+        templates = engine.loaded.default_templates
     show = sys.stderr.isatty() if progress is None else progress
     bar = _ProgressBar() if show else None
     try:

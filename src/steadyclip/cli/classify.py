@@ -3,64 +3,28 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from steadyclip.cli._common import PROFILE_HELP, echo_json, handle_errors
+from steadyclip.cli._common import (
+    build_engine,
+    echo_json,
+    handle_errors,
+    labels_options,
+    model_options,
+    read_labels,
+    top_k_option,
+)
 
-_MODEL_OPTIONS = [
-    click.option("--model", "-m", default="steadyclip-demo", show_default=True,
-                 help="Model: bundled id, open_clip arch, hf-hub:org/repo[@rev] or local-dir:PATH."),
-    click.option("--pretrained", default=None, help="open_clip pretrained tag or a checkpoint file."),
-    click.option("--lock", "lock_path", type=click.Path(dir_okay=False), default=None,
-                 help="Refuse to run unless the model matches this lockfile."),
-    click.option("--profile", type=click.Choice(["strict", "fast"]), default="strict", show_default=True,
-                 help=PROFILE_HELP),
-    click.option("--micro-batch", type=click.IntRange(min=1), default=8, show_default=True),
-    click.option("--threads", type=click.IntRange(min=1), default=None,
-                 help="Intra-op threads per replica (default 1; more only where proven not to change a bit)."),
-    click.option("--replicas", type=click.IntRange(min=1), default=None,
-                 help="Engine processes for inputs beyond one micro-batch (default: one per usable CPU)."),
-    click.option("--json", "as_json", is_flag=True, help="Print one JSON document."),
-]
-
-
-def model_options(func: Any) -> Any:
-    for opt in reversed(_MODEL_OPTIONS):
-        func = opt(func)
-    return func
-
-
-def build_engine(model: str, pretrained: str | None, lock_path: str | None, profile: str,
-                 micro_batch: int, threads: int | None, replicas: int | None = None) -> Any:
-    from steadyclip.engine import Engine
-    from steadyclip.loading import load
-
-    loaded = load(model, pretrained=pretrained, lock=lock_path)
-    return Engine(loaded, profile=profile, micro_batch=micro_batch, threads=threads, replicas=replicas)
-
-
-def _labels(labels: str | None, labels_file: str | None) -> list[str]:
-    from steadyclip.prompts import read_labels_file
-
-    if labels and labels_file:
-        raise click.UsageError("give --labels or --labels-file, not both")
-    if labels_file:
-        return read_labels_file(labels_file)
-    if labels:
-        return [s for s in labels.split(",")]
-    raise click.UsageError('give the labels: --labels "a cat,a dog" or --labels-file FILE')
+if TYPE_CHECKING:
+    from steadyclip.results import ClassifyReport
 
 
 @click.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--labels", "-l", default=None, help='Comma-separated labels, e.g. "red circle,blue square".')
-@click.option("--labels-file", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="One label per line.")
-@click.option("--templates", default=None,
-              help="Prompt templates: 'photo', 'openai-imagenet' or a file (default: the model's).")
-@click.option("--top-k", "-k", type=click.IntRange(min=1), default=3, show_default=True)
+@labels_options
+@top_k_option(3)
 @model_options
 @handle_errors
 def classify(images: tuple[Path, ...], labels: str | None, labels_file: str | None, templates: str | None,
@@ -69,39 +33,36 @@ def classify(images: tuple[Path, ...], labels: str | None, labels_file: str | No
     """Zero-shot classify IMAGES against labels; a bad image is an error row, not a crash."""
     from steadyclip.prompts import validate_labels
 
-    label_list = validate_labels(_labels(labels, labels_file))
+    label_list = validate_labels(read_labels(labels, labels_file))
     engine = build_engine(model, pretrained, lock_path, profile, micro_batch, threads, replicas)
-    report = engine.classify([str(p) for p in images], label_list, templates=templates, top_k=top_k,
-                             on_error="row")
-    doc = report.to_dict()
-    n_err = report.errors
+    report = engine.classify([str(p) for p in images], label_list, top_k=top_k, on_error="row",
+                             templates=engine.loaded.default_templates if templates is None else templates)
     if as_json:
-        echo_json(doc | {"execution": engine.execution.to_dict()})
+        echo_json(report.to_dict() | {"execution": engine.execution.to_dict()})
     else:
-        _render(doc["results"], doc["provenance"])
-    if n_err:
+        _render(report)
+    if report.errors:
         sys.exit(1)
 
 
-def _render(rows: list[dict[str, Any]], prov: dict[str, Any]) -> None:
+def _render(report: ClassifyReport) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
+
+    from steadyclip.results import ImageFailure
 
     table = Table(show_header=True, header_style="bold")
     table.add_column("image")
     table.add_column("top labels (probability)")
-    for r in rows:
-        if "error" in r:
-            table.add_row(r["source"], f"[red]{r['error']['type']}: {r['error']['message']}[/red]")
+    for r in report.rows:
+        if isinstance(r, ImageFailure):
+            table.add_row(escape(str(r.source)), f"[red]{escape(r.error_type)}: {escape(r.message)}[/red]")
         else:
-            table.add_row(r["source"], "  ".join(f"{t['label']} {t['prob']:.3f}" for t in r["top"]))
+            table.add_row(escape(str(r.source)), escape("  ".join(f"{lab} {p:.3f}" for lab, p in r.top)))
     console = Console(soft_wrap=True)
     console.print(table)
-    console.print(
-        f"provenance: model={prov['model_id']} weights={prov['weights_sha256'][:12]} "
-        f"fingerprint={prov['fingerprint'][:12]} profile={prov['profile']} threads={prov['threads']} "
-        f"batch={prov['micro_batch']}/{prov['batch_path']}", highlight=False,
-    )
+    console.print(f"provenance: {report.provenance.summary()}", highlight=False, markup=False)
 
 
 @click.command()

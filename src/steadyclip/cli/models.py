@@ -12,19 +12,16 @@ import click
 
 from steadyclip.cli._common import (
     EXIT_CHECK_FAILED,
-    PROFILE_HELP,
     echo_json,
     handle_errors,
+    json_option,
+    micro_batch_option,
+    model_argument,
+    pretrained_option,
+    profile_option,
+    threads_option,
+    torchscript_option,
 )
-
-_model_argument = click.argument("model", required=False, default="steadyclip-demo")
-_pretrained_option = click.option(
-    "--pretrained", metavar="TAG|PATH", default=None, help="Pretrained tag or checkpoint file (for an architecture name)."
-)
-_torchscript_option = click.option(
-    "--allow-torchscript", is_flag=True, help="Allow TorchScript archives (loading one runs its code)."
-)
-_json_option = click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 
 
 def _render(doc: dict[str, Any], as_json: bool) -> None:
@@ -41,32 +38,31 @@ def _render(doc: dict[str, Any], as_json: bool) -> None:
 
 
 @click.command()
-@_model_argument
-@_pretrained_option
-@_torchscript_option
-@_json_option
+@model_argument
+@pretrained_option
+@torchscript_option
+@json_option
 @handle_errors
 def info(model: str, pretrained: str | None, allow_torchscript: bool, as_json: bool) -> None:
     """Load MODEL (verified) and show what identifies it: hashes, config, preprocessing."""
     from steadyclip.loading import load
 
     loaded = load(model, pretrained=pretrained, allow_torchscript=allow_torchscript)
-    _render(loaded.info.to_dict(), as_json)
+    _render(loaded.info.to_dict() | {"default_templates": loaded.default_templates}, as_json)
 
 
 @click.command()
-@_model_argument
-@_pretrained_option
-@_torchscript_option
+@model_argument
+@pretrained_option
+@torchscript_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("steadyclip.lock"),
               show_default=True, help="Lockfile to write.")
 @click.option("--probe/--no-probe", default=True, show_default=True,
               help="Also pin the outputs of a fixed behaviour probe (recomputed by verify).")
-@click.option("--profile", type=click.Choice(["strict", "fast"]), default="strict", show_default=True,
-                 help=PROFILE_HELP)
-@click.option("--micro-batch", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=None)
-@_json_option
+@profile_option
+@micro_batch_option
+@threads_option
+@json_option
 @handle_errors
 def lock(model: str, pretrained: str | None, allow_torchscript: bool, output: Path, probe: bool, profile: str,
          micro_batch: int, threads: int | None, as_json: bool) -> None:
@@ -92,11 +88,11 @@ def lock(model: str, pretrained: str | None, allow_torchscript: bool, output: Pa
 
 @click.command()
 @click.argument("model", required=False, default=None)
-@_pretrained_option
+@pretrained_option
 @click.option("--lock", "lock_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Lockfile to verify against.")
-@_torchscript_option
-@_json_option
+@torchscript_option
+@json_option
 @handle_errors
 def verify(model: str | None, pretrained: str | None, lock_path: Path, allow_torchscript: bool,
            as_json: bool) -> None:
@@ -161,30 +157,20 @@ def _check_probe(loaded: Any, stored: dict[str, Any] | None) -> Any:
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The .safetensors file to write.")
-@_torchscript_option
-@_json_option
+@torchscript_option
+@json_option
 @handle_errors
 def convert(checkpoint: Path, output: Path, allow_torchscript: bool, as_json: bool) -> None:
-    """Convert CHECKPOINT (.pt/.pth/.bin) to safetensors without running code from it."""
-    from safetensors.torch import load_file
+    """Convert CHECKPOINT (.pt/.pth/.bin) to safetensors without running code from it, verified by a read-back."""
+    from steadyclip.convert import check_output_path, convert_checkpoint
+    from steadyclip.errors import InputError
 
-    from steadyclip.checkpoints import convert_to_safetensors, read_state_dict
-    from steadyclip.errors import IntegrityError
-    from steadyclip.integrity import sha256_file, state_fingerprint
-
-    if output.suffix != ".safetensors":
-        raise click.BadParameter("the output must end in .safetensors", param_hint="--output")
-    if output.resolve() == checkpoint.resolve():
-        raise click.BadParameter("the output must differ from the input", param_hint="--output")
-    summary = convert_to_safetensors(checkpoint, output, allow_torchscript=allow_torchscript)
-    before = state_fingerprint(read_state_dict(checkpoint, allow_torchscript=allow_torchscript))
-    after = state_fingerprint(load_file(str(output)))
-    if before != after:
-        output.unlink(missing_ok=True)
-        raise IntegrityError(f"conversion changed the tensors (fingerprint {before} -> {after}); output removed")
-    summary.update(fingerprint=after, sha256=sha256_file(output))
+    try:
+        check_output_path(checkpoint, output)
+    except InputError as e:  # a bad path is a usage error (exit 2), before anything is read
+        raise click.BadParameter(str(e), param_hint="--output") from e
+    done = convert_checkpoint(checkpoint, output, allow_torchscript=allow_torchscript)
     if as_json:
-        echo_json(summary)
+        echo_json(done.to_dict())
     else:
-        click.echo(f"wrote {output}: {summary['tensors']} tensors, sha256 {summary['sha256']}, "
-                   f"fingerprint {after}")
+        click.echo(f"wrote {done.output}: {done.tensors} tensors, sha256 {done.sha256}, fingerprint {done.fingerprint}")

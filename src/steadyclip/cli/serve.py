@@ -7,7 +7,18 @@ import os
 
 import click
 
-from steadyclip.cli._common import PROFILE_HELP, handle_errors
+from steadyclip.cli._common import (
+    apply,
+    build_engine,
+    handle_errors,
+    lock_option,
+    micro_batch_option,
+    model_argument,
+    pretrained_option,
+    profile_option,
+    replicas_option,
+    threads_option,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -22,21 +33,11 @@ def _is_loopback(host: str) -> bool:
 
 
 @click.command()
-@click.argument("model", required=False, default="steadyclip-demo")
+@model_argument
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to listen on. Anything but loopback exposes the model to the network.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
-@click.option("--pretrained", default=None, help="open_clip pretrained tag or a checkpoint file.")
-@click.option("--lock", "lock_path", type=click.Path(dir_okay=False), default=None,
-              help="Refuse to start unless the model matches this lockfile.")
-@click.option("--profile", type=click.Choice(["strict", "fast"]), default="strict", show_default=True,
-                 help=PROFILE_HELP)
-@click.option("--micro-batch", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Rows per image forward; concurrent requests share micro-batches.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="Intra-op threads per replica (default 1; more only where proven not to change a bit).")
-@click.option("--replicas", type=click.IntRange(min=1), default=None,
-              help="Engine processes behind the micro-batcher (default: one per usable CPU).")
+@apply(pretrained_option, lock_option, profile_option, micro_batch_option, threads_option, replicas_option)
 @click.option("--token", default=None, envvar="STEADYCLIP_TOKEN", show_envvar=True,
               help="Require 'Authorization: Bearer TOKEN' on /v1/*. Prefer the env var: a command line is "
                    "visible to other local users.")
@@ -67,8 +68,6 @@ def serve(model: str, host: str, port: int, pretrained: str | None, lock_path: s
         from steadyclip.server import ServerSettings, create_app
     except ImportError as e:
         raise click.ClickException(f"the server needs its extra: pip install 'steadyclip[server]' ({e})") from e
-    from steadyclip.cli.classify import build_engine
-
     settings = ServerSettings(
         token=token or None, max_body_bytes=int(max_body_mb * 1024 * 1024), max_images=max_images,
         max_labels=max_labels, max_pixels=max_pixels, request_timeout_s=timeout_s, batch_wait_ms=batch_wait_ms,

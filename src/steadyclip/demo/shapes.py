@@ -20,6 +20,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
+from steadyclip.errors import InputError
 from steadyclip.registry import DEMO_COLOURS, DEMO_SHAPES
 
 _logger = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def _polygon_points(shape: str, radius: float, angle: float) -> list[tuple[float
 def render_mask(shape: str, cx: float, cy: float, radius: float, angle: float, size: int) -> np.ndarray:
     """Anti-aliased coverage mask of one shape, float32 in [0, 1], shape (size, size)."""
     if shape not in DEMO_SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; expected one of {DEMO_SHAPES}")
+        raise InputError(f"unknown shape {shape!r}; use one of {DEMO_SHAPES}")
     k = _SUPERSAMPLE
     big = Image.new("L", (size * k, size * k), 0)
     draw = ImageDraw.Draw(big)
@@ -128,7 +129,7 @@ def _shape_colour(colour: str, rng: np.random.Generator) -> np.ndarray:
     try:
         base = np.asarray(COLOUR_RGB[colour], dtype=np.float32)
     except KeyError:
-        raise ValueError(f"unknown colour {colour!r}; expected one of {DEMO_COLOURS}") from None
+        raise InputError(f"unknown colour {colour!r}; use one of {DEMO_COLOURS}") from None
     rgb = base + rng.uniform(-_COLOUR_JITTER, _COLOUR_JITTER, size=3)
     rgb *= rng.uniform(0.86, 1.04)
     return np.clip(rgb, 0.0, 255.0).astype(np.float32)
@@ -177,7 +178,7 @@ def generate(n: int, seed: int, size: int = 64) -> list[Sample]:
         [('blue', 'star'), ('red', 'ring')]
     """
     if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+        raise InputError(f"n must be >= 0, got {n}; ask for zero or more samples")
     rng = np.random.default_rng(seed)
     out: list[Sample] = []
     for _ in range(n):

@@ -99,7 +99,8 @@ class Batcher:
     def __init__(self, engine: Any, *, max_rows: int, max_wait_s: float = 0.005, max_queue: int = 1024,
                  in_flight: int = 1, images_fn: Callable[[list[bytes]], Future[list[Any]]] | None = None) -> None:
         if max_rows < 1 or in_flight < 1:
-            raise InputError(f"max_rows and in_flight must be >= 1, got {max_rows} and {in_flight}")
+            raise InputError(f"max_rows and in_flight must be >= 1, got {max_rows} and {in_flight}; give the engine's "
+                             "micro-batch size and replica count")
         self.engine = engine
         self.max_rows = max_rows
         self.max_wait_s = max_wait_s
@@ -151,7 +152,8 @@ class Batcher:
     def submit_pixels(self, pixels: torch.Tensor) -> Future[np.ndarray]:
         """Queue preprocessed images (n, 3, H, W); the future yields their (n, D) embeddings."""
         if pixels.ndim != 4 or pixels.shape[0] < 1:
-            raise InputError(f"pixels must be (n>=1, 3, H, W), got {tuple(pixels.shape)}")
+            raise InputError(f"pixels must be (n>=1, 3, H, W), got {tuple(pixels.shape)}; preprocess the images "
+                             "with the model's transform and stack them")
         job = _RowsJob("pixels", pixels, int(pixels.shape[0]))
         self._put(self._pixels, job)
         return job.future

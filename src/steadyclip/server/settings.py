@@ -5,6 +5,8 @@ import os
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from steadyclip.errors import InputError
+
 TOKEN_ENV = "STEADYCLIP_TOKEN"
 
 
@@ -49,17 +51,18 @@ class ServerSettings:
         for name in ("max_body_bytes", "max_images", "max_labels", "max_texts", "max_text_chars",
                      "max_templates", "max_top_k", "max_queue", "decode_concurrency"):
             if getattr(self, name) < 1:
-                raise ValueError(f"ServerSettings.{name} must be >= 1, got {getattr(self, name)!r}")
+                raise InputError(f"ServerSettings.{name} must be >= 1, got {getattr(self, name)!r}; give a positive limit")
         if self.request_timeout_s <= 0 or self.batch_wait_ms < 0:
-            raise ValueError(
+            raise InputError(
                 f"request_timeout_s must be > 0 and batch_wait_ms >= 0, got {self.request_timeout_s!r}, "
-                f"{self.batch_wait_ms!r}"
+                f"{self.batch_wait_ms!r}; give a positive timeout and a non-negative wait"
             )
         if any(not isinstance(h, str) or not h.strip() or "/" in h for h in self.allowed_url_hosts):
-            raise ValueError(f"allowed_url_hosts must be host names (or host:port), got {self.allowed_url_hosts!r}")
+            raise InputError(f"allowed_url_hosts must be host names (or host:port), got {self.allowed_url_hosts!r}; "
+                             "give bare names such as 'images.example.com', without a scheme or path")
         object.__setattr__(self, "allowed_url_hosts", tuple(h.strip().lower() for h in self.allowed_url_hosts))
         if self.token is not None and not self.token.strip():
-            raise ValueError("the bearer token is blank; give a real secret or no token at all")
+            raise InputError("the bearer token is blank; give a real secret or no token at all")
 
     @classmethod
     def from_env(cls, **overrides: Any) -> ServerSettings:
