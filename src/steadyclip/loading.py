@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import torch
 
-from steadyclip import checkpoints, integrity, lockfile, registry, sources
+from steadyclip import _fastinit, checkpoints, integrity, lockfile, registry, sources
 from steadyclip.errors import (
     DeviceError,
     InferenceStateError,
@@ -31,6 +31,7 @@ from steadyclip.errors import (
     IntegrityError,
     LockMismatchError,
     NumericsError,
+    WeightsError,
 )
 from steadyclip.model_info import ModelInfo, PreprocessConfig
 from steadyclip.numerics_env import device_kind
@@ -240,8 +241,12 @@ def _build(resolved: sources.ResolvedSource, *, allow_torchscript: bool, allow_p
     import open_clip
 
     # Building initialises weights: keep the caller's RNG untouched, and drop open_clip's
-    # "initialized randomly" warning, which is false here (the weights are applied below).
-    with torch.random.fork_rng(devices=[]), _quiet_random_init_warning():
+    # "initialized randomly" warning, which is false here (the weights are applied below). A full
+    # load overwrites every parameter, so their random fills are skipped (_fastinit); a partial
+    # load builds normally, so its missing keys keep real initial values.
+    skip: contextlib.AbstractContextManager[list[torch.nn.Parameter]] = (
+        contextlib.nullcontext([]) if allow_partial else _fastinit.skip_parameter_init())
+    with torch.random.fork_rng(devices=[]), _quiet_random_init_warning(), skip as skipped:
         model: torch.nn.Module = open_clip.create_model(
             resolved.create_name,
             pretrained=None,
@@ -255,6 +260,10 @@ def _build(resolved: sources.ResolvedSource, *, allow_torchscript: bool, allow_p
     state = checkpoints.read_state_dict(resolved.weights_file, allow_torchscript=allow_torchscript)
     state = checkpoints.normalize_state_dict(model, state)
     checkpoints.apply_state_dict(model, state, allow_partial=allow_partial, source=str(resolved.weights_file))
+    unset = _fastinit.not_loaded(model, skipped, state.keys())
+    if unset:  # a parameter outside the state dict would hold uninitialised memory: never run that
+        raise WeightsError(f"parameters {checkpoints.format_keys(unset)} of {resolved.model_id!r} are not in its "
+                           "state dict, so the checkpoint cannot give them values; report this model")
     del state
     _check_finite(model, resolved.model_id)
     return model.eval()
