@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from steadyclip import determinism, identity, integrity
 from steadyclip.doctor import (
     checks_mode,
     checks_numerics,
@@ -47,8 +48,8 @@ from steadyclip.doctor.result import (
     rank_causes,
     verdict_of,
 )
-from steadyclip.doctor.state import GlobalSnapshot, ModelSnapshot, changed_tensors
-from steadyclip.errors import InputError
+from steadyclip.doctor.state import ModelSnapshot, changed_tensors
+from steadyclip.errors import DeviceError, InputError
 
 _logger = logging.getLogger(__name__)
 
@@ -74,42 +75,18 @@ def _resolve_amp(amp: bool | str | torch.dtype | None, device_type: str) -> tupl
     raise InputError(f"amp={amp!r}: use None (detect), False, True, 'bf16' or 'fp16'")
 
 
-def environment(model: torch.nn.Module, device_type: str, flags: dict[str, Any],
-                amp_in_use: torch.dtype | None) -> dict[str, Any]:
+def environment(model: torch.nn.Module, flags: dict[str, Any], amp_in_use: torch.dtype | None) -> dict[str, Any]:
     """Versions, threads, MKL_CBWR and device: what a result on this machine depends on."""
-    import open_clip
-
-    from steadyclip import __version__, determinism
-    from steadyclip._early import early_state
-
-    try:
-        import timm
-
-        timm_version = timm.__version__
-    except ImportError:  # pragma: no cover - open_clip's timm towers need it, plain CLIP does not
-        timm_version = None
     return {
-        "python": platform.python_version(),
+        "versions": identity.software_stack(),
         "platform": platform.platform(),
-        "torch": torch.__version__,
-        "open_clip": open_clip.__version__,
-        "timm": timm_version,
-        "numpy": np.__version__,
-        "steadyclip": __version__,
         "device": str(model_device(model)),
         "cuda_available": torch.cuda.is_available(),
-        "threads": torch.get_num_threads(),
-        "interop_threads": torch.get_num_interop_threads(),
-        "cpu_count": os.cpu_count(),
-        "MKL_CBWR": os.environ.get("MKL_CBWR"),
-        "mkl_cbwr_at_import": early_state(),
-        "mkl_cbwr_effective": determinism.mkl_cbwr_effective(),
-        "mkl_available": bool(torch.backends.mkl.is_available()),  # type: ignore[no-untyped-call]
-        "mkldnn_available": bool(torch.backends.mkldnn.is_available()),  # type: ignore[no-untyped-call]
+        "threads": flags["threads"],
+        "MKL_CBWR": flags["env"]["MKL_CBWR"],
         "weights_dtype": str(model_float_dtype(model)).removeprefix("torch."),
         "autocast_in_use": str(amp_in_use).removeprefix("torch.") if amp_in_use is not None else None,
         "flags": flags,
-        "build": determinism.current_flags("cpu")["build"],
     }
 
 
@@ -178,6 +155,8 @@ def diagnose(
         raise InputError("give images=[...] (a few paths or PIL images) and labels=[...] to classify against")
     if not isinstance(runs, int) or runs < 1:
         raise InputError(f"runs must be a positive integer, got {runs!r}")
+    if expected_sha256 is not None:
+        expected_sha256 = integrity.parse_sha256(expected_sha256)
     if image_names is not None:
         count = images.shape[0] if isinstance(images, torch.Tensor) else (
             len(images) if isinstance(images, Sequence) and not isinstance(images, (str, bytes)) else 1)
@@ -185,15 +164,18 @@ def diagnose(
             raise InputError(f"image_names has {len(image_names)} name(s) for {count} image(s); give one per image")
     t0 = time.perf_counter()
     wfile = Path(weights_file).expanduser() if weights_file is not None else None
-    glob = GlobalSnapshot.take()
+    saved = determinism.snapshot()
     try:
         d = _diagnose(model, preprocess, tokenizer, images, labels, loader, runs, templates, amp,
                       dict(expected_preprocess) if expected_preprocess is not None else None,
-                      wfile, lock, expected_sha256, glob, t0)
-    finally:
-        changed = glob.restore()
-        if changed:
-            _logger.debug("restored process state changed during the diagnosis: %s", changed)
+                      wfile, lock, expected_sha256, saved.settings["threads"], t0)
+    except BaseException:
+        with contextlib.suppress(DeviceError):  # logged by restore; the diagnosis's own error is the one to see
+            determinism.restore(saved)
+        raise
+    changed = determinism.restore(saved)
+    if changed:
+        _logger.debug("restored process state changed during the diagnosis: %s", changed)
     if image_names is not None:
         d = dataclasses.replace(d, images=tuple(str(n) for n in image_names))
     return d
@@ -205,7 +187,7 @@ def _diagnose(
     loader: Callable[[], object] | None, runs: int, templates: str | Sequence[str] | None,
     amp: bool | str | torch.dtype | None, expected: dict[str, Any] | None, wfile: Path | None,
     lock: str | os.PathLike[str] | Mapping[str, Any] | None, expected_sha256: str | None,
-    glob: GlobalSnapshot, t0: float,
+    threads: int, t0: float,
 ) -> Diagnosis:
     first = None
     if loader is not None:
@@ -220,13 +202,13 @@ def _diagnose(
         raise InputError(f"{type(model).__name__} is not an open_clip model with encode_image/encode_text{hint}")
     device_type = model_device(model).type
     amp_in_use, amp_ambient = _resolve_amp(amp, device_type)
-    flags = checks_numerics.read_flags(device_type)
-    env = environment(model, device_type, flags, amp_in_use)
+    flags = determinism.current_flags(device_type)
+    env = environment(model, flags, amp_in_use)
     inputs = prepare_inputs(model, images, labels, preprocess=preprocess, tokenizer=tokenizer,
                             templates=templates, expected=expected)
     snap = ModelSnapshot.take(model)
     try:
-        ctx = Context(model, fp32_view(model), inputs, device_type, glob.threads, runs, snap, amp_in_use, flags)
+        ctx = Context(model, fp32_view(model), inputs, device_type, threads, runs, snap, amp_in_use, flags)
         diag = _measure(ctx, loader, first, wfile, lock, expected_sha256, amp_ambient, expected)
     finally:
         restored = snap.restore(model)
