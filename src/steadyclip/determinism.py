@@ -88,6 +88,7 @@ __all__ = [
     "mkl_cbwr_effective",
     "mkl_cbwr_state",
     "restore",
+    "restoring",
     "snapshot",
     "thread_count",
 ]
@@ -113,8 +114,7 @@ def applied(profile: Profile, device: str | torch.device = "cpu") -> Iterator[di
         if kind == "cuda" and profile.deterministic_algorithms:
             _ensure_cublas_config()  # before the snapshot below starts CUDA
         cuda = [torch.cuda.current_device() if index is None else index] if kind == "cuda" else []
-        saved = snapshot(cuda_devices=cuda)
-        try:
+        with restoring(cuda_devices=cuda):
             _apply(profile, cuda)
             flags = current_flags(device)
             flags["profile"] = profile.to_dict()
@@ -122,11 +122,6 @@ def applied(profile: Profile, device: str | torch.device = "cpu") -> Iterator[di
             flags["autocast_dtype"] = None  # never: fast casts its weights once (steadyclip.precision)
             flags["compute_dtype"] = str(profile.compute_dtype or torch.float32).removeprefix("torch.")
             yield flags
-        except BaseException:
-            with contextlib.suppress(DeviceError):  # logged by restore; the block's own error is the one to see
-                restore(saved)
-            raise
-        restore(saved)
 
 
 @contextlib.contextmanager
@@ -200,6 +195,24 @@ def restore(saved: FlagSnapshot) -> list[str]:
     if failures:
         raise DeviceError(f"{len(failures)} torch flag(s) could not be restored: {failures[0]}") from failures[0]
     return changed
+
+
+@contextlib.contextmanager
+def restoring(*, cuda_devices: Sequence[int] | None = None) -> Iterator[FlagSnapshot]:
+    """:func:`snapshot` on entry, :func:`restore` on exit - also after an error, which then stays the one raised.
+
+    Example:
+        >>> with restoring():
+        ...     run_the_callers_model()          # may change threads, TF32, grad mode, the RNG...
+    """
+    saved = snapshot(cuda_devices=cuda_devices)
+    try:
+        yield saved
+    except BaseException:
+        with contextlib.suppress(DeviceError):  # logged by restore
+            restore(saved)
+        raise
+    restore(saved)
 
 
 def autocast(profile: Profile, device: str | torch.device = "cpu") -> contextlib.AbstractContextManager[Any]:
