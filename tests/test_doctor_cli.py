@@ -86,7 +86,7 @@ def test_lock_mismatch_is_weights_corrupted(image_files: list[str], demo_arch_ch
     assert r.exit_code == 3, r.output
     top = doc_of(r)["causes"][0]
     assert top["id"] == "weights_corrupted"
-    assert {m["what"] for m in top["evidence"]["mismatches"]} == {"sha256", "fingerprint"}
+    assert {m["what"] for m in top["evidence"]["mismatches"]} == {"weights_sha256", "fingerprint"}
 
     ok = run("doctor", "--model", DEMO_ARCH, "--pretrained", str(demo_arch_checkpoint), "--lock", str(lock),
              *image_files, "--labels", LABELS, "--runs", "1", "--eval", "--json")

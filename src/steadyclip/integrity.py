@@ -38,7 +38,9 @@ __all__ = [
     "fingerprint_from_digests",
     "get_hash_cache",
     "param_sample_fingerprint",
+    "parse_sha256",
     "sha256_file",
+    "sha256_matches",
     "state_fingerprint",
     "tensor_digests",
     "verify_sha256",
@@ -311,3 +313,23 @@ def buffers_fingerprint(module: torch.nn.Module) -> str:
     h.update("".join(f"{name}:{p.data_ptr()}:{p._version}\n" for name, p in sorted(params, key=lambda kv: kv[0]))
              .encode())
     return h.hexdigest()
+
+
+# --- expected hashes: one parsing and one matching rule for every check --------------
+
+
+def parse_sha256(expected: str) -> str:
+    """``expected`` as a SHA-256 to check against: lower-case hex, the full digest or a prefix of >= 8 digits.
+
+    Raises:
+        InputError: anything else (user input: a lock, ``--sha256``, ``expected_sha256=``).
+    """
+    value = expected.strip().lower() if isinstance(expected, str) else ""
+    if len(value) < 8 or len(value) > 64 or any(c not in "0123456789abcdef" for c in value):
+        raise InputError(f"an expected SHA-256 must be 8 to 64 hex digits, got {expected!r}")
+    return value
+
+
+def sha256_matches(actual: str, expected: str) -> bool:
+    """Whether the full hex digest ``actual`` is ``expected`` (see :func:`parse_sha256`) or starts with it."""
+    return actual.lower().startswith(parse_sha256(expected))

@@ -1,85 +1,20 @@
 """``steadyclip doctor``: find out why a CLIP model's results change from run to run.
 
-The model is built the way a user's script builds it - raw open_clip, no
-steadyclip safety net - so the doctor sees what their code sees: train mode,
-random weights for a missing tag, a checkpoint that does not match its lock.
-Exit codes: 0 stable, 3 unstable, 1 error, 2 usage.
+Thin: parses, calls :mod:`steadyclip.doctor` (which builds the model the way a user's
+script does, :mod:`steadyclip.doctor.loaders`) and renders. Exit codes: 0 stable,
+3 unstable, 1 error, 2 usage.
 """
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import click
 
 from steadyclip.cli._common import EXIT_CHECK_FAILED, EXIT_OK, echo_json, handle_errors
 
 _logger = logging.getLogger(__name__)
-
-_DEMO_IMAGES = 4
-_DEMO_SEED = 2024
-
-
-class _DropRandomInitWarning(logging.Filter):
-    """open_clip warns "initialized randomly" before the script loads its weights; that line is noise here."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("No pretrained weights loaded for model")
-
-
-def careless_demo_loader(weights: Path) -> Callable[[], tuple[Any, Any]]:
-    """The bundled model built like a typical script: create_model + load_state_dict, and no ``.eval()``."""
-
-    def load() -> tuple[Any, Any]:
-        import open_clip
-        from open_clip.transform import PreprocessCfg, image_transform_v2
-        from safetensors.torch import load_file
-
-        from steadyclip.registry import DEMO_ARCH, register_demo_config
-
-        register_demo_config()
-        quiet = _DropRandomInitWarning()
-        logging.getLogger().addFilter(quiet)
-        try:
-            model = open_clip.create_model(DEMO_ARCH)
-        finally:
-            logging.getLogger().removeFilter(quiet)
-        model.load_state_dict(load_file(str(weights)))
-        preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
-        return model, preprocess  # note: still in train mode, as open_clip returned it
-
-    return load
-
-
-def open_clip_loader(model: str, pretrained: str | None) -> Callable[[], tuple[Any, ...]]:
-    """``open_clip.create_model_and_transforms(model, pretrained=...)``, exactly as a user's script calls it."""
-    from steadyclip.errors import ModelSourceError
-
-    def load() -> tuple[Any, ...]:
-        import open_clip
-
-        try:
-            out: tuple[Any, ...] = open_clip.create_model_and_transforms(model, pretrained=pretrained)
-        except (RuntimeError, ValueError, FileNotFoundError, KeyError) as e:
-            raise ModelSourceError(
-                f"open_clip could not build {model!r} with pretrained={pretrained!r}: {e}. "
-                "Check the name with `python -c 'import open_clip; print(open_clip.list_pretrained())'`"
-            ) from e
-        return out
-
-    return load
-
-
-def _with_eval(loader: Callable[[], Any]) -> Callable[[], Any]:
-    def load() -> Any:
-        out = loader()
-        out[0].eval()
-        return out
-
-    return load
 
 
 def _labels(labels: str | None, labels_file: str | None, demo: bool) -> list[str]:
@@ -95,15 +30,6 @@ def _labels(labels: str | None, labels_file: str | None, demo: bool) -> list[str
     if demo:
         return demo_labels()
     raise click.UsageError('give the labels: --labels "a cat,a dog" or --labels-file FILE')
-
-
-def _demo_images(images: tuple[Path, ...]) -> tuple[list[Any], list[str] | None]:
-    if images:
-        return list(images), None
-    from steadyclip.demo.shapes import generate
-
-    samples = generate(_DEMO_IMAGES, seed=_DEMO_SEED)
-    return [im for im, _, _ in samples], [f"{c} {s} (generated)" for _, c, s in samples]
 
 
 @click.command()
@@ -144,60 +70,16 @@ def doctor(images: tuple[Path, ...], demo: bool, model: str | None, pretrained: 
             raise click.UsageError("--script runs your script as it is: drop --demo/--model/--labels/--lock/--eval/--amp")
         _doctor_script(script, tuple(str(a) for a in images), runs or 3, as_json, html_path)
         return
-    runs = runs or 5
     from steadyclip.doctor import diagnose
-    from steadyclip.errors import ModelSourceError
-    from steadyclip.registry import DEMO_SPEC, get_spec, register_demo_config
+    from steadyclip.doctor.loaders import demo_images, resolve_source
 
-    register_demo_config()  # so --model steadyclip-shapes (the demo architecture) resolves in open_clip
-
-    if demo and model is not None and get_spec(model) is None:
-        raise click.UsageError("--demo uses the bundled model; drop --model (or drop --demo)")
-    bundled = demo or (model is not None and get_spec(model) is not None and pretrained is None)
-    spec_of_model = get_spec(model) if model is not None else None
-    if spec_of_model is not None and pretrained is not None:
-        model = spec_of_model.arch  # the bundled id with other weights: its architecture, those weights
-    if not bundled and model is None:
-        raise click.UsageError("say what to diagnose: --demo, or --model ARCH [--pretrained TAG_OR_FILE]")
-    if not demo and not images:
-        raise click.UsageError("give a few image files to run the model on (or use --demo)")
+    _check_target(demo, model, images)
     label_list = _labels(labels, labels_file, demo)
-
-    weights_file: Path | None = None
-    expected_sha: str | None = None
-    names: list[str] | None = None
-    if bundled:
-        spec = DEMO_SPEC
-        assert spec.weights_file is not None
-        if not spec.weights_file.is_file():
-            raise ModelSourceError(
-                f"the bundled model's weights are missing ({spec.weights_file}); reinstall steadyclip or "
-                "build them with `python -m steadyclip.demo.train`"
-            )
-        loader: Callable[[], Any] = careless_demo_loader(spec.weights_file)
-        weights_file = spec.weights_file
-        expected_sha = spec.sha256 if spec.sha256.strip("0") else None  # an all-zero hash is an unset placeholder
-        tokenizer_name = spec.arch
-        image_list, names = _demo_images(images)
-    else:
-        assert model is not None
-        loader = open_clip_loader(model, pretrained)
-        if pretrained is not None and Path(pretrained).expanduser().is_file():
-            weights_file = Path(pretrained).expanduser()
-        tokenizer_name = model
-        image_list = list(images)
-    if call_eval:
-        loader = _with_eval(loader)
-
-    import open_clip
-
-    try:
-        tokenizer = open_clip.get_tokenizer(tokenizer_name)
-    except Exception as e:  # unknown name, hub unreachable: open_clip raises assorted types
-        raise ModelSourceError(f"open_clip has no tokenizer for {tokenizer_name!r}: {type(e).__name__}: {e}") from e
-    d = diagnose(None, tokenizer=tokenizer, images=image_list, labels=label_list, loader=loader, runs=runs,
-                 amp=amp, weights_file=weights_file, lock=lock_path, expected_sha256=expected_sha,
-                 image_names=names)
+    source = resolve_source(model, pretrained, demo=demo, call_eval=call_eval)
+    image_list, names = demo_images() if source.bundled and not images else (list(images), None)
+    d = diagnose(None, tokenizer=source.tokenizer, images=image_list, labels=label_list, loader=source.loader,
+                 runs=runs or 5, amp=amp, weights_file=source.weights_file, lock=lock_path,
+                 expected_sha256=source.expected_sha256, image_names=names)
     if html_path is not None:
         from steadyclip.doctor.html import to_html
 
@@ -212,6 +94,18 @@ def doctor(images: tuple[Path, ...], demo: bool, model: str | None, pretrained: 
 
         render(d, Console())
     sys.exit(EXIT_OK if d.stable else EXIT_CHECK_FAILED)
+
+
+def _check_target(demo: bool, model: str | None, images: tuple[Path, ...]) -> None:
+    from steadyclip.registry import get_spec, register_demo_config
+
+    register_demo_config()
+    if demo and model is not None and get_spec(model) is None:
+        raise click.UsageError("--demo uses the bundled model; drop --model (or drop --demo)")
+    if not demo and model is None:
+        raise click.UsageError("say what to diagnose: --demo, or --model ARCH [--pretrained TAG_OR_FILE]")
+    if not demo and not images:
+        raise click.UsageError("give a few image files to run the model on (or use --demo)")
 
 
 def _doctor_script(script: Path, args: tuple[str, ...], runs: int, as_json: bool, html_path: Path | None) -> None:

@@ -135,19 +135,7 @@ def check_train_mode(
     n_modules = sum(1 for _ in model.modules())
     active = [lay for lay in layers if lay.active]
     if not training:
-        findings.ok("train_mode", f"all {n_modules} modules are in eval mode")
-        always = [lay for lay in active if lay.kind == "batch_statistics"]
-        if always:
-            findings.add(Cause(
-                "stochastic_layers", None, "problem",
-                f"{len(always)} BatchNorm layer(s) have no running statistics and use batch statistics even "
-                "in eval mode: results depend on the other images in the batch",
-                {"layers": [lay.to_dict() for lay in always[:_LIST]], "count": len(always)},
-                "# give these layers running statistics (track_running_stats=True) and load them, or run every "
-                "image at the same fixed batch composition",
-            ))
-        else:
-            findings.ok("stochastic_layers", "no layer behaves randomly or batch-dependently in eval mode")
+        _in_eval_mode(findings, n_modules, active)
         return
 
     effect = max((max_abs_diff(r, baseline) for r in train_runs), default=0.0)
@@ -183,6 +171,28 @@ def check_train_mode(
     if not active:
         findings.ok("stochastic_layers", "no Dropout/DropPath/PatchDropout/BatchNorm layer is active")
         return
+    _stochastic_layers(findings, active, train_runs, run_spread, eval_spread, composition)
+
+
+def _in_eval_mode(findings: Findings, n_modules: int, active: list[Layer]) -> None:
+    findings.ok("train_mode", f"all {n_modules} modules are in eval mode")
+    always = [lay for lay in active if lay.kind == "batch_statistics"]
+    if not always:
+        findings.ok("stochastic_layers", "no layer behaves randomly or batch-dependently in eval mode")
+        return
+    findings.add(Cause(
+        "stochastic_layers", None, "problem",
+        f"{len(always)} BatchNorm layer(s) have no running statistics and use batch statistics even "
+        "in eval mode: results depend on the other images in the batch",
+        {"layers": [lay.to_dict() for lay in always[:_LIST]], "count": len(always)},
+        "# give these layers running statistics (track_running_stats=True) and load them, or run every "
+        "image at the same fixed batch composition",
+    ))
+
+
+def _stochastic_layers(findings: Findings, active: list[Layer], train_runs: list[np.ndarray], run_spread: float,
+                       eval_spread: float, composition: float | None) -> None:
+    """``stochastic_layers`` in train mode: how far the active random/batch-dependent layers move results."""
     kinds = Counter(lay.kind for lay in active)
     sev = max(run_spread, composition or 0.0)
     summary = (f"{len(active)} random or batch-dependent layer(s) are active in train mode "

@@ -13,11 +13,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from steadyclip import determinism, drift, precision
+from steadyclip import drift, precision
 from steadyclip.doctor.context import Context
 from steadyclip.doctor.harness import (
     Encoded,
     amp_dtype,
+    class_embeddings,
     encode,
     head,
     max_abs_diff,
@@ -30,10 +31,11 @@ from steadyclip.doctor.harness import (
 from steadyclip.doctor.result import NUMERIC_TOL, PROB_TOL, Cause, Findings, Level
 from steadyclip.doctor.state import eval_temporarily, strict_numerics
 from steadyclip.errors import DeviceError
+from steadyclip.head import ZeroShotHead
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["check_batch", "check_device", "check_flags", "check_precision", "check_threads", "read_flags"]
+__all__ = ["check_batch", "check_device", "check_flags", "check_precision", "check_threads"]
 
 FIX_PRECISION = """\
 # run inference in float32 with autocast off (or accept the drift and always use the same precision)
@@ -73,53 +75,32 @@ def _level(sev: float, tol: float) -> Level:
     return "problem" if sev > tol else "info"
 
 
-def read_flags(device_type: str) -> dict[str, Any]:
-    """The numerics flags in effect now (goes into the environment and the flags check)."""
-    flags: dict[str, Any] = {
-        "float32_matmul_precision": torch.get_float32_matmul_precision(),
-        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-        "threads": torch.get_num_threads(),
-        "MKL_CBWR": os.environ.get("MKL_CBWR"),
-        "MKL_CBWR_effective": determinism.mkl_cbwr_effective(),  # what MKL itself reports
-        "onednn_enabled": bool(torch.backends.mkldnn.enabled),
-    }
-    mkldnn_prec = getattr(torch.backends.mkldnn, "fp32_precision", None)
-    if isinstance(mkldnn_prec, str):
-        flags["mkldnn_fp32_precision"] = mkldnn_prec
-    if device_type == "cuda" or torch.cuda.is_available():
-        flags.update({
-            "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
-            "cudnn_benchmark": torch.backends.cudnn.benchmark,
-            "cudnn_deterministic": torch.backends.cudnn.deterministic,
-            "CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
-        })
-    return flags
-
-
 def _risky_flags(flags: dict[str, Any], device_type: str) -> list[str]:
+    """What in a :func:`steadyclip.determinism.current_flags` document lets results move, in words."""
     issues = []
     if flags["float32_matmul_precision"] != "highest":
         issues.append(f"float32_matmul_precision={flags['float32_matmul_precision']!r} allows reduced-precision "
                       "matmuls (TF32 on CUDA, bf16 via oneDNN on CPU)")
-    if flags.get("mkldnn_fp32_precision") not in (None, "none", "ieee"):
-        issues.append(f"mkldnn fp32_precision={flags['mkldnn_fp32_precision']!r} lowers CPU matmul precision")
+    lowered = {leaf: v for leaf, v in flags["fp32_precision"].items()
+               if leaf.startswith("mkldnn.") and v not in (None, "none", "ieee")}
+    if lowered:
+        issues.append(f"oneDNN fp32_precision {lowered} lowers CPU matmul/conv precision")
     if device_type == "cuda":
-        if flags.get("cuda_matmul_allow_tf32"):
+        if flags["cuda_matmul_allow_tf32"]:
             issues.append("TF32 matmuls are on (torch.backends.cuda.matmul.allow_tf32)")
-        if flags.get("cudnn_allow_tf32"):
+        if flags["cudnn_allow_tf32"]:
             issues.append("TF32 convolutions are on (torch.backends.cudnn.allow_tf32)")
-        if flags.get("cudnn_benchmark"):
+        if flags["cudnn_benchmark"]:
             issues.append("cudnn.benchmark autotunes kernels: the choice can differ between processes")
         if not flags["deterministic_algorithms"]:
             issues.append("deterministic algorithms are off: some CUDA kernels use atomics")
-        if not flags.get("CUBLAS_WORKSPACE_CONFIG"):
+        if not flags["env"]["CUBLAS_WORKSPACE_CONFIG"]:
             issues.append("CUBLAS_WORKSPACE_CONFIG is not set: cuBLAS may reduce in a varying order")
     else:
-        asked, effective = flags.get("MKL_CBWR") or "", flags.get("MKL_CBWR_effective")
+        asked, effective = flags["mkl_cbwr"] or "", flags["mkl_cbwr_effective"]
         if "STRICT" not in asked.upper():
             issues.append(f"MKL_CBWR={asked or None!r}: MKL GEMMs may differ by batch size and thread count")
-        elif effective is not None and "STRICT" not in effective.upper():
+        elif flags["mkl_cbwr_status"] == "too late":
             issues.append(f"MKL_CBWR={asked!r} was set after MKL's first GEMM (MKL reports {effective!r}); set it "
                           "before Python starts or import steadyclip before running any model")
     return issues
@@ -178,19 +159,12 @@ def _fast_profile_drift(ctx: Context) -> dict[str, Any]:
     finally:
         del twin
     base, t = ctx.baseline_enc, ctx.inputs.n_templates
-    m: Any = ctx.fp32
-    scale = float(m.logit_scale.detach().float().exp().cpu()) if hasattr(m, "logit_scale") else 100.0
-    figures = drift.compare(base.images, _classes(base.texts, t), enc.images, _classes(enc.texts, t),
+    scale = ZeroShotHead.from_model(ctx.fp32).scale
+    figures = drift.compare(base.images, class_embeddings(base.texts, t), enc.images, class_embeddings(enc.texts, t),
                             logit_scale=scale, reference="your model in fp32, strict flags", inputs="your images/labels")
     out = {**figures.to_dict(), "dtype": str(dtype).removeprefix("torch.")}
     if dev == "cpu":
         out["native_bf16"] = precision.cpu_bf16_support().native
-    return out
-
-
-def _classes(texts: np.ndarray, n_templates: int) -> np.ndarray:
-    cls = texts.reshape(texts.shape[0] // n_templates, n_templates, -1).mean(axis=1)  # (C, D)
-    out: np.ndarray = cls / np.linalg.norm(cls, axis=-1, keepdims=True)
     return out
 
 

@@ -22,6 +22,7 @@ import torch
 
 from steadyclip.doctor.result import Cause, Findings
 from steadyclip.doctor.state import bitwise_equal, cuda_initialized
+from steadyclip.errors import InputError
 
 _logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def unpack_loaded(out: object) -> tuple[torch.nn.Module, Callable[[Any], torch.T
     """Accept what loaders return: a model, ``create_model_and_transforms``' tuple, or a ``LoadedModel``.
 
     Raises:
-        TypeError: nothing that looks like a model.
+        InputError: nothing that looks like a model.
     """
     if isinstance(out, torch.nn.Module):
         return out, None
@@ -82,7 +83,7 @@ def unpack_loaded(out: object) -> tuple[torch.nn.Module, Callable[[Any], torch.T
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.nn.Module):
         pre = out[-1] if len(out) >= 2 and callable(out[-1]) else None
         return out[0], pre
-    raise TypeError(
+    raise InputError(
         f"loader() returned {type(out).__name__}; it must return the model, a tuple starting with the model "
         "(like open_clip.create_model_and_transforms) or a steadyclip LoadedModel"
     )
@@ -210,34 +211,35 @@ def check_corrupted(
     lock: str | os.PathLike[str] | Mapping[str, Any] | None,
     expected_sha256: str | None,
 ) -> None:
-    """``weights_corrupted``: the file's SHA-256 or the model's fingerprint differs from a lock or known hash."""
+    """``weights_corrupted``: the file's SHA-256 or the model's fingerprint differs from a lock or known hash.
+
+    Compared the library's way: a lock by :func:`steadyclip.lockfile.compare_lock`, a known
+    hash (or hash prefix) by :func:`steadyclip.integrity.sha256_matches`.
+    """
+    from steadyclip.integrity import sha256_matches
     from steadyclip.lockfile import read_lock
 
-    expected_fp = None
+    pinned: dict[str, Any] = {}
     source = "expected_sha256"
     if lock is not None:
         doc = read_lock(lock) if not isinstance(lock, Mapping) else lock
-        model_doc = doc.get("model", {})
-        expected_sha256 = expected_sha256 or model_doc.get("weights_sha256")
-        expected_fp = model_doc.get("fingerprint")
+        pinned = {k: v for k, v in doc.get("model", {}).items() if k in ("weights_sha256", "fingerprint")}
         source = f"lock {os.fspath(lock)}" if not isinstance(lock, Mapping) else "lock"
-    if expected_sha256 is None and expected_fp is None:
+    if not pinned and expected_sha256 is None:
         findings.skipped("weights_corrupted", "no lock or expected SHA-256 given to compare against")
         return
-    mismatches: list[dict[str, Any]] = []
-    evidence: dict[str, Any] = {"source": source}
-    if expected_sha256 is not None:
-        actual = _file_hash(weights_file)
-        evidence.update({"weights_file": str(weights_file) if weights_file else None,
-                         "expected_sha256": expected_sha256, "actual_sha256": actual})
-        if actual is None:
-            evidence["note"] = "no weights file to hash (pass weights_file=...); compared the fingerprint only"
-        elif not actual.startswith(expected_sha256.lower()):
-            mismatches.append({"what": "sha256", "expected": expected_sha256, "actual": actual})
-    if expected_fp is not None:
-        evidence.update({"expected_fingerprint": expected_fp, "actual_fingerprint": fingerprint})
-        if expected_fp != fingerprint:
-            mismatches.append({"what": "fingerprint", "expected": expected_fp, "actual": fingerprint})
+    hashed = "weights_sha256" in pinned or expected_sha256 is not None
+    actual = {"weights_sha256": _file_hash(weights_file) if hashed else None, "fingerprint": fingerprint}
+    evidence: dict[str, Any] = {"source": source, "weights_file": str(weights_file) if weights_file else None,
+                                "expected_sha256": expected_sha256 or pinned.get("weights_sha256"),
+                                "actual_sha256": actual["weights_sha256"],
+                                "expected_fingerprint": pinned.get("fingerprint"), "actual_fingerprint": fingerprint}
+    if hashed and actual["weights_sha256"] is None:
+        evidence["note"] = "no weights file to hash (pass weights_file=...); compared the fingerprint only"
+    mismatches = _lock_mismatches(pinned, actual)
+    file_sha = actual["weights_sha256"]
+    if expected_sha256 is not None and file_sha is not None and not sha256_matches(file_sha, expected_sha256):
+        mismatches.append({"what": "weights_sha256", "expected": expected_sha256, "actual": file_sha})
     if not mismatches:
         findings.ok("weights_corrupted", f"weights match the {source}")
         return
@@ -248,6 +250,22 @@ def check_corrupted(
         "not the pinned weights, so no result from them can be trusted",
         evidence, FIX_CORRUPTED,
     ))
+
+
+def _lock_mismatches(pinned: Mapping[str, Any], actual: Mapping[str, str | None]) -> list[dict[str, Any]]:
+    """Each pinned field the lock check refuses, one field at a time so that every mismatch is reported."""
+    from steadyclip.errors import LockMismatchError
+    from steadyclip.lockfile import compare_lock
+
+    out: list[dict[str, Any]] = []
+    for name, expected in pinned.items():
+        if actual[name] is None:
+            continue  # nothing to compare with (no weights file): said in the evidence
+        try:
+            compare_lock({"model": {name: expected}}, {name: actual[name]})
+        except LockMismatchError as e:
+            out.append({"what": e.field, "expected": e.expected, "actual": e.actual})
+    return out
 
 
 def check_non_finite(findings: Findings, *, state: Mapping[str, torch.Tensor], params: set[str],

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from steadyclip.determinism import thread_count
 from steadyclip.doctor.harness import (
     Encoded,
     Inputs,
@@ -18,12 +19,7 @@ from steadyclip.doctor.harness import (
     head,
     no_autocast,
 )
-from steadyclip.doctor.state import (
-    ModelSnapshot,
-    eval_temporarily,
-    strict_numerics,
-    threads_temporarily,
-)
+from steadyclip.doctor.state import ModelSnapshot, eval_temporarily, strict_numerics
 
 _logger = logging.getLogger(__name__)
 
@@ -86,7 +82,7 @@ class Context:
         m = self.fp32 if model is None else model
         px = self.inputs.pixels_user if pixels is None else pixels
         cast = amp_autocast(self.device_type, amp) if amp is not None else no_autocast(self.device_type)
-        with eval_temporarily(m), cast, threads_temporarily(threads):
+        with eval_temporarily(m), cast, thread_count(threads):
             return encode(m, px, self.inputs.tokens, **kw)
 
     def ambient_probs(self, model: torch.nn.Module | None = None, amp: torch.dtype | None = None) -> np.ndarray:

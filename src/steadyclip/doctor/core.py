@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from steadyclip import determinism, identity, integrity
 from steadyclip.doctor import (
     checks_mode,
     checks_numerics,
@@ -47,7 +48,7 @@ from steadyclip.doctor.result import (
     rank_causes,
     verdict_of,
 )
-from steadyclip.doctor.state import GlobalSnapshot, ModelSnapshot, changed_tensors
+from steadyclip.doctor.state import ModelSnapshot, changed_tensors
 from steadyclip.errors import InputError
 
 _logger = logging.getLogger(__name__)
@@ -74,42 +75,18 @@ def _resolve_amp(amp: bool | str | torch.dtype | None, device_type: str) -> tupl
     raise InputError(f"amp={amp!r}: use None (detect), False, True, 'bf16' or 'fp16'")
 
 
-def environment(model: torch.nn.Module, device_type: str, flags: dict[str, Any],
-                amp_in_use: torch.dtype | None) -> dict[str, Any]:
+def environment(model: torch.nn.Module, flags: dict[str, Any], amp_in_use: torch.dtype | None) -> dict[str, Any]:
     """Versions, threads, MKL_CBWR and device: what a result on this machine depends on."""
-    import open_clip
-
-    from steadyclip import __version__, determinism
-    from steadyclip._early import early_state
-
-    try:
-        import timm
-
-        timm_version = timm.__version__
-    except ImportError:  # pragma: no cover - open_clip's timm towers need it, plain CLIP does not
-        timm_version = None
     return {
-        "python": platform.python_version(),
+        "versions": identity.software_stack(),
         "platform": platform.platform(),
-        "torch": torch.__version__,
-        "open_clip": open_clip.__version__,
-        "timm": timm_version,
-        "numpy": np.__version__,
-        "steadyclip": __version__,
         "device": str(model_device(model)),
         "cuda_available": torch.cuda.is_available(),
-        "threads": torch.get_num_threads(),
-        "interop_threads": torch.get_num_interop_threads(),
-        "cpu_count": os.cpu_count(),
-        "MKL_CBWR": os.environ.get("MKL_CBWR"),
-        "mkl_cbwr_at_import": early_state(),
-        "mkl_cbwr_effective": determinism.mkl_cbwr_effective(),
-        "mkl_available": bool(torch.backends.mkl.is_available()),  # type: ignore[no-untyped-call]
-        "mkldnn_available": bool(torch.backends.mkldnn.is_available()),  # type: ignore[no-untyped-call]
+        "threads": flags["threads"],
+        "MKL_CBWR": flags["env"]["MKL_CBWR"],
         "weights_dtype": str(model_float_dtype(model)).removeprefix("torch."),
         "autocast_in_use": str(amp_in_use).removeprefix("torch.") if amp_in_use is not None else None,
         "flags": flags,
-        "build": determinism.current_flags("cpu")["build"],
     }
 
 
@@ -176,6 +153,21 @@ def diagnose(
         raise InputError("give the model to diagnose, or a loader=... that builds it the way your code does")
     if images is None or labels is None:
         raise InputError("give images=[...] (a few paths or PIL images) and labels=[...] to classify against")
+    _check_arguments(images, runs, image_names)
+    if expected_sha256 is not None:
+        expected_sha256 = integrity.parse_sha256(expected_sha256)
+    t0 = time.perf_counter()
+    wfile = Path(weights_file).expanduser() if weights_file is not None else None
+    with determinism.restoring() as saved:  # the caller's flags, threads and RNG, as they were
+        d = _diagnose(model, preprocess, tokenizer, images, labels, loader, runs, templates, amp,
+                      dict(expected_preprocess) if expected_preprocess is not None else None,
+                      wfile, lock, expected_sha256, saved.settings["threads"], t0)
+    if image_names is not None:
+        d = dataclasses.replace(d, images=tuple(str(n) for n in image_names))
+    return d
+
+
+def _check_arguments(images: Sequence[Any] | torch.Tensor, runs: int, image_names: Sequence[str] | None) -> None:
     if not isinstance(runs, int) or runs < 1:
         raise InputError(f"runs must be a positive integer, got {runs!r}")
     if image_names is not None:
@@ -183,20 +175,6 @@ def diagnose(
             len(images) if isinstance(images, Sequence) and not isinstance(images, (str, bytes)) else 1)
         if len(image_names) != count:
             raise InputError(f"image_names has {len(image_names)} name(s) for {count} image(s); give one per image")
-    t0 = time.perf_counter()
-    wfile = Path(weights_file).expanduser() if weights_file is not None else None
-    glob = GlobalSnapshot.take()
-    try:
-        d = _diagnose(model, preprocess, tokenizer, images, labels, loader, runs, templates, amp,
-                      dict(expected_preprocess) if expected_preprocess is not None else None,
-                      wfile, lock, expected_sha256, glob, t0)
-    finally:
-        changed = glob.restore()
-        if changed:
-            _logger.debug("restored process state changed during the diagnosis: %s", changed)
-    if image_names is not None:
-        d = dataclasses.replace(d, images=tuple(str(n) for n in image_names))
-    return d
 
 
 def _diagnose(
@@ -205,7 +183,7 @@ def _diagnose(
     loader: Callable[[], object] | None, runs: int, templates: str | Sequence[str] | None,
     amp: bool | str | torch.dtype | None, expected: dict[str, Any] | None, wfile: Path | None,
     lock: str | os.PathLike[str] | Mapping[str, Any] | None, expected_sha256: str | None,
-    glob: GlobalSnapshot, t0: float,
+    threads: int, t0: float,
 ) -> Diagnosis:
     first = None
     if loader is not None:
@@ -220,13 +198,13 @@ def _diagnose(
         raise InputError(f"{type(model).__name__} is not an open_clip model with encode_image/encode_text{hint}")
     device_type = model_device(model).type
     amp_in_use, amp_ambient = _resolve_amp(amp, device_type)
-    flags = checks_numerics.read_flags(device_type)
-    env = environment(model, device_type, flags, amp_in_use)
+    flags = determinism.current_flags(device_type)
+    env = environment(model, flags, amp_in_use)
     inputs = prepare_inputs(model, images, labels, preprocess=preprocess, tokenizer=tokenizer,
                             templates=templates, expected=expected)
     snap = ModelSnapshot.take(model)
     try:
-        ctx = Context(model, fp32_view(model), inputs, device_type, glob.threads, runs, snap, amp_in_use, flags)
+        ctx = Context(model, fp32_view(model), inputs, device_type, threads, runs, snap, amp_in_use, flags)
         diag = _measure(ctx, loader, first, wfile, lock, expected_sha256, amp_ambient, expected)
     finally:
         restored = snap.restore(model)
@@ -246,44 +224,8 @@ def _measure(
     repeats = checks_preprocess.random_pixels(ctx, 2)
     random_pre = any(px.shape != inputs.pixels_user.shape or not torch.equal(px, inputs.pixels_user)
                      for px in repeats)
-
-    # -- 2. weights: the same on every load?
-    weight_cause = None
-    second = None
-    if loader is not None and first is not None:
-        second = checks_weights.call_loader(loader, seed=checks_weights.SEED_B, weights_file=wfile)
-
-        def effect(x: checks_weights.Loaded, y: checks_weights.Loaded) -> float:
-            return max_abs_diff(ctx.eval_probs(model=fp32_view(x.model)), ctx.eval_probs(model=fp32_view(y.model)))
-
-        weight_cause = checks_weights.compare_loads(
-            findings, a=first, b=second, effect=effect, weights_file=wfile,
-            reload=lambda seed: checks_weights.call_loader(loader, seed=seed, weights_file=wfile))
-        if first.model is not model and weight_cause is None and first.fingerprint != ctx.snapshot.fingerprint:
-            ctx.notes["differs_from_loader"] = checks_weights.differing(model, first.model)[0]
-    else:
-        findings.skipped("random_init", "no loader given: pass loader=... to test whether loading is repeatable")
-        findings.skipped("weights_changed", "no loader given")
-
-    # -- the user's runs, as their code does them
-    as_is: list[np.ndarray | None] = []
-    errors: list[str | None] = []
-    amp_ctx = (lambda: contextlib.nullcontext()) if (amp_ambient or ctx.amp_in_use is None) else (
-        lambda: amp_autocast(ctx.device_type, ctx.amp_in_use))
-    for i in range(n):
-        m_i = model
-        if weight_cause is not None and loader is not None and i > 0:
-            m_i = second.model if (i == 1 and second is not None) else checks_weights.unpack_loaded(loader())[0]
-        px = inputs.pixels_user
-        if random_pre and i > 0 and inputs.user_preprocess is not None and inputs.pils is not None:
-            px = stack_pixels(inputs.user_preprocess, inputs.pils)
-        try:
-            with amp_ctx():
-                as_is.append(probs_of(m_i, px, inputs))
-            errors.append(None)
-        except Exception as e:  # noqa: BLE001 - the user's model failing as-is is a finding, not a crash
-            as_is.append(None)
-            errors.append(f"{type(e).__name__}: {e}")
+    weight_cause, second = _check_loads(ctx, findings, loader, first, wfile)  # 2. the same weights on every load?
+    as_is, errors = _as_is_runs(ctx, loader, second, weight_cause, random_pre, amp_ambient)
     del second
 
     # -- 3. did those runs change the model?
@@ -303,22 +245,7 @@ def _measure(
     training = bool(checks_mode.training_modules(model))
     clean_as_is = (ctx.amp_in_use is None and model_float_dtype(model) == torch.float32 and not random_pre
                    and weight_cause is None)
-    train_runs: list[np.ndarray] = []
-    train_error = next((e for e in errors if e is not None), None)
-    if training and clean_as_is:
-        train_runs = [p for p in as_is if p is not None]
-    elif training:
-        # one strict block for all runs: it seeds the RNG once on entry, so dropout masks still differ per run
-        with ctx.strict():
-            for _ in range(n):
-                try:
-                    train_runs.append(probs_of(ctx.fp32, inputs.pixels_user, inputs))
-                except Exception as e:  # noqa: BLE001 - same: recorded as evidence of train_mode
-                    train_error = f"{type(e).__name__}: {e}"
-                    break
-        ctx.restore_weights()
-        if ctx.fp32 is not model:  # a float32 copy ran in train mode: take a clean one again
-            ctx.fp32 = fp32_view(model)
+    train_runs, train_error = _train_runs(ctx, as_is, errors, training=training, clean_as_is=clean_as_is)
 
     # -- 9. preprocessing; decides which pixels the fixed runs use
     fix_pre = checks_preprocess.check_preprocess(ctx, findings, expected=expected, repeats=repeats)
@@ -339,20 +266,97 @@ def _measure(
     _differs_from_loader(findings, ctx)
     checks_weights.check_corrupted(findings, fingerprint=ctx.snapshot.fingerprint, weights_file=wfile, lock=lock,
                                    expected_sha256=expected_sha256)
-    precision_outputs = checks_numerics.check_precision(ctx, findings)
-    checks_numerics.check_flags(ctx, findings)
-    checks_numerics.check_batch(ctx, findings)
-    checks_numerics.check_threads(ctx, findings)
-    checks_numerics.check_device(ctx, findings)
-    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-    checks_weights.check_non_finite(findings, state=ctx.snapshot.tensors, params=params, outputs={
-        "as_is": [p for p in as_is if p is not None], "eval": fixed, "autocast": precision_outputs})
+    _numerics_checks(ctx, findings, as_is, fixed)
 
     causes = rank_causes(findings.causes)
     run_records = tuple(
         Run(i, None if as_is[i] is None else _rows(as_is[i]), _rows(fixed[i]), errors[i]) for i in range(n))
     return Diagnosis(verdict_of(causes), causes, run_records, {}, tuple(findings.checks), tuple(inputs.labels),
                      tuple(inputs.names))
+
+
+def _check_loads(
+    ctx: Context, findings: Findings, loader: Callable[[], object] | None, first: checks_weights.Loaded | None,
+    wfile: Path | None,
+) -> tuple[str | None, checks_weights.Loaded | None]:
+    """``random_init`` / ``weights_changed`` from a second load; returns the cause found and that load."""
+    if loader is None or first is None:
+        findings.skipped("random_init", "no loader given: pass loader=... to test whether loading is repeatable")
+        findings.skipped("weights_changed", "no loader given")
+        return None, None
+    second = checks_weights.call_loader(loader, seed=checks_weights.SEED_B, weights_file=wfile)
+
+    def effect(x: checks_weights.Loaded, y: checks_weights.Loaded) -> float:
+        return max_abs_diff(ctx.eval_probs(model=fp32_view(x.model)), ctx.eval_probs(model=fp32_view(y.model)))
+
+    weight_cause = checks_weights.compare_loads(
+        findings, a=first, b=second, effect=effect, weights_file=wfile,
+        reload=lambda seed: checks_weights.call_loader(loader, seed=seed, weights_file=wfile))
+    if first.model is not ctx.model and weight_cause is None and first.fingerprint != ctx.snapshot.fingerprint:
+        ctx.notes["differs_from_loader"] = checks_weights.differing(ctx.model, first.model)[0]
+    return weight_cause, second
+
+
+def _as_is_runs(
+    ctx: Context, loader: Callable[[], object] | None, second: checks_weights.Loaded | None,
+    weight_cause: str | None, random_pre: bool, amp_ambient: bool,
+) -> tuple[list[np.ndarray | None], list[str | None]]:
+    """The user's runs, as their code does them: probabilities (None where the forward failed) and errors."""
+    inputs = ctx.inputs
+    as_is: list[np.ndarray | None] = []
+    errors: list[str | None] = []
+    amp_ctx = (lambda: contextlib.nullcontext()) if (amp_ambient or ctx.amp_in_use is None) else (
+        lambda: amp_autocast(ctx.device_type, ctx.amp_in_use))
+    for i in range(ctx.runs):
+        m_i = ctx.model
+        if weight_cause is not None and loader is not None and i > 0:  # their code loads again each run
+            m_i = second.model if (i == 1 and second is not None) else checks_weights.unpack_loaded(loader())[0]
+        px = inputs.pixels_user
+        if random_pre and i > 0 and inputs.user_preprocess is not None and inputs.pils is not None:
+            px = stack_pixels(inputs.user_preprocess, inputs.pils)
+        try:
+            with amp_ctx():
+                as_is.append(probs_of(m_i, px, inputs))
+            errors.append(None)
+        except Exception as e:  # noqa: BLE001 - the user's model failing as-is is a finding, not a crash
+            as_is.append(None)
+            errors.append(f"{type(e).__name__}: {e}")
+    return as_is, errors
+
+
+def _train_runs(
+    ctx: Context, as_is: list[np.ndarray | None], errors: list[str | None], *, training: bool, clean_as_is: bool,
+) -> tuple[list[np.ndarray], str | None]:
+    """Train-mode probabilities with nothing else changed: the as-is runs when they are exactly that."""
+    train_error = next((e for e in errors if e is not None), None)
+    if not training or clean_as_is:
+        return ([p for p in as_is if p is not None] if training else []), train_error
+    train_runs: list[np.ndarray] = []
+    # one strict block for all runs: it seeds the RNG once on entry, so dropout masks still differ per run
+    with ctx.strict():
+        for _ in range(ctx.runs):
+            try:
+                train_runs.append(probs_of(ctx.fp32, ctx.inputs.pixels_user, ctx.inputs))
+            except Exception as e:  # noqa: BLE001 - same: recorded as evidence of train_mode
+                train_error = f"{type(e).__name__}: {e}"
+                break
+    ctx.restore_weights()
+    if ctx.fp32 is not ctx.model:  # a float32 copy ran in train mode: take a clean one again
+        ctx.fp32 = fp32_view(ctx.model)
+    return train_runs, train_error
+
+
+def _numerics_checks(ctx: Context, findings: Findings, as_is: list[np.ndarray | None],
+                     fixed: list[np.ndarray]) -> None:
+    """Checks 4-8: precision, flags, batch, threads, device, and non-finite weights or outputs."""
+    precision_outputs = checks_numerics.check_precision(ctx, findings)
+    checks_numerics.check_flags(ctx, findings)
+    checks_numerics.check_batch(ctx, findings)
+    checks_numerics.check_threads(ctx, findings)
+    checks_numerics.check_device(ctx, findings)
+    params = {name for name, _ in ctx.model.named_parameters(remove_duplicate=False)}
+    checks_weights.check_non_finite(findings, state=ctx.snapshot.tensors, params=params, outputs={
+        "as_is": [p for p in as_is if p is not None], "eval": fixed, "autocast": precision_outputs})
 
 
 def _differs_from_loader(findings: Findings, ctx: Context) -> None:

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from steadyclip.errors import InputError
+from steadyclip.errors import InputError, NumericsError
+from steadyclip.head import ZeroShotHead
 
 _logger = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ __all__ = [
     "Encoded",
     "Inputs",
     "amp_autocast",
+    "class_embeddings",
     "encode",
     "expected_preprocess",
     "fp32_view",
@@ -38,6 +40,7 @@ __all__ = [
     "probs_of",
     "spread",
     "top1_changes",
+    "zero_shot",
 ]
 
 
@@ -255,22 +258,28 @@ def encode(
     return Encoded(_normalise(images), _normalise(torch.cat(txt).double().numpy()))
 
 
-def head(model: torch.nn.Module, enc: Encoded, n_templates: int) -> np.ndarray:
-    """Zero-shot probabilities (N, C) in float64: mean of template embeddings per class, then softmax.
+def zero_shot(zs: ZeroShotHead, images: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """(N, D) and (C, D) normalised embeddings -> (N, C) probabilities through steadyclip's one head, float64.
 
-    SigLIP-style models (with a ``logit_bias``) get their per-label sigmoid instead.
+    A row whose logits are not finite comes back all NaN - the ``non_finite`` check reports it -
+    where the engine would raise.
     """
-    n_cls = enc.texts.shape[0] // n_templates
-    cls = _normalise(enc.texts.reshape(n_cls, n_templates, -1).mean(axis=1))  # (C, D)
-    m: Any = model
-    scale = float(m.logit_scale.detach().float().exp().cpu()) if hasattr(m, "logit_scale") else 100.0
-    logits = scale * enc.images @ cls.T  # (N, C)
-    bias = getattr(m, "logit_bias", None)
-    with np.errstate(over="ignore", invalid="ignore"):
-        if isinstance(bias, torch.Tensor):
-            return 1.0 / (1.0 + np.exp(-(logits + float(bias.detach().float().cpu()))))  # type: ignore[no-any-return]
-        z = np.exp(logits - logits.max(axis=-1, keepdims=True))
-        return z / z.sum(axis=-1, keepdims=True)  # type: ignore[no-any-return]
+    out = np.full((images.shape[0], classes.shape[0]), np.nan)
+    for i, row in enumerate(images):
+        with contextlib.suppress(NumericsError):
+            out[i] = zs.probs(row, classes)  # (C,): softmax for CLIP, per-label sigmoid for SigLIP
+    return out
+
+
+def class_embeddings(texts: np.ndarray, n_templates: int) -> np.ndarray:
+    """(C*T, D) label-major prompt embeddings -> (C, D): the normalised mean over each label's templates."""
+    n_cls = texts.shape[0] // n_templates
+    return _normalise(texts.reshape(n_cls, n_templates, -1).mean(axis=1))
+
+
+def head(model: torch.nn.Module, enc: Encoded, n_templates: int) -> np.ndarray:
+    """Zero-shot probabilities (N, C): mean of template embeddings per class, then the model's own head."""
+    return zero_shot(ZeroShotHead.from_model(model), enc.images, class_embeddings(enc.texts, n_templates))
 
 
 def probs_of(model: torch.nn.Module, pixels: torch.Tensor, inputs: Inputs, **kw: Any) -> np.ndarray:

@@ -114,5 +114,6 @@ def render(d: Diagnosis, console: Console | None = None, *, show_runs: bool = Tr
     for s in skipped:
         console.print(f"[dim]skipped {s.id}: {s.detail}[/dim]", highlight=False)
     env = d.environment
-    console.print(f"[dim]torch {env.get('torch')}, open_clip {env.get('open_clip')}, device {env.get('device')}, "
+    versions = env["versions"]
+    console.print(f"[dim]torch {versions['torch']}, open_clip {versions['open_clip_torch']}, device {env.get('device')}, "
                   f"threads {env.get('threads')}, MKL_CBWR={env.get('MKL_CBWR')}[/dim]", highlight=False)

@@ -238,8 +238,9 @@ def _diagnosis(as_is: list[RunTrace], fixed: list[RunTrace], causes: tuple[Any, 
         if ok:
             checks.append(CheckStatus(cid, "ok", detail))
     call = first.calls[0]
-    env = {"script": str(path), "python": first.versions.get("python"), "torch": first.versions.get("torch"),
-           "open_clip": first.versions.get("open_clip"), "device": call.device, "flags": call.flags,
+    env = {"script": str(path), "device": call.device, "flags": call.flags,
+           "versions": {"python": first.versions.get("python"), "torch": first.versions.get("torch"),
+                        "open_clip_torch": first.versions.get("open_clip")},  # the script's process, not ours
            "threads": call.flags.get("threads"), "MKL_CBWR": call.flags.get("MKL_CBWR"),
            "autocast": call.autocast, "first_divergence": div, "kept_fixes": kept,
            "models": {k: {"arch": m.arch, "pretrained": m.pretrained, "created_at": str(m.where),

@@ -18,7 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from steadyclip.doctor.harness import zero_shot
 from steadyclip.errors import InputError
+from steadyclip.head import ZeroShotHead
 
 __all__ = ["Call", "ModelRecord", "RunTrace", "Where", "first_divergence", "prob_spread", "read_trace"]
 
@@ -63,6 +65,7 @@ class Call:
     digests: tuple[str, ...]
     outputs: tuple[np.ndarray | None, ...]
     logit_scale: float | None
+    logit_bias: float | None  # SigLIP's; None for CLIP
     transforms_used: dict[str, int]
     texts: tuple[str, ...] | None
 
@@ -116,15 +119,13 @@ class RunTrace:
         b = txt.outputs[0] if txt is not None else (img.outputs[1] if len(img.outputs) > 1 else None)
         if a is None or b is None or a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
             return None
-        scale = (txt or img).logit_scale or 100.0
+        scorer = txt or img
+        if scorer.logit_scale is None:
+            return None  # not a CLIP/SigLIP model: no zero-shot head to score with
         a64, b64 = a.astype(np.float64), b.astype(np.float64)
         a64 /= np.linalg.norm(a64, axis=1, keepdims=True) + 1e-12
         b64 /= np.linalg.norm(b64, axis=1, keepdims=True) + 1e-12
-        logits = scale * a64 @ b64.T  # (N, C)
-        logits -= logits.max(axis=1, keepdims=True)
-        e = np.exp(logits)
-        out: np.ndarray = e / e.sum(axis=1, keepdims=True)
-        return out
+        return zero_shot(ZeroShotHead(scale=scorer.logit_scale, bias=scorer.logit_bias), a64, b64)  # (N, C)
 
     def labels(self) -> tuple[str, ...] | None:
         txt = next((c for c in reversed(self.calls) if c.texts), None)
@@ -146,7 +147,7 @@ def _call(e: dict[str, Any]) -> Call:
         autocast=dict(e.get("autocast") or {}), flags=dict(e.get("flags") or {}),
         weights=str(e.get("weights_pinned") or e.get("weights")), device=str(e.get("device", "cpu")),
         digests=tuple(str(o["digest"]) for o in outs), outputs=tuple(_array(o) for o in outs),
-        logit_scale=e.get("logit_scale"), transforms_used=dict(e.get("transforms_used") or {}),
+        logit_scale=e.get("logit_scale"), logit_bias=e.get("logit_bias"), transforms_used=dict(e.get("transforms_used") or {}),
         texts=tuple(texts) if texts else None,
     )
 

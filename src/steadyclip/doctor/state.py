@@ -1,18 +1,17 @@
-"""Leave the user's model and process exactly as we found them.
+"""Leave the user's model exactly as we found it.
 
 ``diagnose`` runs the user's model the way their code does - in train mode,
-updating BatchNorm statistics, consuming random numbers - and then has to put
-everything back: each module's ``training`` flag, every parameter and buffer
-(bitwise; only tensors that changed are written, so parameters keep their
-storage and in-place version counters), ``requires_grad``, the global torch
-flags, the thread count and the RNG state. A state fingerprint taken before and
-after proves it.
+updating BatchNorm statistics - and then has to put everything back: each
+module's ``training`` flag, every parameter and buffer (bitwise; only tensors
+that changed are written, so parameters keep their storage and in-place version
+counters) and ``requires_grad``. A state fingerprint taken before and after
+proves it. The process's torch flags, thread count and RNG state are saved and
+restored by :func:`steadyclip.determinism.snapshot` / :func:`~steadyclip.determinism.restore`.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,14 +23,12 @@ from steadyclip.errors import IntegrityError
 _logger = logging.getLogger(__name__)
 
 __all__ = [
-    "GlobalSnapshot",
     "ModelSnapshot",
     "bitwise_equal",
     "changed_tensors",
+    "cuda_initialized",
     "eval_temporarily",
-    "preserved",
     "strict_numerics",
-    "threads_temporarily",
 ]
 
 
@@ -135,94 +132,6 @@ def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch.equal(a, b))
 
 
-@dataclass
-class GlobalSnapshot:
-    """Process-wide torch state a diagnosis may touch."""
-
-    grad_enabled: bool
-    threads: int
-    deterministic: bool
-    deterministic_warn_only: bool
-    matmul_precision: str
-    cudnn: dict[str, Any]
-    cuda_matmul: dict[str, Any]
-    mkldnn_enabled: bool
-    cpu_rng: torch.Tensor
-    cuda_rng: list[torch.Tensor] | None
-    env: dict[str, str | None]
-
-    @classmethod
-    def take(cls) -> GlobalSnapshot:
-        cuda = cuda_initialized()  # never start CUDA just to save its RNG
-        return cls(
-            grad_enabled=torch.is_grad_enabled(),
-            threads=torch.get_num_threads(),
-            deterministic=torch.are_deterministic_algorithms_enabled(),
-            deterministic_warn_only=torch.is_deterministic_algorithms_warn_only_enabled(),
-            matmul_precision=torch.get_float32_matmul_precision(),
-            cudnn={k: getattr(torch.backends.cudnn, k) for k in ("benchmark", "deterministic", "allow_tf32")},
-            cuda_matmul={"allow_tf32": torch.backends.cuda.matmul.allow_tf32},
-            mkldnn_enabled=bool(torch.backends.mkldnn.enabled),
-            cpu_rng=torch.random.get_rng_state(),
-            cuda_rng=torch.cuda.get_rng_state_all() if cuda else None,
-            env={k: os.environ.get(k) for k in ("CUBLAS_WORKSPACE_CONFIG", "MKL_CBWR")},
-        )
-
-    def restore(self) -> list[str]:
-        """Put back whatever differs now; returns the names of what had changed."""
-        changed: list[str] = []
-        if torch.is_grad_enabled() != self.grad_enabled:
-            torch.set_grad_enabled(self.grad_enabled)
-            changed.append("grad_enabled")
-        if torch.get_num_threads() != self.threads:
-            torch.set_num_threads(self.threads)
-            changed.append("threads")
-        if (torch.are_deterministic_algorithms_enabled() != self.deterministic
-                or torch.is_deterministic_algorithms_warn_only_enabled() != self.deterministic_warn_only):
-            torch.use_deterministic_algorithms(self.deterministic, warn_only=self.deterministic_warn_only)
-            changed.append("deterministic_algorithms")
-        if torch.get_float32_matmul_precision() != self.matmul_precision:
-            torch.set_float32_matmul_precision(self.matmul_precision)
-            changed.append("float32_matmul_precision")
-        for k, v in self.cudnn.items():
-            if getattr(torch.backends.cudnn, k) != v:
-                setattr(torch.backends.cudnn, k, v)
-                changed.append(f"cudnn.{k}")
-        if torch.backends.cuda.matmul.allow_tf32 != self.cuda_matmul["allow_tf32"]:
-            torch.backends.cuda.matmul.allow_tf32 = self.cuda_matmul["allow_tf32"]
-            changed.append("cuda.matmul.allow_tf32")
-        if bool(torch.backends.mkldnn.enabled) != self.mkldnn_enabled:
-            torch._C._set_mkldnn_enabled(self.mkldnn_enabled)  # what torch.backends.mkldnn.enabled sets
-            changed.append("mkldnn.enabled")
-        for k, v in self.env.items():
-            if os.environ.get(k) != v:
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-                changed.append(f"env.{k}")
-        torch.random.set_rng_state(self.cpu_rng)
-        if self.cuda_rng is not None:
-            torch.cuda.set_rng_state_all(self.cuda_rng)
-        return changed
-
-
-@contextlib.contextmanager
-def preserved(model: torch.nn.Module) -> Iterator[ModelSnapshot]:
-    """Snapshot the model and process state; restore both on exit, even after an error."""
-    glob = GlobalSnapshot.take()
-    snap = ModelSnapshot.take(model)
-    try:
-        yield snap
-    finally:
-        try:
-            snap.restore(model)
-        finally:
-            changed = glob.restore()
-            if changed:
-                _logger.debug("restored global state changed during diagnosis: %s", changed)
-
-
 @contextlib.contextmanager
 def eval_temporarily(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """``model.eval()`` for the duration; each module's own ``training`` flag comes back on exit."""
@@ -233,24 +142,6 @@ def eval_temporarily(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     finally:
         for m, was in modes:
             m.training = was
-
-
-@contextlib.contextmanager
-def threads_temporarily(n: int | None) -> Iterator[None]:
-    """Another intra-op thread count for the block, the caller's other flags untouched; restored on exit.
-
-    The one global this package sets itself: the strict profile would also change the
-    kernels (oneDNN off, deterministic), and thread_variance must measure the caller's.
-    """
-    if n is None or n == torch.get_num_threads():
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 @contextlib.contextmanager

@@ -162,7 +162,7 @@ def _apply_fixes(obs: Observer, model: torch.nn.Module, k: int) -> dict[str, Any
 def _record(obs: Observer, model: torch.nn.Module, kind: str) -> dict[str, Any]:
     training, layers = active_layers(model)
     p = next(iter(model.parameters()), None)
-    scale = getattr(model, "logit_scale", None)
+    scale, bias = getattr(model, "logit_scale", None), getattr(model, "logit_bias", None)
     rec: dict[str, Any] = {
         "model": obs.index(model), "kind": kind, "where": obs.where(), "training": bool(model.training),
         "modules_training": training, "layers": layers[:_LIST], "layer_count": len(layers),
@@ -170,6 +170,7 @@ def _record(obs: Observer, model: torch.nn.Module, kind: str) -> dict[str, Any]:
         "device": p.device.type if p is not None else "cpu",
         "dtype": str(p.dtype).removeprefix("torch.") if p is not None else None,
         "logit_scale": float(scale.detach().exp()) if isinstance(scale, torch.Tensor) else None,
+        "logit_bias": float(bias.detach().double()) if isinstance(bias, torch.Tensor) else None,  # SigLIP
     }
     if kind in ("encode_image", "forward"):
         rec["transforms_used"] = dict(obs.used)
