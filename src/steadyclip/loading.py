@@ -23,7 +23,15 @@ from typing import Any, Literal
 
 import torch
 
-from steadyclip import _fastinit, checkpoints, integrity, lockfile, registry, sources
+from steadyclip import (
+    _fastinit,
+    checkpoints,
+    determinism,
+    integrity,
+    lockfile,
+    registry,
+    sources,
+)
 from steadyclip.errors import (
     DeviceError,
     InferenceStateError,
@@ -257,15 +265,18 @@ def _build(resolved: sources.ResolvedSource, *, allow_torchscript: bool, allow_p
             pretrained_text=False,
             device="cpu",
         )
-    state = checkpoints.read_state_dict(resolved.weights_file, allow_torchscript=allow_torchscript)
-    state = checkpoints.normalize_state_dict(model, state)
-    checkpoints.apply_state_dict(model, state, allow_partial=allow_partial, source=str(resolved.weights_file))
-    unset = _fastinit.not_loaded(model, skipped, state.keys())
-    if unset:  # a parameter outside the state dict would hold uninitialised memory: never run that
-        raise WeightsError(f"parameters {checkpoints.format_keys(unset)} of {resolved.model_id!r} are not in its "
-                           "state dict, so the checkpoint cannot give them values; report this model")
-    del state
-    _check_finite(model, resolved.model_id)
+    # Copies and checks are memory-bound passes over every tensor: one thread streams them at
+    # memory speed, while a thread team pays a fork/join per tensor (30x slower on small VMs).
+    with determinism.thread_count(1):
+        state = checkpoints.read_state_dict(resolved.weights_file, allow_torchscript=allow_torchscript)
+        state = checkpoints.normalize_state_dict(model, state)
+        checkpoints.apply_state_dict(model, state, allow_partial=allow_partial, source=str(resolved.weights_file))
+        unset = _fastinit.not_loaded(model, skipped, state.keys())
+        if unset:  # a parameter outside the state dict would hold uninitialised memory: never run that
+            raise WeightsError(f"parameters {checkpoints.format_keys(unset)} of {resolved.model_id!r} are not in "
+                               "its state dict, so the checkpoint cannot give them values; report this model")
+        del state
+        _check_finite(model, resolved.model_id)
     return model.eval()
 
 
