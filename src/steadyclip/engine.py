@@ -362,7 +362,7 @@ class Engine:
         the rest are classified) - the document the CLI prints and the server answers.
         """
         clean = validate_labels(labels)
-        tset = get_template_set(templates)
+        tset = get_template_set(self.loaded.default_templates if templates is None else templates)
         classes = self.class_embeddings(clean, tset)
         images = rows.as_list(images)
         report = self.embed_images(images, on_error="row")

@@ -50,7 +50,7 @@ class ImagePayload:
 class ClassifyInput:
     images: list[ImagePayload]
     labels: list[str]
-    templates: TemplateSet
+    templates: TemplateSet | None  # None: the model's default set
     top_k: int
 
 
@@ -161,10 +161,15 @@ def _check_texts(texts: Sequence[str], what: str, settings: ServerSettings) -> N
             )
 
 
-def resolve_templates(spec: str | Sequence[str] | None, settings: ServerSettings) -> TemplateSet:
-    """A built-in template set by name, or an explicit list; never a file on the server."""
-    if spec is None or isinstance(spec, str):
-        if spec is not None and spec not in BUILTIN_TEMPLATE_SETS:
+def resolve_templates(spec: str | Sequence[str] | None, settings: ServerSettings) -> TemplateSet | None:
+    """A built-in template set by name, or an explicit list; never a file on the server.
+
+    ``None`` (none given) stays ``None``: the model's own default set, chosen by the service.
+    """
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        if spec not in BUILTIN_TEMPLATE_SETS:
             raise _unprocessable(
                 f"templates {spec!r} is not a built-in set {list(BUILTIN_TEMPLATE_SETS)}; give one of those or "
                 "a list of templates each containing '{}' (the server never reads template files)",

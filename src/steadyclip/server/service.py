@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from steadyclip.errors import InferenceStateError, IntegrityError, SteadyClipError
 from steadyclip.images import decode_image
+from steadyclip.prompts import get_template_set
 from steadyclip.replicas import rebuild_error
 from steadyclip.rows import embed_uploads
 from steadyclip.server import golden as golden_mod
@@ -173,7 +174,8 @@ class Service:
 
     async def classify(self, inp: ClassifyInput) -> dict[str, Any]:
         """The ``classify --json`` document for one request."""
-        labels, tset = inp.labels, inp.templates
+        labels = inp.labels
+        tset = inp.templates or get_template_set(self.engine.loaded.default_templates)
         classes_fut = self._submit(lambda: self.batcher.submit_call(lambda: self.engine.class_embeddings(labels, tset)))
         try:
             image_emb, notes = await self._embed_images(inp.images)
