@@ -204,9 +204,7 @@ def _report(doc: dict[str, Any]) -> str:
                      f"{all_['best_wall_s']:.1f} s ({all_['img_per_s']:.1f} img/s) | "
                      f"{one['best_wall_s'] / all_['best_wall_s']:.2f}x | "
                      f"{all_['peak_rss_tree_mb']:.0f} / {all_['peak_rss_process_mb']:.0f} MB |")
-    for cores in ("1", "all"):
-        r = wp[f"openclip_loop@{cores}"]["best_wall_s"] / wp[f"steadyclip_batch@{cores}"]["best_wall_s"]
-        lines.append(f"\nsteadyclip batch vs open_clip loop at {cores} core(s): **{r:.2f}x** (wall-time ratio)")
+    lines += ["", *_goals(doc)]
     lines += ["", "| server, 16 clients | req/s | p50 / p99 ms | server RSS | USS per replica (x weights) |",
               "|---|---|---|---|---|"]
     for key, s in srv.items():
@@ -214,6 +212,26 @@ def _report(doc: dict[str, Any]) -> str:
         lines.append(f"| {key} | {s['rps']:.1f} | {s['latency_ms']['p50']:.0f} / {s['latency_ms']['p99']:.0f} | "
                      f"{s['server_rss_mb']:.0f} MB | {uss or '-'} |")
     return "\n".join(lines) + "\n"
+
+
+def _goals(doc: dict[str, Any]) -> list[str]:
+    """Issue 12's goals, each with the measured ratio and PASS/MISS."""
+    wp, srv, cpus = doc["whole_process"], doc["server"], doc["cpus"]
+
+    def wall(key: str) -> float:
+        return float(wp[key]["best_wall_s"])
+
+    rows = [(f"batch vs loop at {c} core(s)", wall(f"openclip_loop@{c}") / wall(f"steadyclip_batch@{c}"), 1.0)
+            for c in ("1", "all")]
+    rows.append(("batch 1 -> all cores", wall("steadyclip_batch@1") / wall("steadyclip_batch@all"), 1.7))
+    if f"K={cpus}@all" in srv and cpus > 1:
+        rows.append((f"server K={cpus} vs K=1 (all cores)", srv[f"K={cpus}@all"]["rps"] / srv["K=1@all"]["rps"], 1.6))
+    uss = [v for s in srv.values() for v in s["replica_uss_vs_weights"]]
+    out = ["| goal | measured | target | |", "|---|---|---|---|"]
+    out += [f"| {name} | {r:.2f}x | >= {t}x | {'PASS' if r >= t else 'MISS'} |" for name, r, t in rows]
+    if uss:
+        out.append(f"| USS per extra replica | {max(uss):.1%} of weights | <= 15% | {'PASS' if max(uss) <= 0.15 else 'MISS'} |")
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
