@@ -118,6 +118,26 @@ def test_usage_errors_exit_2(args: list[str]) -> None:
     assert run(*args).exit_code == 2
 
 
+def test_labels_and_json_options_are_the_ones_every_command_shares() -> None:
+    from steadyclip.cli.classify import classify
+    from steadyclip.cli.doctor import doctor
+
+    def info(command: Any) -> dict[str, Any]:
+        return {p.name: p.to_info_dict() for p in command.params if p.name in ("labels", "labels_file", "as_json")}
+
+    assert info(doctor) == info(classify) and len(info(doctor)) == 3
+
+
+def test_labels_file_is_read_like_classify_reads_it(image_files: list[str], demo_arch_checkpoint: Path,
+                                                    tmp_path: Path) -> None:
+    labels = tmp_path / "labels.txt"
+    labels.write_text("# shapes\nred circle\n\nblue square\n", encoding="utf-8")
+    r = run("doctor", "--model", DEMO_ARCH, "--pretrained", str(demo_arch_checkpoint), *image_files,
+            "--labels-file", str(labels), "--runs", "1", "--eval", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert doc_of(r)["labels"] == ["red circle", "blue square"]
+
+
 def test_unknown_tag_is_an_error_exit_1(image_files: list[str]) -> None:
     r = run("doctor", "--model", DEMO_ARCH, "--pretrained", "no_such_tag", *image_files, "--labels", LABELS)
     assert r.exit_code == 1

@@ -13,10 +13,15 @@ import pytest
 from open_clip import pretrained as ocp
 
 from steadyclip import registry
-from steadyclip.errors import IntegrityError, LockMismatchError, ModelSourceError
+from steadyclip.errors import (
+    InputError,
+    IntegrityError,
+    LockMismatchError,
+    ModelSourceError,
+)
 from steadyclip.loading import load
 from steadyclip.lockfile import write_lock
-from steadyclip.sources.hub import hub_commit, url_sha256
+from steadyclip.sources.hub import fetch_verified, hub_commit, url_sha256
 
 DEMO_ARCH = registry.DEMO_ARCH
 
@@ -140,6 +145,30 @@ def test_corrupt_twice_is_integrity_error_never_a_load(demo_tag: str, fake_hub: 
         load(DEMO_ARCH, pretrained=demo_tag)
     assert "expected" in str(e.value) and "actual" in str(e.value)
     assert len(fake_hub.downloads) == 2
+
+
+def test_a_malformed_expected_hash_is_input_error_and_the_file_stays(tmp_path: Path) -> None:
+    """One rule for expected hashes: a bad one is the user's to fix, not a corrupt file to move aside."""
+    good = tmp_path / "weights.bin"
+    good.write_bytes(b"weights")
+    digest = hashlib.sha256(b"weights").hexdigest()
+    assert fetch_verified(lambda: good, lambda _p: [digest[:8].upper()], what="w") == (good, digest)
+    with pytest.raises(InputError, match="8 to 64 hex digits"):
+        fetch_verified(lambda: good, lambda _p: [digest[:8] + "zz"], what="w")
+    assert good.exists() and [p.name for p in tmp_path.iterdir()] == ["weights.bin"]
+
+
+def test_a_lock_with_a_malformed_hash_is_refused_before_any_download(
+        demo_tag: str, fake_hub: FakeHub, tmp_path: Path) -> None:
+    lock = tmp_path / "steadyclip.lock"
+    write_lock(lock, load(DEMO_ARCH, pretrained=demo_tag).info)
+    doc = json.loads(lock.read_text())
+    doc["model"]["weights_sha256"] = "not-a-hash"
+    lock.write_text(json.dumps(doc))
+    fake_hub.serve_corrupt = True  # the old rule moved the cached file aside and fetched it again
+    with pytest.raises(InputError, match="8 to 64 hex digits"):
+        load(DEMO_ARCH, pretrained=demo_tag, lock=lock)
+    assert len(fake_hub.downloads) == 1  # the first load's only
 
 
 def test_hf_hub_source_pins_revision(fake_hub: FakeHub, demo_arch_checkpoint: Path, tmp_path: Path) -> None:

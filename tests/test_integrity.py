@@ -21,6 +21,7 @@ from steadyclip.integrity import (
     get_hash_cache,
     sha256_file,
     state_fingerprint,
+    verify_sha256,
 )
 from steadyclip.loading import load
 from steadyclip.lockfile import compare_lock, make_lock, read_lock, write_lock
@@ -99,6 +100,23 @@ def test_second_load_of_unchanged_weights_hits_the_cache(demo_copy: Path) -> Non
     misses = cache.misses
     load(DEMO_ARCH, pretrained=demo_copy)
     assert cache.misses == misses and cache.hits >= 1
+
+
+# --- verify_sha256: the one rule for an expected hash (integrity.parse_sha256/sha256_matches) ---
+
+def test_verify_sha256_takes_the_full_digest_or_a_prefix_in_any_case(big_file: Path) -> None:
+    digest = hashlib.sha256(big_file.read_bytes()).hexdigest()
+    assert verify_sha256(big_file, digest.upper(), cache=None) == digest
+    assert verify_sha256(big_file, f" {digest[:8]}\n", cache=None) == digest
+    wrong = ("1" if digest[0] == "0" else "0") + digest[1:12]
+    with pytest.raises(IntegrityError, match=f"expected {wrong}, actual {digest}"):
+        verify_sha256(big_file, wrong, cache=None)
+
+
+@pytest.mark.parametrize("bad", ["", "abc1234", "g" * 8, "a" * 65])
+def test_verify_sha256_refuses_a_malformed_hash_before_reading_the_file(tmp_path: Path, bad: str) -> None:
+    with pytest.raises(InputError, match="8 to 64 hex digits"):
+        verify_sha256(tmp_path / "not-there.bin", bad)  # InputError, not FileNotFoundError: checked first
 
 
 # --- a flipped bit or a truncation is caught before any inference ------------------------

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import pickle
 import warnings
@@ -23,7 +24,7 @@ from steadyclip.errors import (
     WeightsError,
 )
 from steadyclip.integrity import sha256_file, state_fingerprint
-from steadyclip.loading import LoadedModel, ModelInfo, load
+from steadyclip.loading import LoadedModel, ModelInfo, load, quiet_random_init_warning
 
 DEMO_ARCH = registry.DEMO_ARCH
 
@@ -348,6 +349,45 @@ def test_no_weights_means_no_random_model_even_for_open_clip_names(monkeypatch: 
     with pytest.raises(ModelSourceError):
         load("ViT-B-32")
     assert os.environ["STEADYCLIP_CACHE_DIR"]  # sanity: the autouse fixture isolates caches
+
+
+@pytest.mark.parametrize(("error", "says"), [
+    (ModuleNotFoundError("No module named 'transformers'", name="transformers"), "pip install transformers"),
+    (OSError("We couldn't connect to 'https://huggingface.co'"), "load once while online"),
+])
+def test_a_tokenizer_that_cannot_load_is_a_model_source_error_saying_what_to_do(
+        demo_arch_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, error: Exception, says: str) -> None:
+    """SigLIP & co. use Hugging Face tokenizers: no ``transformers``, or offline with nothing cached."""
+    import open_clip
+
+    from steadyclip import sources
+
+    real_resolve = sources.resolve
+
+    def resolve_hf_tokenized(*args: Any, **kwargs: Any) -> sources.ResolvedSource:
+        resolved = real_resolve(*args, **kwargs)
+        cfg = {**resolved.model_cfg, "text_cfg": {**resolved.model_cfg["text_cfg"], "hf_tokenizer_name": "org/tok"}}
+        return dataclasses.replace(resolved, model_cfg=cfg)
+
+    def get_tokenizer(*_: Any, **__: Any) -> Any:
+        raise error
+
+    monkeypatch.setattr(sources, "resolve", resolve_hf_tokenized)
+    monkeypatch.setattr(open_clip, "get_tokenizer", get_tokenizer)
+    with pytest.raises(ModelSourceError, match=f"tokenizer 'org/tok' of {DEMO_ARCH!r}.*{says}") as e:
+        load(DEMO_ARCH, pretrained=demo_arch_checkpoint)
+    assert e.value.__cause__ is error
+
+
+def test_quiet_random_init_warning_drops_only_open_clips_false_warning(caplog: pytest.LogCaptureFixture) -> None:
+    root = logging.getLogger()  # where open_clip logs it
+    false_alarm = "No pretrained weights loaded for model 'x'. Model initialized randomly."
+    with caplog.at_level(logging.WARNING), quiet_random_init_warning():
+        root.warning(false_alarm)
+        root.warning("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]
+    root.warning(false_alarm)  # the filter is gone after the block
+    assert caplog.records[-1].getMessage() == false_alarm
 
 
 # --- real architectures, random init saved to disk ---------------------------------------

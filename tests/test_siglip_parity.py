@@ -20,7 +20,10 @@ import torch
 from _doctor_models import add_config, shape_images
 
 import steadyclip
+from steadyclip import drift
 from steadyclip.doctor import diagnose
+from steadyclip.head import ZeroShotHead
+from steadyclip.prompts import get_template_set
 
 ARCH = "parity-tiny-sigmoid-vit"
 LABELS = ["red circle", "blue square", "green star"]
@@ -81,3 +84,45 @@ def test_classify_and_doctor_give_siglips_own_probabilities(checkpoint: Path) ->
     np.testing.assert_allclose(doctored, classified, rtol=1e-4, atol=0)
     assert not np.allclose(classified.sum(axis=1), 1.0)  # independent sigmoids, not a softmax over labels
     assert d.verdict == "stable", [c.to_dict() for c in d.problems]
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    out: np.ndarray = (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+    return out
+
+
+def test_drift_scores_a_sigmoid_head_with_its_bias() -> None:
+    """Fast-profile drift of a SigLIP model is measured on its sigmoids, not on a softmax over labels."""
+    classes = _unit(np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))  # (C=2, D=3)
+    ref = _unit(np.array([[0.9, 0.3, 0.1]]))  # (N=1, D)
+    moved = _unit(np.array([[0.9, 0.4, 0.1]]))
+    sig = ZeroShotHead(scale=10.0, bias=-5.0)
+
+    def sigmoid(img: np.ndarray) -> np.ndarray:
+        out: np.ndarray = 1.0 / (1.0 + np.exp(-(10.0 * img.astype(np.float64) @ classes.T.astype(np.float64) - 5.0)))
+        return out
+
+    figures = drift.compare(ref, classes, moved, classes, head=sig)
+    assert figures.max_abs_prob == pytest.approx(float(np.abs(sigmoid(ref) - sigmoid(moved)).max()), rel=1e-9)
+    softmax = drift.compare(ref, classes, moved, classes, head=ZeroShotHead(scale=10.0))
+    assert abs(softmax.max_abs_prob - figures.max_abs_prob) > 0.01  # the two heads disagree here
+
+
+def test_drift_on_a_siglip_model_equals_the_engines_probability_change(checkpoint: Path) -> None:
+    loaded = steadyclip.load(ARCH, pretrained=checkpoint)
+    engine = steadyclip.Engine(loaded, replicas=1, text_cache=None)
+    pixels = torch.stack([loaded.preprocess(im) for im in shape_images(3, seed=5)])
+    images, classes = engine.embed_pixels(pixels), engine.embed_texts([TEMPLATE.format(lab) for lab in LABELS])
+    other = _unit(images + 0.05 * np.random.default_rng(0).standard_normal(images.shape))  # a "reduced" run
+
+    def probs(emb: np.ndarray) -> np.ndarray:
+        return np.array([r.probs for r in engine.classify_embeddings(emb, classes, LABELS,
+                                                                     get_template_set([TEMPLATE]))])
+
+    head = ZeroShotHead.from_model(loaded.model)
+    assert head.bias is not None
+    figures = drift.compare(images, classes, other, classes, head=head)
+    engine_change = float(np.abs(probs(images) - probs(other)).max())
+    assert figures.max_abs_prob == pytest.approx(engine_change, rel=1e-9) and engine_change > 0.0
+    as_softmax = drift.compare(images, classes, other, classes, head=ZeroShotHead(scale=head.scale))
+    assert as_softmax.max_abs_prob != pytest.approx(engine_change, rel=1e-3)  # what drift measured before

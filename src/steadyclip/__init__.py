@@ -6,12 +6,24 @@
     >>> res.label, res.provenance.fingerprint[:12]
 
 Public names are imported lazily so that ``import steadyclip`` (and the CLI's
-``--help``) do not pay for importing torch.
+``--help``) do not pay for importing torch. The ``TYPE_CHECKING`` block names the same
+objects for type checkers (it never runs); a test keeps it and ``_LAZY`` in step.
 """
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from steadyclip import errors
+    from steadyclip.determinism import get_profile
+    from steadyclip.doctor import diagnose
+    from steadyclip.engine import Engine
+    from steadyclip.images import load_image
+    from steadyclip.loading import LoadedModel, ModelInfo, load
+    from steadyclip.prompts import get_template_set
+    from steadyclip.results import Classification, Provenance
+    from steadyclip.textcache import TextCache
 
 __version__ = "0.1.0"
 

@@ -3,6 +3,8 @@
 One measurement path for everyone: :func:`compare` turns two sets of embeddings (a
 reference and a reduced-precision run of the same inputs) into :class:`DriftFigures`
 (min cosine of embeddings, max |delta prob| of the zero-shot head, top-1 agreement).
+Probabilities come from the model's own head (:class:`steadyclip.head.ZeroShotHead`): softmax
+for CLIP, per-label sigmoid with ``logit_bias`` for SigLIP, exactly as the engine scores them.
 The engine feeds it the behaviour probe under ``strict`` and ``fast`` at first use per
 model and stack (:func:`engine_drift`); ``doctor``'s ``precision_drift`` feeds it the
 user's images and labels. Verdicts are remembered on disk (:class:`steadyclip.cachedir.VerdictStore`),
@@ -21,6 +23,8 @@ import torch
 
 from steadyclip import determinism, identity
 from steadyclip.cachedir import VerdictStore
+from steadyclip.errors import InputError
+from steadyclip.head import ZeroShotHead
 
 if TYPE_CHECKING:
     from steadyclip.engine import Engine
@@ -29,7 +33,7 @@ _logger = logging.getLogger(__name__)
 
 __all__ = ["DRIFT_VERSION", "DriftFigures", "compare", "engine_drift", "fast_record", "thread_verdict"]
 
-DRIFT_VERSION = 1
+DRIFT_VERSION = 2  # 2: probabilities from the model's head (SigLIP's sigmoid), not always softmax
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +42,7 @@ class DriftFigures:
 
     min_cosine_image: float  # min over images of cos(reference row, reduced row)
     min_cosine_text: float
-    max_abs_prob: float  # max over (image, label) of |p_ref - p_reduced|, zero-shot softmax
+    max_abs_prob: float  # max over (image, label) of |p_ref - p_reduced|, the model's zero-shot head
     top1_agreement: float  # fraction of images whose top-1 label is the same
     images: int
     labels: int
@@ -65,22 +69,21 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
-def _probs(images: np.ndarray, classes: np.ndarray, scale: float) -> np.ndarray:
-    logits = scale * images.astype(np.float64) @ classes.astype(np.float64).T  # (N, C)
-    z = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    out: np.ndarray = z / z.sum(axis=-1, keepdims=True)
-    return out
-
-
 def compare(ref_images: np.ndarray, ref_texts: np.ndarray, images: np.ndarray, texts: np.ndarray, *,
-            logit_scale: float, reference: str = "strict (fp32)", inputs: str = "behaviour probe") -> DriftFigures:
+            head: ZeroShotHead, reference: str = "strict (fp32)", inputs: str = "behaviour probe") -> DriftFigures:
     """Drift of (``images``, ``texts``) from the reference embeddings; texts are the class embeddings.
 
-    Each side's probabilities use its own embeddings (the fast head sees fast texts).
+    Each side's probabilities use its own embeddings (the fast head sees fast texts) and the
+    model's ``head`` (``ZeroShotHead.from_model``), so a SigLIP model is scored by its sigmoid.
+
+    Raises:
+        InputError: the two runs' embeddings differ in shape (not the same inputs).
+        NumericsError: non-finite logits (from ``head``).
     """
     if ref_images.shape != images.shape or ref_texts.shape != texts.shape:
-        raise ValueError(f"cannot compare shapes {ref_images.shape}/{ref_texts.shape} with {images.shape}/{texts.shape}")
-    p_ref, p = _probs(ref_images, ref_texts, logit_scale), _probs(images, texts, logit_scale)
+        raise InputError(f"cannot compare embeddings of shapes {ref_images.shape}/{ref_texts.shape} with "
+                         f"{images.shape}/{texts.shape}: drift compares two runs of the same images and texts")
+    p_ref, p = head.probs_rows(ref_images, ref_texts), head.probs_rows(images, texts)  # (N, C) each
     agree = float((p_ref.argmax(-1) == p.argmax(-1)).mean()) if p.shape[0] else 1.0
     return DriftFigures(
         min_cosine_image=float(_cosines(ref_images, images).min(initial=1.0)),
@@ -121,9 +124,8 @@ def engine_drift(fast: Engine, strict: Engine) -> DriftFigures:
     images = probe_images(fast.loaded.info.preprocess.size)
     pixels = torch.stack([fast.preprocess(im) for im in images])  # (6, 3, H, W)
     texts = list(PROBE_TEXTS)
-    scale = float(fast.loaded.model.logit_scale.detach().float().exp().cpu())  # type: ignore[operator]
     figures = compare(strict.embed_pixels(pixels), strict.embed_texts(texts), fast.embed_pixels(pixels),
-                      fast.embed_texts(texts), logit_scale=scale)
+                      fast.embed_texts(texts), head=ZeroShotHead.from_model(fast.loaded.model))
     _logger.info("fast vs strict drift on the probe: min cosine %.6f, max |dp| %.3g, top-1 agreement %.3f",
                  figures.min_cosine, figures.max_abs_prob, figures.top1_agreement)
     store.put(key, figures.to_dict())

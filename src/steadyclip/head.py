@@ -65,13 +65,16 @@ class ZeroShotHead:
             raise NumericsError(f"probabilities sum to {probs.sum()!r}, not 1")
         return probs
 
+    def probs_rows(self, image_emb: np.ndarray, class_emb: np.ndarray) -> np.ndarray:
+        """(N, D) and (C, D) normalised embeddings -> (N, C) probabilities, each row on its own (``probs``)."""
+        out = np.empty((image_emb.shape[0], class_emb.shape[0]))  # (N, C), float64
+        for i, row in enumerate(image_emb):
+            out[i] = self.probs(row, class_emb)  # per-row: independent of N
+        return out
+
     def ranked(self, image_emb: np.ndarray, class_emb: np.ndarray, top_k: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per image row: its (C,) probabilities and the indices of its ``top_k`` labels (stable order)."""
-        out = []
-        for row in image_emb:
-            probs = self.probs(row, class_emb)  # (C,), per-row: independent of N
-            out.append((probs, np.argsort(-probs, kind="stable")[:top_k]))
-        return out
+        return [(probs, np.argsort(-probs, kind="stable")[:top_k]) for probs in self.probs_rows(image_emb, class_emb)]
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

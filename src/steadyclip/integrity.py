@@ -189,19 +189,17 @@ def verify_sha256(
     what: str = "weights file",
     cache: HashCache | None | Literal["default"] = "default",
 ) -> str:
-    """Hash ``path`` and check it against ``expected`` (full digest or a hex prefix of >= 8).
+    """Hash ``path`` and check it against ``expected`` (see :func:`parse_sha256`).
 
     Returns:
         The full actual digest.
     Raises:
-        InputError: ``expected`` is not a hex digest (or a prefix of at least 8 hex digits).
+        InputError: ``expected`` is not 8 to 64 hex digits (checked before the file is read).
         IntegrityError: naming the file, the expected and the actual hash.
     """
-    expected = expected.strip().lower()
-    if len(expected) < 8 or any(c not in "0123456789abcdef" for c in expected):
-        raise InputError(f"expected SHA-256 must be at least 8 hex digits, got {expected!r}")
+    expected = parse_sha256(expected)
     actual = sha256_file(path, cache=cache)
-    if not actual.startswith(expected):
+    if not sha256_matches(actual, expected):
         raise IntegrityError(
             f"{what} {os.fspath(path)} failed its SHA-256 check: expected {expected}, actual {actual}. "
             "The file is corrupt, truncated or not the file that was pinned; delete it and fetch it again."

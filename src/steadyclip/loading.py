@@ -38,6 +38,7 @@ from steadyclip.errors import (
     InputError,
     IntegrityError,
     LockMismatchError,
+    ModelSourceError,
     NumericsError,
     WeightsError,
 )
@@ -46,7 +47,8 @@ from steadyclip.numerics_env import device_kind
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["Guard", "LoadedModel", "ModelInfo", "PreprocessConfig", "load", "source_from_lock"]
+__all__ = ["Guard", "LoadedModel", "ModelInfo", "PreprocessConfig", "load", "quiet_random_init_warning",
+           "source_from_lock"]
 
 Guard = Literal["warn", "raise"]
 
@@ -254,7 +256,7 @@ def _build(resolved: sources.ResolvedSource, *, allow_torchscript: bool, allow_p
     # load builds normally, so its missing keys keep real initial values.
     skip: contextlib.AbstractContextManager[list[torch.nn.Parameter]] = (
         contextlib.nullcontext([]) if allow_partial else _fastinit.skip_parameter_init())
-    with torch.random.fork_rng(devices=[]), _quiet_random_init_warning(), skip as skipped:
+    with torch.random.fork_rng(devices=[]), quiet_random_init_warning(), skip as skipped:
         model: torch.nn.Module = open_clip.create_model(
             resolved.create_name,
             pretrained=None,
@@ -282,12 +284,11 @@ def _build(resolved: sources.ResolvedSource, *, allow_torchscript: bool, allow_p
 
 def _lock_in(model: torch.nn.Module, resolved: sources.ResolvedSource, guard: Guard) -> LoadedModel:
     """The built model with its tokenizer, eval transform and identity, locked in inference state."""
-    import open_clip
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
     final_state = model.state_dict()
     digests = integrity.tensor_digests(final_state)
-    tokenizer = open_clip.get_tokenizer(resolved.tokenizer_name)
+    tokenizer = _get_tokenizer(resolved)
     visual: Any = model.get_submodule("visual")  # open_clip's towers are untyped
     pp_cfg = dict(visual.preprocess_cfg)
     info = ModelInfo(
@@ -308,13 +309,37 @@ def _lock_in(model: torch.nn.Module, resolved: sources.ResolvedSource, guard: Gu
     return LoadedModel(model, preprocess, tokenizer, info, guard=guard, tensor_digests=digests)
 
 
+def _get_tokenizer(resolved: sources.ResolvedSource) -> Any:
+    """open_clip's tokenizer for the model; a missing package or an unreachable HF tokenizer is a ModelSourceError."""
+    import open_clip
+
+    hf_name = resolved.model_cfg.get("text_cfg", {}).get("hf_tokenizer_name")
+    what = f"tokenizer {hf_name!r} of {resolved.model_id!r}" if hf_name else f"tokenizer of {resolved.model_id!r}"
+    try:
+        return open_clip.get_tokenizer(resolved.tokenizer_name)
+    except ImportError as e:  # open_clip's HFTokenizer (SigLIP, ...) imports transformers on first use
+        package = (e.name or "transformers").split(".")[0]
+        raise ModelSourceError(
+            f"the {what} is a Hugging Face tokenizer and needs the {package!r} package, which is not importable "
+            f"({e}); install it (`pip install {package}`) and load again") from e
+    except OSError as e:  # transformers/huggingface_hub: offline and not cached, or no such tokenizer
+        raise ModelSourceError(
+            f"could not load the {what}: {type(e).__name__}: {e}. Hugging Face tokenizers come from the hub: load "
+            "once while online so it lands in the Hugging Face cache (HF_HOME), then it also loads offline") from e
+
+
 class _DropRandomInitWarning(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("No pretrained weights loaded for model")
 
 
 @contextlib.contextmanager
-def _quiet_random_init_warning() -> Iterator[None]:
+def quiet_random_init_warning() -> Iterator[None]:
+    """Drop open_clip's "No pretrained weights loaded ... initialized randomly" warning for the block.
+
+    For building an architecture whose weights are applied right after, where the warning is
+    false; every other log record passes. (open_clip logs it on the root logger.)
+    """
     f = _DropRandomInitWarning()
     root = logging.getLogger()
     root.addFilter(f)

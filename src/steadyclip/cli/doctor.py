@@ -12,24 +12,25 @@ from pathlib import Path
 
 import click
 
-from steadyclip.cli._common import EXIT_CHECK_FAILED, EXIT_OK, echo_json, handle_errors
+from steadyclip.cli._common import (
+    EXIT_CHECK_FAILED,
+    EXIT_OK,
+    echo_json,
+    handle_errors,
+    json_option,
+    labels_file_option,
+    labels_option,
+    read_labels,
+)
 
 _logger = logging.getLogger(__name__)
 
 
 def _labels(labels: str | None, labels_file: str | None, demo: bool) -> list[str]:
-    from steadyclip.prompts import read_labels_file
+    """``--labels``/``--labels-file`` as every command reads them; ``--demo`` without either: its own labels."""
     from steadyclip.registry import demo_labels
 
-    if labels and labels_file:
-        raise click.UsageError("give --labels or --labels-file, not both")
-    if labels_file:
-        return read_labels_file(labels_file)
-    if labels:
-        return labels.split(",")
-    if demo:
-        return demo_labels()
-    raise click.UsageError('give the labels: --labels "a cat,a dog" or --labels-file FILE')
+    return demo_labels() if demo and not (labels or labels_file) else read_labels(labels, labels_file)
 
 
 @click.command()
@@ -41,8 +42,8 @@ def _labels(labels: str | None, labels_file: str | None, demo: bool) -> list[str
 @click.option("--pretrained", default=None, help="open_clip pretrained tag or a checkpoint file (none: random init).")
 @click.option("--lock", "lock_path", type=click.Path(dir_okay=False, exists=True), default=None,
               help="A steadyclip lockfile the weights must match (weights_corrupted check).")
-@click.option("--labels", "-l", default=None, help='Comma-separated labels, e.g. "a cat,a dog".')
-@click.option("--labels-file", type=click.Path(exists=True, dir_okay=False), default=None, help="One label per line.")
+@labels_option
+@labels_file_option
 @click.option("--script", "script", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
               help="Diagnose your own unchanged script: run it N times, prove the cause (args after --).")
 @click.option("--runs", type=click.IntRange(min=1, max=100), default=None,
@@ -51,7 +52,7 @@ def _labels(labels: str | None, labels_file: str | None, demo: bool) -> list[str
               help="Your code calls model.eval(): diagnose the model in eval mode instead of as open_clip returns it.")
 @click.option("--amp", type=click.Choice(["bf16", "fp16"]), default=None,
               help="Your code runs the model under torch.autocast with this dtype.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (the diagnosis).")
+@json_option
 @click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write a self-contained HTML page charting each run as-is vs fixed.")
 @handle_errors

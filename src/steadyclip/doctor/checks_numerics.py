@@ -30,7 +30,7 @@ from steadyclip.doctor.harness import (
 )
 from steadyclip.doctor.result import NUMERIC_TOL, PROB_TOL, Cause, Findings, Level
 from steadyclip.doctor.state import eval_temporarily, strict_numerics
-from steadyclip.errors import DeviceError
+from steadyclip.errors import DeviceError, NumericsError
 from steadyclip.head import ZeroShotHead
 
 _logger = logging.getLogger(__name__)
@@ -159,10 +159,15 @@ def _fast_profile_drift(ctx: Context) -> dict[str, Any]:
     finally:
         del twin
     base, t = ctx.baseline_enc, ctx.inputs.n_templates
-    scale = ZeroShotHead.from_model(ctx.fp32).scale
-    figures = drift.compare(base.images, class_embeddings(base.texts, t), enc.images, class_embeddings(enc.texts, t),
-                            logit_scale=scale, reference="your model in fp32, strict flags", inputs="your images/labels")
-    out = {**figures.to_dict(), "dtype": str(dtype).removeprefix("torch.")}
+    out: dict[str, Any] = {"dtype": str(dtype).removeprefix("torch.")}
+    try:
+        figures = drift.compare(base.images, class_embeddings(base.texts, t), enc.images,
+                                class_embeddings(enc.texts, t), head=ZeroShotHead.from_model(ctx.fp32),
+                                reference="your model in fp32, strict flags", inputs="your images/labels")
+    except NumericsError as e:  # NaN/Inf embeddings: the engine would refuse them; non_finite reports the cause
+        out["error"] = f"NumericsError: {e}"
+    else:
+        out |= figures.to_dict()
     if dev == "cpu":
         out["native_bf16"] = precision.cpu_bf16_support().native
     return out

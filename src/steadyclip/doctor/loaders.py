@@ -45,11 +45,11 @@ def careless_demo_loader(weights: Path) -> Callable[[], tuple[Any, Any]]:
         from open_clip.transform import PreprocessCfg, image_transform_v2
         from safetensors.torch import load_file
 
-        from steadyclip.loading import _quiet_random_init_warning
+        from steadyclip.loading import quiet_random_init_warning
         from steadyclip.registry import DEMO_ARCH, register_demo_config
 
         register_demo_config()
-        with _quiet_random_init_warning():  # open_clip warns before the script loads its weights: noise here
+        with quiet_random_init_warning():  # open_clip warns before the script loads its weights: noise here
             model = open_clip.create_model(DEMO_ARCH)
         model.load_state_dict(load_file(str(weights)))
         preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)

@@ -109,7 +109,7 @@ def fetch_verified(
                 f"could not fetch {what}: {e}. If offline, fetch it once while online or use a local checkpoint."
             ) from e
         digest = integrity.sha256_file(path)
-        bad = [h for h in expected(path) if not digest.startswith(h.lower())]
+        bad = [h for h in expected(path) if not integrity.sha256_matches(digest, h)]
         if not bad:
             if attempt == 2:
                 _logger.warning("%s re-fetched and verified after a corrupt cached copy (%s)", what, aside)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+from steadyclip import integrity
 from steadyclip.errors import ModelSourceError
 from steadyclip.registry import DEMO_SPEC, get_spec
 from steadyclip.sources.local import resolve_bundled, resolve_file, resolve_local_dir
@@ -35,8 +36,11 @@ def resolve(
     Raises:
         ModelSourceError: unknown name or tag, missing file.
         IntegrityError: the weights are not the pinned bytes.
+        InputError: ``expected_sha256`` is not 8 to 64 hex digits (before anything is downloaded).
     """
     source = source or DEMO_SPEC.model_id
+    if expected_sha256 is not None:
+        expected_sha256 = integrity.parse_sha256(expected_sha256)
     pretrained_s = os.fspath(pretrained) if pretrained is not None else None
     if get_spec(source) is not None and pretrained_s is None:
         return resolve_bundled(source)
