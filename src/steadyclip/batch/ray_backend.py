@@ -63,6 +63,8 @@ def engine_spec(engine: Any) -> dict[str, Any]:
     }
 
 
+ACTOR_START_TIMEOUT_S = 600  # every model actor must be up before work starts; then a clear error
+
 class _EmbedActor:
     """A Ray actor: its own verified engine; decodes and embeds batches of inputs."""
 
@@ -160,9 +162,12 @@ class RayPipeline:
         ray = require_ray()
         started = self._init(ray)
         ctx = ray.data.DataContext.get_current()
-        saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
+        saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.wait_for_min_actors_s)
         ctx.execution_options.preserve_order = True  # rows must come back in input order for the parts
         ctx.enable_progress_bars = False
+        # Every actor loaded before the first batch: else the first to start takes all the work and
+        # the other nodes idle (the model takes seconds to load, a batch a fraction of that).
+        ctx.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
         try:
             expected = identity.result_identity(self.engine.provenance.to_dict(), self.engine.numerics_basis())
             ds = ray.data.from_items(rows).map_batches(
@@ -179,10 +184,14 @@ class RayPipeline:
                 yield _results(batch)
         except SteadyClipError:
             raise
+        except ray.exceptions.GetTimeoutError as e:
+            raise BatchJobError(
+                f"{self._actor_count(ray)} model actors did not all start within {ACTOR_START_TIMEOUT_S}s: the "
+                "cluster lacks the CPUs or memory for them; pass fewer actors (workers= / --workers)") from e
         except Exception as e:
             raise _steadyclip_cause(e) or BatchJobError(f"the Ray job failed: {type(e).__name__}: {e}") from e
         finally:
-            ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
+            ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.wait_for_min_actors_s = saved
             if started:
                 ray.shutdown()
 
