@@ -186,3 +186,17 @@ def test_under_load_a_micro_batch_waits_for_companions() -> None:
     finally:
         b.stop()
     assert engine.calls == [4, 4, 4]  # the trickle became one full micro-batch, not four padded ones
+
+
+def test_a_lone_sequential_client_never_waits_for_companions() -> None:
+    """The wait for companions depends on demand (rows in flight + just answered), not on being busy."""
+    engine = AsyncEngine(delay=0.3)
+    b = Batcher(engine, max_rows=4, max_wait_s=0.002, in_flight=2)
+    b.start()
+    try:
+        b.submit_pixels(_px(1.0)).result(10)  # one client, one row: nobody else will come
+        assert b._wait_s() == 0.002
+        b.submit_pixels(_px(1.0, 4)).result(10)  # a full micro-batch was just answered: its clients return
+        assert b._wait_s() > 0.05
+    finally:
+        b.stop()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ import torch
 from steadyclip import determinism
 from steadyclip.cachedir import VerdictStore
 from steadyclip.determinism import Profile
+
+if TYPE_CHECKING:
+    from steadyclip.engine import Engine
 
 _logger = logging.getLogger(__name__)
 
@@ -61,7 +64,7 @@ def rows_equal_threads(fn: Forward, probe: torch.Tensor, profile: Profile, devic
     return bool(np.array_equal(one, many))
 
 
-def probe_inputs(engine: Any, kind: str, size: int) -> torch.Tensor:
+def probe_inputs(engine: Engine, kind: str, size: int) -> torch.Tensor:
     """Fixed pseudo-random inputs of one micro-batch of ``engine``'s image or text tower."""
     gen = torch.Generator().manual_seed(1234)
     if kind == "image":
@@ -72,7 +75,7 @@ def probe_inputs(engine: Any, kind: str, size: int) -> torch.Tensor:
     return tokens.to(engine.device)
 
 
-def batch_path(engine: Any, kind: str) -> str:
+def batch_path(engine: Engine, kind: str) -> str:
     """``"verified-invariant"`` or ``"fixed-shape"`` for a tower of ``engine``, remembered on disk.
 
     The key names everything the verdict depends on (weights, code versions,

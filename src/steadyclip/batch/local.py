@@ -19,7 +19,7 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPool
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from itertools import islice
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,6 +28,9 @@ from steadyclip.batch._prep import ItemResult, Prepared
 from steadyclip.batch.inputs import InputItem
 from steadyclip.batch.writer import kill_point
 from steadyclip.errors import InputError
+
+if TYPE_CHECKING:
+    from steadyclip.engine import Engine
 
 _logger = logging.getLogger(__name__)
 
@@ -41,7 +44,7 @@ STEP_MICRO_BATCHES = 4
 class LocalPipeline:
     """Decoder processes feeding this process's model, in input order, with bounded prefetch."""
 
-    def __init__(self, engine: Any, *, workers: int, start_method: str | None = None,
+    def __init__(self, engine: Engine, *, workers: int, start_method: str | None = None,
                  max_file_bytes: int = _prep.DEFAULT_MAX_FILE_BYTES, prefetch: int | None = None) -> None:
         if workers < 0:
             raise InputError(f"workers must be >= 0, got {workers}")

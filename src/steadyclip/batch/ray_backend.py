@@ -20,7 +20,7 @@ import logging
 import os
 import re
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,6 +30,9 @@ from steadyclip.batch._prep import ItemResult
 from steadyclip.batch.inputs import InputItem
 from steadyclip.errors import BatchJobError, InputError, IntegrityError, SteadyClipError
 from steadyclip.layout import usable_cpus
+
+if TYPE_CHECKING:
+    from steadyclip.engine import Engine
 
 _logger = logging.getLogger(__name__)
 
@@ -49,7 +52,7 @@ def require_ray() -> Any:
     return ray
 
 
-def engine_spec(engine: Any) -> dict[str, Any]:
+def engine_spec(engine: Engine) -> dict[str, Any]:
     """How to rebuild ``engine`` in another process: model source and engine settings."""
     info = engine.loaded.info
     source = info.model_id
@@ -116,7 +119,7 @@ class _EmbedActor:
 class RayPipeline:
     """The model stage of a batch job on Ray Data (drop-in for ``LocalPipeline``)."""
 
-    def __init__(self, engine: Any, *, dim: int, address: str | None = None, actors: int | None = None,
+    def __init__(self, engine: Engine, *, dim: int, address: str | None = None, actors: int | None = None,
                  max_file_bytes: int = _prep.DEFAULT_MAX_FILE_BYTES, batch_size: int | None = None,
                  verbose: bool = False) -> None:
         if actors is not None and (isinstance(actors, bool) or not isinstance(actors, int) or actors < 1):

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future
 from itertools import islice
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from steadyclip.batch import _prep
 from steadyclip.batch._prep import ItemResult
@@ -26,6 +26,9 @@ from steadyclip.batch.inputs import InputItem
 from steadyclip.batch.writer import kill_point
 from steadyclip.errors import ReplicaCrashError
 from steadyclip.head import normalise
+
+if TYPE_CHECKING:
+    from steadyclip.engine import Engine
 
 _logger = logging.getLogger(__name__)
 
@@ -35,7 +38,7 @@ __all__ = ["ReplicaPipeline"]
 class ReplicaPipeline:
     """Chunks of inputs to the engine's replicas, results in input order (drop-in for ``LocalPipeline``)."""
 
-    def __init__(self, engine: Any, *, max_file_bytes: int = _prep.DEFAULT_MAX_FILE_BYTES,
+    def __init__(self, engine: Engine, *, max_file_bytes: int = _prep.DEFAULT_MAX_FILE_BYTES,
                  window: int | None = None) -> None:
         self.engine = engine
         self.max_file_bytes = max_file_bytes
@@ -82,7 +85,7 @@ class ReplicaPipeline:
                               "image library or exhausts memory - inspect or remove it")
 
 
-def prepare_and_embed(engine: Any, chunk: list[InputItem], max_file_bytes: int) -> list[ItemResult]:
+def prepare_and_embed(engine: Engine, chunk: list[InputItem], max_file_bytes: int) -> list[ItemResult]:
     """In a replica: read, hash, decode and preprocess each input, then embed the good ones."""
     prepared = [_prep.prepare(item, engine.loaded.preprocess, max_file_bytes) for item in chunk]
     ok = [p for p in prepared if p.pixels is not None]

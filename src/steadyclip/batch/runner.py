@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -41,6 +41,9 @@ from steadyclip.batch.writer import (
 from steadyclip.errors import BatchJobError, InputError
 from steadyclip.layout import usable_cpus
 from steadyclip.prompts import TemplateSet, get_template_set, validate_labels
+
+if TYPE_CHECKING:
+    from steadyclip.engine import Engine
 
 _logger = logging.getLogger(__name__)
 
@@ -99,7 +102,7 @@ def default_workers() -> int:
 
 def run_batch(
     inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
-    engine: Any,
+    engine: Engine,
     *,
     out: str | os.PathLike[str],
     labels: Sequence[str] | None = None,
@@ -193,7 +196,7 @@ class _Plan:
     job: JobSpec
 
 
-def _plan(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], engine: Any, *,
+def _plan(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], engine: Engine, *,
           labels: Sequence[str] | None, templates: str | Sequence[str] | TemplateSet | None, top_k: int,
           all_probs: bool, embeddings: bool, part_size: int) -> _Plan:
     """Validate the request, list the inputs once and compute the label embeddings."""
@@ -218,7 +221,7 @@ def _plan(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], eng
     return _Plan(source, inputs_sha, n, clean, tset, class_emb, dim, cols, make_schema(cols), provenance, job)
 
 
-def _already_complete(store: PartStore, plan: _Plan, engine: Any, backend: str, workers: int | None,
+def _already_complete(store: PartStore, plan: _Plan, engine: Engine, backend: str, workers: int | None,
                       t0: float) -> BatchSummary:
     meta = read_metadata(store.out)
     _logger.info("%s already holds this job; nothing to do", store.out)
@@ -227,7 +230,7 @@ def _already_complete(store: PartStore, plan: _Plan, engine: Any, backend: str, 
                         engine.micro_batch, True, plan.provenance)
 
 
-def _pipeline(engine: Any, backend: str, dim: int, *, workers: int | None, start_method: str | None,
+def _pipeline(engine: Engine, backend: str, dim: int, *, workers: int | None, start_method: str | None,
               max_file_bytes: int, ray_address: str | None, ray_actors: int | None,
               verbose: bool) -> tuple[Any, int]:
     """The model stage for ``backend``, and how many workers it runs."""
@@ -244,7 +247,7 @@ def _pipeline(engine: Any, backend: str, dim: int, *, workers: int | None, start
                          max_file_bytes=max_file_bytes), n_workers
 
 
-def _compute(plan: _Plan, store: PartStore, state: StoreState, pipeline: Any, engine: Any,
+def _compute(plan: _Plan, store: PartStore, state: StoreState, pipeline: Any, engine: Engine,
              progress: Callable[[BatchProgress], None] | None) -> tuple[int, int]:
     """Compute the missing parts, check the listing did not change meanwhile, assemble; (ok, errors)."""
     part_size = store.part_size
@@ -267,7 +270,7 @@ def _compute(plan: _Plan, store: PartStore, state: StoreState, pipeline: Any, en
     return store.assemble(plan.schema, metadata)
 
 
-def _execution(engine: Any, pipeline: Any) -> dict[str, Any]:
+def _execution(engine: Engine, pipeline: Any) -> dict[str, Any]:
     """The job's layout (never written into the file: rows do not depend on it)."""
     doc: dict[str, Any] = engine.execution.to_dict()
     doc["pipeline"] = type(pipeline).__name__
@@ -278,7 +281,7 @@ def _execution(engine: Any, pipeline: Any) -> dict[str, Any]:
     return doc
 
 
-def _embedding_dim(engine: Any, class_emb: np.ndarray | None) -> int:
+def _embedding_dim(engine: Engine, class_emb: np.ndarray | None) -> int:
     if class_emb is not None:
         return int(class_emb.shape[1])
     return int(engine.embedding_dim)  # read from the model: no text forward just to learn D

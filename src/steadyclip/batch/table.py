@@ -16,13 +16,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
 from steadyclip.batch._prep import ItemResult
 from steadyclip.prompts import TemplateSet
+
+if TYPE_CHECKING:
+    from steadyclip.engine import Engine
 
 __all__ = ["Columns", "build_table", "make_schema"]
 
@@ -62,7 +65,7 @@ def make_schema(cols: Columns) -> pa.Schema:
     return pa.schema(fields)
 
 
-def build_table(results: Sequence[ItemResult], cols: Columns, schema: pa.Schema, *, engine: Any,
+def build_table(results: Sequence[ItemResult], cols: Columns, schema: pa.Schema, *, engine: Engine,
                 class_emb: np.ndarray | None, templates: TemplateSet | None) -> pa.Table:
     """Rows for one part: classify the successful embeddings and lay everything out as Arrow."""
     ok = [r for r in results if r.ok]

@@ -16,12 +16,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from steadyclip.batch import _prep
 from steadyclip.batch.inputs import open_inputs
 from steadyclip.batch.runner import default_workers, run_batch
 from steadyclip.errors import InputError
+
+if TYPE_CHECKING:
+    from steadyclip.engine import Engine
 
 _logger = logging.getLogger(__name__)
 
@@ -58,7 +61,7 @@ class ThroughputReport:
                 f"{self.workers} decoder(s)")
 
 
-def measure_throughput(engine: Any, inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
+def measure_throughput(engine: Engine, inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
                        labels: Sequence[str] | None = None, workers: int | None = None,
                        part_size: int = 1000) -> ThroughputReport:
     """Time ``run_batch`` on ``inputs`` and the model alone on the same decoded images.

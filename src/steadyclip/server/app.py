@@ -17,7 +17,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -31,6 +31,9 @@ from steadyclip.server.http_errors import error_body, install_handlers
 from steadyclip.server.metrics import Metrics, MetricsMiddleware
 from steadyclip.server.service import Service
 from steadyclip.server.settings import ServerSettings
+
+if TYPE_CHECKING:
+    from steadyclip.engine import Engine
 
 _logger = logging.getLogger(__name__)
 
@@ -53,7 +56,7 @@ Errors are `{"error": {"type", "message"}}` (OpenAI's error object on `/v1/embed
 Busy: 429 with `Retry-After`. With a token, send `Authorization: Bearer <token>` on `/v1/*`."""
 
 
-def create_app(engine: Any, *, settings: ServerSettings | None = None) -> FastAPI:
+def create_app(engine: Engine, *, settings: ServerSettings | None = None) -> FastAPI:
     """Build the HTTP app around a ready :class:`~steadyclip.engine.Engine`.
 
     The engine is owned by one worker thread from start-up (the app's lifespan)

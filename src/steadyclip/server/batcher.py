@@ -17,9 +17,10 @@ batched ones), so a row never depends on its neighbours.
 
 How long to wait for companions: a partial micro-batch is padded to the full shape,
 so it costs as much as a full one. When nothing is running, a job waits at most
-``max_wait_s`` (latency first). When other micro-batches are in flight the server is
-under load, and the batch thread waits up to a quarter of a forward's measured time
-for the micro-batch to fill: a little latency for many times the throughput.
+``max_wait_s`` (latency first). When the rows in flight plus those answered within the
+last forward's time would fill a micro-batch, the server is under load (those clients
+are about to send more), and the batch thread waits up to a quarter of a forward's
+measured time for the micro-batch to fill: a little latency for many times the throughput.
 """
 from __future__ import annotations
 
@@ -27,10 +28,11 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -43,6 +45,12 @@ _logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 BUSY_WAIT_FRACTION = 0.25  # of a forward's time: how long a job may wait for companions under load
+
+
+class PixelEngine(Protocol):
+    """What the batcher needs of an engine (an :class:`~steadyclip.engine.Engine`, or a test's stand-in)."""
+
+    def embed_pixels(self, pixels: torch.Tensor) -> np.ndarray: ...
 
 
 class Overloaded(Exception):
@@ -96,7 +104,7 @@ class Batcher:
             (the server decodes and embeds them in the replicas: ``rows.embed_uploads``).
     """
 
-    def __init__(self, engine: Any, *, max_rows: int, max_wait_s: float = 0.005, max_queue: int = 1024,
+    def __init__(self, engine: PixelEngine, *, max_rows: int, max_wait_s: float = 0.005, max_queue: int = 1024,
                  in_flight: int = 1, images_fn: Callable[[list[bytes]], Future[list[Any]]] | None = None) -> None:
         if max_rows < 1 or in_flight < 1:
             raise InputError(f"max_rows and in_flight must be >= 1, got {max_rows} and {in_flight}; give the engine's "
@@ -111,8 +119,9 @@ class Batcher:
         self._calls: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
         self._slots = threading.BoundedSemaphore(in_flight)
         self._lock = threading.Lock()
-        self._running = 0  # micro-batches in flight
+        self._running_rows = 0  # rows of the micro-batches in flight
         self._forward_s = 0.0  # moving average of a micro-batch's time, for the wait under load
+        self._done: deque[tuple[float, int]] = deque()  # (when, rows) of recent micro-batches
         self._threads: list[threading.Thread] = []
         self.stats = BatchStats()
         self.on_batch: Callable[[int], None] | None = None  # called with each forward's row count (metrics)
@@ -211,16 +220,24 @@ class Batcher:
         _logger.debug("batch worker stopped")
 
     def _wait_s(self) -> float:
+        """``max_wait_s``, or longer under load: when the rows in flight and those answered within the last
+        forward's time fill a micro-batch, their clients are about to send more (a lone sequential client
+        never waits for companions it does not have)."""
+        now = time.monotonic()
         with self._lock:
-            busy = self._running > 0
+            while self._done and now - self._done[0][0] > self._forward_s:
+                self._done.popleft()
+            demand = self._running_rows + sum(rows for _, rows in self._done)
             forward_s = self._forward_s
-        return max(self.max_wait_s, BUSY_WAIT_FRACTION * forward_s) if busy else self.max_wait_s
+        return max(self.max_wait_s, BUSY_WAIT_FRACTION * forward_s) if demand >= self.max_rows else self.max_wait_s
 
     def _gather(self, first: _RowsJob) -> tuple[list[_RowsJob], bool]:
         """Collect jobs of ``first``'s kind behind it, up to ``max_rows`` rows or the wait deadline."""
         batch = [first]
         rows = first.rows
-        deadline = first.queued + self._wait_s()
+        # From when a replica became free: a job that waited for one has companions on their way
+        # (the clients just answered), so it still gets its chance to fill the micro-batch.
+        deadline = max(first.queued, time.monotonic() - self.max_wait_s) + self._wait_s()
         while rows < self.max_rows:
             remaining = deadline - time.monotonic()
             try:
@@ -243,7 +260,7 @@ class Batcher:
             self._slots.release()
             return
         with self._lock:
-            self._running += 1
+            self._running_rows += sum(j.rows for j in live)
         t0 = time.monotonic()
         try:
             fut = self._submit(live)
@@ -273,6 +290,7 @@ class Batcher:
             with self._lock:
                 took = time.monotonic() - t0
                 self._forward_s = took if self._forward_s == 0 else 0.8 * self._forward_s + 0.2 * took
+                self._done.append((time.monotonic(), rows))
                 self.stats.batches += 1
                 self.stats.rows += rows
                 self.stats.largest = max(self.stats.largest, rows)
@@ -285,7 +303,7 @@ class Batcher:
                 offset += j.rows
         finally:
             with self._lock:
-                self._running -= 1
+                self._running_rows -= sum(j.rows for j in live)
             self._slots.release()
 
     def _count(self, *, calls: int = 0, cancelled: int = 0) -> None:

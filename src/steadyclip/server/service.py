@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -24,12 +24,16 @@ from steadyclip.errors import InferenceStateError, IntegrityError, SteadyClipErr
 from steadyclip.images import decode_image
 from steadyclip.prompts import get_template_set
 from steadyclip.replicas import rebuild_error
+from steadyclip.results import ClassifyReport
 from steadyclip.rows import embed_uploads
 from steadyclip.server import golden as golden_mod
 from steadyclip.server.batcher import Batcher, Overloaded
 from steadyclip.server.http_errors import ApiError, from_library_error
 from steadyclip.server.inputs import ClassifyInput, EmbedInput, ImagePayload
 from steadyclip.server.settings import ServerSettings
+
+if TYPE_CHECKING:
+    from steadyclip.engine import Engine
 
 _logger = logging.getLogger(__name__)
 
@@ -39,7 +43,7 @@ T = TypeVar("T")
 class Service:
     """The engine behind the HTTP routes: batching, golden check, request documents."""
 
-    def __init__(self, engine: Any, settings: ServerSettings) -> None:
+    def __init__(self, engine: Engine, settings: ServerSettings) -> None:
         self.engine = engine
         self.settings = settings
         # One micro-batch in flight per replica: while they compute, the next one is gathered.
@@ -183,10 +187,11 @@ class Service:
             classes_fut.cancel()
             raise
         classes = await self._await(classes_fut)
+        names = [img.name for img in inp.images]
         results = await self._engine(
-            lambda: self.engine.classify_embeddings(image_emb, classes, labels, tset, top_k=inp.top_k))
-        rows = [{**res.to_dict(with_provenance=False), "source": img.name} for img, res in zip(inp.images, results)]
-        return {"results": rows, "provenance": results[0].provenance.to_dict(), "errors": 0, "warnings": notes}
+            lambda: self.engine.classify_embeddings(image_emb, classes, labels, tset, top_k=inp.top_k, sources=names))
+        # The document `steadyclip classify --json` prints (a bad upload failed the request before this).
+        return ClassifyReport(tuple(results), results[0].provenance).to_dict() | {"warnings": notes}
 
     async def embed(self, inp: EmbedInput) -> dict[str, Any]:
         """The ``embed --json`` document for one request."""
