@@ -171,3 +171,29 @@ def test_one_core_and_all_cores_print_the_same_rows_and_numerics(tmp_path: Path)
     assert one["execution"]["cpus"] == 1 and many["execution"]["cpus"] >= 2
     assert one["execution"]["replicas"] == 1 and many["execution"]["replicas"] >= 2
     assert one["images"] == many["images"] and one["provenance"] == many["provenance"]
+
+
+def test_an_upload_that_kills_replicas_fails_alone(demo: LoadedModel, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server's path: uploads batched with a crashing one still get their (bitwise) embeddings."""
+    from steadyclip import images
+    from steadyclip.rows import CRASH_MESSAGE, embed_uploads
+
+    datas = [Path(p).read_bytes() for p in _images(tmp_path, 6)]
+    with Engine(demo, micro_batch=4, replicas=2, text_cache=None) as eng:
+        clean = embed_uploads(eng, datas, None).result(120)
+    real = images.decode_image
+
+    def crashing(src: object, **kw: object) -> images.DecodedImage:
+        if src == b"boom":
+            os._exit(1)  # a segfaulting codec, seen from outside
+        return real(src, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(images, "decode_image", crashing)  # forked replicas inherit the patch
+    with Engine(demo, micro_batch=4, replicas=2, text_cache=None) as eng:
+        rows = embed_uploads(eng, [*datas[:2], b"boom", *datas[2:]], None).result(120)
+        restarts = eng.execution.extra["replica_restarts"]
+    assert [r.error for r in rows] == [None, None, ("ImageDecodeError", CRASH_MESSAGE), None, None, None, None]
+    good = np.stack([r.embedding for r in rows if r.embedding is not None])  # (6, D)
+    assert np.array_equal(good, np.stack([r.embedding for r in clean if r.embedding is not None]))
+    assert restarts >= 4  # the chunk twice, then the culprit alone twice

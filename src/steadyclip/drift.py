@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from steadyclip import determinism, identity
+from steadyclip import determinism, identity, selfcheck
 from steadyclip.cachedir import VerdictStore
 from steadyclip.errors import InputError
 from steadyclip.head import ZeroShotHead
+from steadyclip.layout import usable_cpus
 
 if TYPE_CHECKING:
     from steadyclip.engine import Engine
@@ -140,7 +140,7 @@ def thread_verdict(fn: Callable[[torch.Tensor], torch.Tensor], probe: torch.Tens
     "pinned": threads}``. The engine pins ``profile.threads`` either way; the verdict says whether
     that pin is what keeps rows stable.
     """
-    cpus = os.cpu_count() or 1
+    cpus = usable_cpus()
     mine = profile.threads
     other = mine + 1 if mine < cpus else mine - 1
     if device != "cpu" or other < 1:
@@ -151,12 +151,7 @@ def thread_verdict(fn: Callable[[torch.Tensor], torch.Tensor], probe: torch.Tens
     remembered = store.get(key)
     if isinstance(remembered, dict):
         return remembered
-    outs = []
-    for n in (mine, other):
-        with determinism.applied(dataclasses.replace(profile, threads=n), device), torch.inference_mode(), \
-                determinism.autocast(profile, device):
-            outs.append(fn(probe).float().cpu().numpy())
-    same = bool(np.array_equal(outs[0], outs[1]))
+    same = selfcheck.rows_equal_threads(fn, probe, profile, device, other, baseline=mine)
     verdict = {"verdict": "thread-invariant" if same else "thread-dependent", "compared": [mine, other],
                "pinned": mine}
     _logger.info("rows at %d vs %d threads: %s; threads pinned at %d", mine, other, verdict["verdict"], mine)

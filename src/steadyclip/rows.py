@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from steadyclip._futures import joined_lists
-from steadyclip.errors import ImageError
+from steadyclip.errors import ImageError, ReplicaCrashError
 from steadyclip.head import normalise
 from steadyclip.results import ImageFailure
 
@@ -97,8 +97,37 @@ def embed_uploads(engine: Engine, datas: Sequence[bytes], max_pixels: int | None
     (decoders' warnings are captured per process, so replicas decode in parallel).
     """
     size = engine.micro_batch
-    return joined_lists([engine.submit(decode_uploads, list(datas[s : s + size]), max_pixels)
+    return joined_lists([_isolated(engine, list(datas[s : s + size]), max_pixels)
                          for s in range(0, len(datas), size)])
+
+
+def _isolated(engine: Engine, chunk: list[bytes], max_pixels: int | None) -> Future[list[UploadRow]]:
+    """A chunk's rows; a chunk that kills replicas twice is retried upload by upload, so only the
+    culprit (a crashing codec, memory exhausted) fails, not the requests batched with it."""
+    out: Future[list[UploadRow]] = Future()
+
+    def done(f: Future[list[UploadRow]]) -> None:
+        err = f.exception()
+        try:
+            if err is None:
+                out.set_result(f.result())
+            elif not isinstance(err, ReplicaCrashError):
+                out.set_exception(err)
+            elif len(chunk) == 1:
+                out.set_result([UploadRow(None, (), ("ImageDecodeError", CRASH_MESSAGE))])
+            else:
+                joined_lists([_isolated(engine, [d], max_pixels) for d in chunk]).add_done_callback(
+                    lambda g: out.set_exception(e) if (e := g.exception()) else out.set_result(g.result()))
+        except BaseException as e:  # noqa: BLE001 - e.g. the pool closed meanwhile: the waiter hears it
+            if not out.done():
+                out.set_exception(e)
+
+    engine.submit(decode_uploads, chunk, max_pixels).add_done_callback(done)
+    return out
+
+
+CRASH_MESSAGE = ("decoding this image killed the engine replica twice; it likely crashes the image library or "
+                 "exhausts memory - re-export it as PNG or JPEG")
 
 
 def decode_uploads(engine: Engine, datas: list[bytes], max_pixels: int | None) -> list[UploadRow]:

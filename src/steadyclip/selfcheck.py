@@ -57,11 +57,12 @@ def rows_equal_single(fn: Forward, probe: torch.Tensor, profile: Profile, device
     return all(np.array_equal(full[i], _run(fn, probe[i : i + 1], profile, device)[0]) for i in rows)
 
 
-def rows_equal_threads(fn: Forward, probe: torch.Tensor, profile: Profile, device: str, threads: int) -> bool:
-    """Are the probe's rows at ``threads`` intra-op threads bitwise equal to its rows at 1 thread?"""
-    one = _run(fn, probe, dataclasses.replace(profile, threads=1), device)
-    many = _run(fn, probe, dataclasses.replace(profile, threads=threads), device)
-    return bool(np.array_equal(one, many))
+def rows_equal_threads(fn: Forward, probe: torch.Tensor, profile: Profile, device: str, threads: int,
+                       baseline: int = 1) -> bool:
+    """Are the probe's rows at ``threads`` intra-op threads bitwise equal to its rows at ``baseline``?"""
+    base = _run(fn, probe, dataclasses.replace(profile, threads=baseline), device)
+    other = _run(fn, probe, dataclasses.replace(profile, threads=threads), device)
+    return bool(np.array_equal(base, other))
 
 
 def probe_inputs(engine: Engine, kind: str, size: int) -> torch.Tensor:
