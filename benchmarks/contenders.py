@@ -154,8 +154,10 @@ class Steady:
         if emulated:
             kw["allow_emulated_bf16"] = True
         try:
+            # One process at `threads` threads, like every other contender here (replicas across the
+            # cores are benchmarks.scale's subject, against a loop that uses them too).
             self.engine = steadyclip.Engine(self.loaded, profile=profile, micro_batch=micro_batch, threads=threads,
-                                            text_cache=None, **kw)
+                                            replicas=1, text_cache=None, **kw)
         except DeviceError as e:  # fast without native bf16: the refusal is the result
             raise NotRun(f"refused: {e}") from e
 
