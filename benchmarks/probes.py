@@ -44,7 +44,8 @@ def _load_steady(spec: dict[str, Any], **engine_kw: Any) -> Any:
         loaded = steadyclip.load("steadyclip-demo")
     else:
         loaded = steadyclip.load(spec["arch"], pretrained=spec["weights"])
-    return steadyclip.Engine(loaded, threads=int(spec["threads"]), **engine_kw)
+    # One process at the plan's thread count, like the contenders it is compared with.
+    return steadyclip.Engine(loaded, threads=int(spec["threads"]), **{"replicas": 1, **engine_kw})
 
 
 # ---- GEMM peak -------------------------------------------------------------------------
