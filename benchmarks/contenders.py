@@ -23,6 +23,7 @@ pixel tensors. Peers never import steadyclip (its import sets ``MKL_CBWR``).
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import statistics
 import time
@@ -108,13 +109,11 @@ class HFClip:
     """(3) Hugging Face transformers: ``CLIPModel`` + its image processor, batched."""
 
     def __init__(self, folder: str, micro_batch: int) -> None:
-        from transformers import AutoImageProcessor, CLIPModel
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        self.model = CLIPModel.from_pretrained(folder)
+        hf: Any = importlib.import_module("transformers")  # partly typed: Any, with or without its stubs
+        hf.utils.logging.disable_progress_bar()
+        self.model = hf.CLIPModel.from_pretrained(folder)
         self.model.eval()
-        self.processor = AutoImageProcessor.from_pretrained(folder)
+        self.processor = hf.AutoImageProcessor.from_pretrained(folder)
         self.mb = micro_batch
 
     def _features(self, pixels: torch.Tensor) -> torch.Tensor:

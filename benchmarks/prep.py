@@ -9,6 +9,7 @@ values so its stochastic depth is visible (recorded as ``demo_weights``).
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import time
@@ -134,16 +135,15 @@ def _prep_arch(arch: str, n_images: int, images: list[Path], work: Path) -> dict
 
 def _prep_hf(work: Path) -> dict[str, Any]:
     from torch.utils.flop_counter import FlopCounterMode
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+    hf: Any = importlib.import_module("transformers")  # partly typed: Any, with or without its stubs
+    hf.utils.logging.disable_progress_bar()
 
     torch.manual_seed(0)
-    model = CLIPModel(CLIPConfig(**HF_VIT_B_32))
+    model = hf.CLIPModel(hf.CLIPConfig(**HF_VIT_B_32))
     folder = work / "hf-clip-vit-b-32"
     model.save_pretrained(folder)
-    CLIPImageProcessor().save_pretrained(folder)  # CLIP's defaults: 224 shortest edge, centre crop
+    hf.CLIPImageProcessor().save_pretrained(folder)  # CLIP's defaults: 224 shortest edge, centre crop
     model.eval()
     with FlopCounterMode(display=False) as fc:
         model.get_image_features(pixel_values=torch.randn(1, 3, 224, 224))

@@ -171,6 +171,8 @@ def test_non_finite_weights(images: list[Any]) -> None:
     assert c is not None and c.level == "problem" and c.severity is None
     assert "visual.head.proj.weight" in c.evidence["weights"]
     assert d.top is not None and d.top.id == "non_finite"
+    drift = [c.status for c in d.checks if c.id == "precision_drift"]
+    assert drift == ["skipped"], drift  # NaN compares as "no drift": never reported as ok
     json.dumps(d.to_dict(), allow_nan=False)  # NaN probabilities become null
 
 

@@ -132,7 +132,10 @@ def check_precision(ctx: Context, findings: Findings) -> list[np.ndarray]:
         evidence["max_abs_prob_diff_weights_vs_fp32"] = d_half
         in_use.append(d_half)
         outputs.append(p_half)
-    if in_use:
+    if not all(np.isfinite(p).all() for p in (ctx.baseline, *outputs)):  # max_abs_diff skips NaN: not "ok"
+        findings.skipped("precision_drift", "probabilities are not finite (see non_finite), so reduced-precision "
+                         "drift cannot be measured")
+    elif in_use:
         sev = max(in_use)
         what = " and ".join(([f"autocast to {evidence['autocast_dtype']}"] if ctx.amp_in_use else [])
                             + ([f"{evidence['weights_dtype']} weights"] if wdtype != torch.float32 else []))
