@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from steadyclip.engine import Engine
     from steadyclip.images import ImageInput
 
-__all__ = ["UploadRow", "as_list", "decode_and_embed", "embed_rows", "embed_uploads", "source_name"]
+__all__ = ["UploadRow", "as_list", "decode_and_embed", "embed_in_place", "embed_rows", "embed_uploads", "source_name"]
 
 Row = Any  # np.ndarray (D,) float32 | ImageFailure
 
@@ -41,20 +41,29 @@ def source_name(image: Any) -> str | None:
     return os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
 
 
+def embed_in_place(engine: Engine, pixels: Sequence[torch.Tensor | None]) -> list[np.ndarray | None]:
+    """L2-normalised embeddings of the decoded entries, one forward at the fixed shapes; ``None``
+    (an input that failed to decode) stays ``None``, in place. Every many-inputs path ends here."""
+    good = [p for p in pixels if p is not None]
+    if not good:
+        return [None] * len(pixels)
+    vectors = iter(normalise(engine.forward_local("image", torch.stack(good)), "image"))  # (N, D)
+    return [next(vectors) if p is not None else None for p in pixels]
+
+
 def decode_and_embed(engine: Engine, images: Sequence[ImageInput]) -> list[np.ndarray | ImageError]:
     """Decode each input (an error is kept, in place), embed the good ones at the fixed shapes."""
-    pixels: list[torch.Tensor] = []
-    out: list[np.ndarray | ImageError | None] = []
+    pixels: list[torch.Tensor | None] = []
+    errors: list[ImageError | None] = []
     for im in images:
         try:
             pixels.append(engine.preprocess(im))
-            out.append(None)
+            errors.append(None)
         except ImageError as e:
-            out.append(e)
-    if pixels:
-        vectors = iter(normalise(engine.forward_local("image", torch.stack(pixels)), "image"))  # (N, D)
-        out = [next(vectors) if r is None else r for r in out]
-    return [r for r in out if r is not None]
+            pixels.append(None)
+            errors.append(e)
+    vectors = embed_in_place(engine, pixels)  # an entry is None exactly where its error is not
+    return [e if e is not None else cast(np.ndarray, v) for v, e in zip(vectors, errors)]
 
 
 def embed_rows(engine: Engine, images: Sequence[ImageInput]) -> list[Row]:
@@ -134,14 +143,14 @@ def decode_uploads(engine: Engine, datas: list[bytes], max_pixels: int | None) -
     """In a replica: each upload decoded (a bad one is an error row, in place), the good ones embedded."""
     from steadyclip.images import decode_image
 
-    pixels: list[torch.Tensor] = []
-    prepared: list[tuple[tuple[str, ...], tuple[str, str] | None]] = []
+    pixels: list[torch.Tensor | None] = []
+    notes: list[tuple[tuple[str, ...], tuple[str, str] | None]] = []  # (warnings, error) per upload
     for data in datas:
         try:
             decoded = decode_image(data, max_pixels=max_pixels)
             pixels.append(engine.preprocess(decoded.image))
-            prepared.append((decoded.warnings, None))
+            notes.append((decoded.warnings, None))
         except ImageError as e:
-            prepared.append(((), (type(e).__name__, str(e))))
-    vectors = iter(normalise(engine.forward_local("image", torch.stack(pixels)), "image") if pixels else [])
-    return [UploadRow(next(vectors) if err is None else None, warned, err) for warned, err in prepared]
+            pixels.append(None)
+            notes.append(((), (type(e).__name__, str(e))))
+    return [UploadRow(v, warned, err) for v, (warned, err) in zip(embed_in_place(engine, pixels), notes)]

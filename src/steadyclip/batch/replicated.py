@@ -18,14 +18,16 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future
 from itertools import islice
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+import torch
 
 from steadyclip.batch import _prep
 from steadyclip.batch._prep import ItemResult
 from steadyclip.batch.inputs import InputItem
 from steadyclip.batch.writer import kill_point
 from steadyclip.errors import ReplicaCrashError
-from steadyclip.head import normalise
+from steadyclip.rows import embed_in_place
 
 if TYPE_CHECKING:
     from steadyclip.engine import Engine
@@ -88,10 +90,5 @@ class ReplicaPipeline:
 def prepare_and_embed(engine: Engine, chunk: list[InputItem], max_file_bytes: int) -> list[ItemResult]:
     """In a replica: read, hash, decode and preprocess each input, then embed the good ones."""
     prepared = [_prep.prepare(item, engine.loaded.preprocess, max_file_bytes) for item in chunk]
-    ok = [p for p in prepared if p.pixels is not None]
-    emb: dict[int, Any] = {}
-    if ok:
-        vectors = normalise(engine.forward_local("image", _prep.pixel_batch(ok)), "image")  # (N, D)
-        emb = {p.index: vectors[i] for i, p in enumerate(ok)}
-    return [ItemResult(p.index, p.path, p.sha256, emb.get(p.index), p.error_type, p.error_message)
-            for p in prepared]
+    vectors = embed_in_place(engine, [None if p.pixels is None else torch.from_numpy(p.pixels) for p in prepared])
+    return [ItemResult(p.index, p.path, p.sha256, v, p.error_type, p.error_message) for p, v in zip(prepared, vectors)]
