@@ -11,7 +11,7 @@ import numpy as np
 T = TypeVar("T")
 U = TypeVar("U")
 
-__all__ = ["completed", "joined", "joined_lists", "joined_rows", "mapped"]
+__all__ = ["completed", "joined", "joined_lists", "joined_rows", "mapped", "relay"]
 
 
 def completed(fn: Callable[..., T], *args: Any) -> Future[T]:
@@ -40,6 +40,19 @@ def mapped(fut: Future[T], fn: Callable[[T], U]) -> Future[U]:
 
     fut.add_done_callback(done)
     return out
+
+
+def relay(src: Future[T], dst: Future[T]) -> None:
+    """When ``src`` finishes, ``dst`` gets its result or its error."""
+
+    def done(f: Future[T]) -> None:
+        err = f.exception()
+        if err is not None:
+            dst.set_exception(err)
+        else:
+            dst.set_result(f.result())
+
+    src.add_done_callback(done)
 
 
 def joined(parts: Sequence[Future[T]], combine: Callable[[list[T]], U], empty: U) -> Future[U]:

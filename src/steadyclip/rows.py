@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import torch
 
-from steadyclip._futures import joined_lists
+from steadyclip._futures import joined_lists, relay
 from steadyclip.errors import ImageError, ReplicaCrashError
 from steadyclip.head import normalise
 from steadyclip.results import ImageFailure
@@ -125,8 +125,7 @@ def _isolated(engine: Engine, chunk: list[bytes], max_pixels: int | None) -> Fut
             elif len(chunk) == 1:
                 out.set_result([UploadRow(None, (), ("ImageDecodeError", CRASH_MESSAGE))])
             else:
-                joined_lists([_isolated(engine, [d], max_pixels) for d in chunk]).add_done_callback(
-                    lambda g: out.set_exception(e) if (e := g.exception()) else out.set_result(g.result()))
+                relay(joined_lists([_isolated(engine, [d], max_pixels) for d in chunk]), out)
         except BaseException as e:  # noqa: BLE001 - e.g. the pool closed meanwhile: the waiter hears it
             if not out.done():
                 out.set_exception(e)
