@@ -150,19 +150,16 @@ class AsyncEngine(FakeEngine):
 
 
 def test_micro_batches_overlap_up_to_in_flight_and_calls_never_wait_behind_them() -> None:
-    engine = AsyncEngine(delay=0.4)
+    engine = AsyncEngine(delay=1.0)
     b = Batcher(engine, max_rows=2, max_wait_s=0.0, in_flight=2)
     b.start()
     try:
         futs = [b.submit_pixels(_px(float(i))) for i in range(6)]
         time.sleep(0.1)  # two micro-batches are now running
-        t = time.monotonic()
-        assert b.submit_call(lambda: "ok").result(10) == "ok"
-        call_s = time.monotonic() - t
+        assert b.submit_call(lambda: engine.running).result(10) == 2  # answered while both still run
         out = [f.result(10) for f in futs]
     finally:
         b.stop()
-    assert call_s < 0.3  # not queued behind a 0.4 s forward
     assert engine.most_running == 2  # never more than in_flight
     assert sum(engine.calls) == 6 and max(engine.calls) <= 2
     assert [float(r[0, 0]) for r in out] == [12.0 * i for i in range(6)]  # every job got its own row
