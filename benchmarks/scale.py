@@ -185,9 +185,9 @@ def _servers(folder: Path, weights: Path, env: dict[str, str], requests: int, re
     image = min(folder.glob("*.jpg")).read_bytes()
     cpus = len(os.sched_getaffinity(0))
     runs: dict[str, list[dict[str, Any]]] = {}
+    layouts = sorted({1, cpus})
     for cores in ("1", "all"):
         for rep in range(repeats):
-            layouts = sorted({1, cpus})
             for k in layouts if rep % 2 == 0 else layouts[::-1]:
                 with _server(weights, k, cores, env) as (url, pid):
                     load = run_loadtest(url, image, ["a cat", "a dog", "a car"], clients=16, requests=requests,
@@ -220,12 +220,14 @@ def _report(doc: dict[str, Any]) -> str:
                      f"{one['best_wall_s'] / all_['best_wall_s']:.2f}x | "
                      f"{all_['peak_rss_tree_mb']:.0f} / {all_['peak_rss_process_mb']:.0f} MB |")
     lines += ["", *_goals(doc)]
-    lines += ["", "| server, 16 clients | req/s best (range) | p50 / p99 ms | server RSS | USS per replica (x weights) |",
+    lines += ["", "| server, 16 clients | req/s best (range) | p50 / p99 ms | server RSS "
+                  "| USS per replica (x weights) |",
               "|---|---|---|---|---|"]
     for key, s in srv.items():
         uss = ", ".join(f"{u:.0f} MB ({v:.1%})" for u, v in zip(s["replica_uss_mb"], s["replica_uss_vs_weights"]))
         runs = s.get("rps_runs", [s["rps"]])
-        lines.append(f"| {key} | {s['rps']:.1f} ({min(runs):.1f}-{max(runs):.1f}) | {s['latency_ms']['p50']:.0f} / {s['latency_ms']['p99']:.0f} | "
+        lines.append(f"| {key} | {s['rps']:.1f} ({min(runs):.1f}-{max(runs):.1f}) | "
+                     f"{s['latency_ms']['p50']:.0f} / {s['latency_ms']['p99']:.0f} | "
                      f"{s['server_rss_mb']:.0f} MB | {uss or '-'} |")
     return "\n".join(lines) + "\n"
 
