@@ -1,6 +1,6 @@
 """Every core, same bits: steadyclip's defaults vs a user's open_clip loop, at 1 core and at all cores.
 
-    python -m benchmarks.scale              # 192 JPEGs, ViT-B-32 (random init), ~6 min on 2 vCPUs
+    python -m benchmarks.scale              # 192 JPEGs, ViT-B-32 (random init), ~10 min at --repeats 3 on 2 vCPUs
     python -m benchmarks.scale --quick      # 24 JPEGs, a smoke run
 
 Side by side in one run, alternating, each a whole process (start-up included):
