@@ -2,6 +2,10 @@
 
     python -m benchmarks.scale              # 192 JPEGs, ViT-B-32 (random init), ~10 min at --repeats 3 on 2 vCPUs
     python -m benchmarks.scale --quick      # 24 JPEGs, a smoke run
+    python -m benchmarks.scale --images 768 --no-server   # start-up amortised over 4x the work
+
+Each job also reports its compute stage, so the report splits every wall time into serial start-up
+(interpreter, imports, loading) and compute, and gives Amdahl's ceiling for the 1 -> all ratio.
 
 Side by side in one run, alternating, each a whole process (start-up included):
 (a) ``benchmarks.openclip_loop`` (DataLoader, ``num_workers`` = CPUs, batch 32, torch's default threads),
@@ -91,13 +95,22 @@ def _cpu_prefix(cores: str) -> list[str]:
 
 
 def _timed(cmd: Sequence[str], env: dict[str, str]) -> dict[str, Any]:
+    """Wall time and peak RSS of one whole process, and its compute stage as it reports it.
+
+    The job prints one JSON object on stdout: the loop's ``compute_s``, or ``steadyclip batch
+    --json``'s summary (``elapsed_s``: the whole job, from scanning the input and starting the replicas
+    to the finished file). Wall minus that is the job's serial start-up and exit (interpreter, imports,
+    loading the model).
+    """
     t = time.perf_counter()
-    proc = subprocess.Popen(list(cmd), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(list(cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     sampler = _Sampler(proc.pid)
-    _, err = proc.communicate(timeout=1800)
+    stdout, err = proc.communicate(timeout=1800)
     out = {"wall_s": time.perf_counter() - t, **sampler.stop()}
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err.decode()[-2000:]}")
+    reported = json.loads(stdout)
+    out["compute_s"] = float(reported.get("compute_s", reported.get("elapsed_s")))
     return out
 
 
@@ -108,7 +121,7 @@ def _whole_process(folder: Path, weights: Path, work: Path, env: dict[str, str],
                           str(work / "oc.npy")],
         "steadyclip_batch": [sys.executable, "-m", "steadyclip", "batch", str(folder), "--embeddings",
                              "-m", ARCH, "--pretrained", str(weights), "--out", str(work / "sc.parquet"),
-                             "--restart", "--no-progress"],
+                             "--restart", "--no-progress", "--json"],
     }
     # Warm start for steadyclip (hash cache, self-check verdicts), as every run after a user's first.
     subprocess.run(cmds["steadyclip_batch"], env=env, check=True, capture_output=True)
@@ -125,6 +138,7 @@ def _whole_process(folder: Path, weights: Path, work: Path, env: dict[str, str],
         best = min(runs, key=lambda r: r["wall_s"])
         summary[key] = {"best_wall_s": best["wall_s"], "img_per_s": n / best["wall_s"],
                         "walls_s": [r["wall_s"] for r in runs],
+                        "startup_s": [r["wall_s"] - r["compute_s"] for r in runs],
                         "peak_rss_tree_mb": max(r["peak_rss_tree_mb"] for r in runs),
                         "peak_rss_process_mb": max(r["peak_rss_process_mb"] for r in runs)}
     return summary
@@ -219,9 +233,12 @@ def _report(doc: dict[str, Any]) -> str:
                      f"{all_['best_wall_s']:.1f} s ({all_['img_per_s']:.1f} img/s) | "
                      f"{one['best_wall_s'] / all_['best_wall_s']:.2f}x | "
                      f"{all_['peak_rss_tree_mb']:.0f} / {all_['peak_rss_process_mb']:.0f} MB |")
+    lines += _stages(wp, cpus)
     lines += ["", *_goals(doc)]
-    lines += ["", "| server, 16 clients | req/s best (range) | p50 / p99 ms | server RSS "
-                  "| USS per replica (x weights) |",
+    if not srv:
+        return "\n".join(lines) + "\n"
+    lines += ["", ("| server, 16 clients | req/s best (range) | p50 / p99 ms | server RSS "
+                  "| USS per replica (x weights) |"),
               "|---|---|---|---|---|"]
     for key, s in srv.items():
         uss = ", ".join(f"{u:.0f} MB ({v:.1%})" for u, v in zip(s["replica_uss_mb"], s["replica_uss_vs_weights"]))
@@ -230,6 +247,30 @@ def _report(doc: dict[str, Any]) -> str:
                      f"{s['latency_ms']['p50']:.0f} / {s['latency_ms']['p99']:.0f} | "
                      f"{s['server_rss_mb']:.0f} MB | {uss or '-'} |")
     return "\n".join(lines) + "\n"
+
+
+def _stages(wp: dict[str, Any], cpus: int) -> list[str]:
+    """Where each job's time goes: serial start-up and exit vs the compute stage, and what that allows.
+
+    Figures are those of each layout's best (fastest whole-process) run, the runs the 1 -> all ratio
+    above compares. The ceiling is Amdahl's law on them: the whole-process 1 -> all ratio the job would
+    reach if its compute stage ran ``cpus`` times faster on all cores, its start-up staying what it was.
+    """
+    if "startup_s" not in wp["steadyclip_batch@1"]:
+        return []  # a results file from before the jobs reported their compute stage
+
+    def best(key: str) -> tuple[float, float]:
+        walls, startups = wp[key]["walls_s"], wp[key]["startup_s"]
+        i = walls.index(min(walls))
+        return startups[i], walls[i] - startups[i]
+
+    lines = ["", ("| job | start-up + exit, 1 core / all | compute stage, 1 core / all | compute 1 -> all "
+                 f"| whole 1 -> all, ceiling ({cpus}x compute) |"), "|---|---|---|---|---|"]
+    for name in ("openclip_loop", "steadyclip_batch"):
+        (s1, c1), (sa, ca) = best(f"{name}@1"), best(f"{name}@all")
+        lines.append(f"| {name} | {s1:.1f} / {sa:.1f} s | {c1:.1f} / {ca:.1f} s | {c1 / ca:.2f}x | "
+                     f"{(s1 + c1) / (sa + c1 / cpus):.2f}x |")
+    return lines
 
 
 def _goals(doc: dict[str, Any]) -> list[str]:
@@ -257,6 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--images", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--no-server", action="store_true", help="whole-process jobs only (e.g. at a larger --images)")
     args = ap.parse_args(argv)
     n = args.images or (24 if args.quick else 192)
     repeats = args.repeats or (1 if args.quick else 2)
@@ -268,8 +310,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                "repeats": repeats, "cpus": len(os.sched_getaffinity(0)),
                                "cpu_model": _cpu_model()}
         doc["whole_process"] = _whole_process(folder, weights, work, env, repeats)
-        doc["server"] = _servers(folder, weights, env, 32 if args.quick else 96, repeats)
-    out = REPO / "benchmarks" / "results" / f"{doc['date']}-{'vm' if not args.quick else 'quick'}-scale"
+        doc["server"] = {} if args.no_server else _servers(folder, weights, env, 32 if args.quick else 96, repeats)
+    kind = "quick" if args.quick else "vm" if n == 192 else f"vm-{n}"
+    out = REPO / "benchmarks" / "results" / f"{doc['date']}-{kind}-scale"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(doc, indent=2, sort_keys=True))
     text = _report(doc)
