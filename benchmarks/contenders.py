@@ -143,8 +143,8 @@ class Steady:
     def __init__(self, source: str, weights: str | None, profile: str, micro_batch: int, threads: int,
                  onednn: bool | None = None, emulated: bool = False) -> None:
         import steadyclip
+        from steadyclip.engine.precision import cpu_bf16_support
         from steadyclip.errors import DeviceError
-        from steadyclip.precision import cpu_bf16_support
 
         if emulated and cpu_bf16_support().native:
             raise NotRun("this CPU has native bf16: the steadyclip-fast row is the fast profile, nothing to force")
@@ -242,7 +242,7 @@ def run_contender(spec: dict[str, Any]) -> dict[str, Any]:
         result["batch_path"] = prov.batch_path
         result["precision"] = prov.precision
         result["reduced_precision"] = prov.reduced_precision
-        from steadyclip import determinism
+        from steadyclip.numerics import determinism
 
         result["mkl_cbwr_effective"] = determinism.mkl_cbwr_effective()
     if isinstance(c, HFClip):

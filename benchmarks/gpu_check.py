@@ -36,7 +36,7 @@ def _checkpoint(arch: str, folder: Path) -> Path:
     from safetensors.torch import save_file
 
     if arch == "steadyclip-shapes":
-        from steadyclip.registry import register_demo_config
+        from steadyclip.model.registry import register_demo_config
 
         register_demo_config()
     torch.manual_seed(0)

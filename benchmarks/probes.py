@@ -114,7 +114,7 @@ def _startup_open_clip(spec: dict[str, Any], labels: list[str]) -> tuple[list[fl
 def _startup_steady(spec: dict[str, Any], labels: list[str]) -> tuple[list[float], dict[str, float], dict[str, Any]]:
     t0 = time.perf_counter()
     import steadyclip
-    from steadyclip import integrity
+    from steadyclip.model import integrity
 
     t_imp = time.perf_counter()
     engine = _load_steady(spec)
@@ -146,8 +146,8 @@ def _startup_steady(spec: dict[str, Any], labels: list[str]) -> tuple[list[float
 def run_textcache(spec: dict[str, Any]) -> dict[str, Any]:
     """Class embeddings for n_labels x a template set: miss, hit (same engine), hit (fresh engine)."""
     _quiet()
-    from steadyclip.prompts import get_template_set
-    from steadyclip.textcache import TextCache
+    from steadyclip.engine.prompts import get_template_set
+    from steadyclip.engine.textcache import TextCache
 
     labels = bench_labels(int(spec["n_labels"]))
     tset = get_template_set(spec.get("templates", "openai-imagenet"))
@@ -188,7 +188,7 @@ def _careless_probs(spec: dict[str, Any], runs: int) -> list[list[list[float]]]:
     from PIL import Image
     from safetensors.torch import load_file
 
-    from steadyclip.registry import demo_labels, register_demo_config
+    from steadyclip.model.registry import demo_labels, register_demo_config
 
     register_demo_config()
     model = open_clip.create_model("steadyclip-shapes")  # train mode: dropout and DropPath active
@@ -220,7 +220,7 @@ def run_careless_once(spec: dict[str, Any]) -> dict[str, Any]:
 def run_stability(spec: dict[str, Any]) -> dict[str, Any]:
     """Each image classified ``runs`` times in one process: careless open_clip vs steadyclip strict."""
     _quiet()
-    from steadyclip.registry import demo_labels
+    from steadyclip.model.registry import demo_labels
 
     runs = int(spec["runs"])
     careless = _careless_probs(spec, runs)

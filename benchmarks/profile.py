@@ -76,8 +76,8 @@ def run_profile(spec: dict[str, Any]) -> dict[str, Any]:
     """Spec: arch, weights, pixels (.npy), micro_batch, threads, pair_budget_s, reps, bf16."""
     logging.getLogger().setLevel(logging.ERROR)
     import steadyclip
-    from steadyclip import determinism
-    from steadyclip import head as head_mod
+    from steadyclip.numerics import determinism
+    from steadyclip.numerics import head as head_mod
 
     mb, threads = int(spec["micro_batch"]), int(spec["threads"])
     reps = int(spec.get("reps", 3))
@@ -165,7 +165,7 @@ def _tails(eng: Any, model: Any, batch: torch.Tensor, budget: float) -> dict[str
     micro-batch. If a k'-row forward (k <= k' < micro-batch) gives bitwise the rows
     of the full one, padding to k' would keep the guarantee at a fraction of the cost.
     """
-    from steadyclip import determinism
+    from steadyclip.numerics import determinism
 
     mb = batch.shape[0]
     with determinism.applied(eng.profile, "cpu"), torch.inference_mode():  # the engine's numerics

@@ -8,7 +8,7 @@ from typing import Any
 import open_clip
 import torch
 
-from steadyclip.registry import DEMO_ARCH, register_demo_config
+from steadyclip.model.registry import DEMO_ARCH, register_demo_config
 
 LABELS = ["red circle", "blue square", "green star", "pink ring"]
 TINY_RN = "doctor-tiny-rn"  # ModifiedResNet (BatchNorm everywhere), registered by register_configs

@@ -45,7 +45,7 @@ class CheckpointFactory:
             import open_clip
 
             if arch == "steadyclip-shapes":
-                from steadyclip.registry import register_demo_config
+                from steadyclip.model.registry import register_demo_config
 
                 register_demo_config()
             torch.manual_seed(0)

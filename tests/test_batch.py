@@ -19,8 +19,8 @@ from steadyclip.batch import open_inputs, read_metadata, run_batch
 from steadyclip.batch.runner import BatchProgress
 from steadyclip.engine import Engine
 from steadyclip.errors import BatchJobError
-from steadyclip.loading import LoadedModel, load
-from steadyclip.registry import DEMO_SPEC, demo_labels
+from steadyclip.model.loading import LoadedModel, load
+from steadyclip.model.registry import DEMO_SPEC, demo_labels
 
 torch.set_num_threads(1)
 
@@ -416,6 +416,6 @@ def test_measure_throughput_reports_both_rates(engine: Engine, small_folder: Pat
     from steadyclip.batch import measure_throughput
 
     r = measure_throughput(engine, small_folder, workers=1)
-    assert r.images == r.ok_images == 14 and r.micro_batch == 4 and r.threads == engine.profile.threads
+    assert r.images == r.ok_images == 14 and r.micro_batch == 4 and r.threads == engine.threads
     assert r.batch_items_per_s > 0 and r.model_items_per_s > 0 and r.ratio > 0
     assert "img/s" in r.summary()

@@ -13,8 +13,8 @@ import torch
 from steadyclip.batch import read_metadata, run_batch
 from steadyclip.engine import Engine
 from steadyclip.errors import IntegrityError
-from steadyclip.loading import load
-from steadyclip.registry import DEMO_SPEC, demo_labels
+from steadyclip.model.loading import load
+from steadyclip.model.registry import DEMO_SPEC, demo_labels
 
 torch.set_num_threads(1)
 

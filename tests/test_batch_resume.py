@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from steadyclip.registry import DEMO_SPEC, demo_labels
+from steadyclip.model.registry import DEMO_SPEC, demo_labels
 
 torch.set_num_threads(1)
 

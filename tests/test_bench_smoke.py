@@ -41,7 +41,7 @@ def test_open_clip_and_steadyclip_contenders_measure_the_same_model(tmp_path: Pa
     from PIL import Image
 
     from benchmarks.contenders import run_contender
-    from steadyclip.registry import register_demo_config
+    from steadyclip.model.registry import register_demo_config
 
     register_demo_config()
     paths = [str(p) for p in make_images(tmp_path / "img", 3)]

@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from steadyclip import registry
 from steadyclip.cli import cli
 from steadyclip.engine import Engine
-from steadyclip.loading import load
-from steadyclip.textcache import TextCache
+from steadyclip.engine.textcache import TextCache
+from steadyclip.model import registry
+from steadyclip.model.loading import load
 
 LABELS = "red circle,blue square,green triangle,yellow star,purple cross,pink ring"
 EXAMPLES = sorted(str(p) for p in Path("examples").glob("*.png"))

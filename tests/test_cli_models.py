@@ -9,10 +9,10 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from steadyclip import registry
 from steadyclip.cli import cli
 from steadyclip.errors import IntegrityError
-from steadyclip.integrity import state_fingerprint
+from steadyclip.model import registry
+from steadyclip.model.integrity import state_fingerprint
 
 DEMO_ARCH = registry.DEMO_ARCH
 
@@ -101,7 +101,7 @@ def test_convert_that_changes_a_tensor_is_refused_and_removed(demo_arch_checkpoi
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     import safetensors.torch
 
-    from steadyclip.convert import convert_checkpoint
+    from steadyclip.model.convert import convert_checkpoint
 
     src = tmp_path / "model.pt"
     torch.save(load_file(str(demo_arch_checkpoint)), src)

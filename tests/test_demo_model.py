@@ -13,7 +13,12 @@ import torch
 
 from steadyclip.demo.shapes import generate, render
 from steadyclip.errors import InputError
-from steadyclip.registry import DEMO_ARCH, DEMO_SPEC, demo_labels, register_demo_config
+from steadyclip.model.registry import (
+    DEMO_ARCH,
+    DEMO_SPEC,
+    demo_labels,
+    register_demo_config,
+)
 
 WEIGHTS = DEMO_SPEC.weights_file
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

@@ -13,9 +13,15 @@ from typing import Any
 import pytest
 import torch
 
-from steadyclip import determinism
-from steadyclip.determinism import applied, autocast, get_profile, mkl_cbwr_state
+from steadyclip.engine.settings import EngineSettings
 from steadyclip.errors import DeviceError, InputError
+from steadyclip.numerics import determinism
+from steadyclip.numerics.determinism import (
+    applied,
+    autocast,
+    get_profile,
+    mkl_cbwr_state,
+)
 
 
 def snapshot() -> dict[str, Any]:
@@ -76,9 +82,9 @@ def test_fast_is_reduced_precision_but_still_deterministic() -> None:
 
 def test_nested_profiles_restore_the_outer_one() -> None:
     before = snapshot()
-    with applied(get_profile("strict", threads=2)):
+    with applied(get_profile("strict"), threads=2):
         outer = snapshot()
-        with applied(get_profile("fast", threads=1)):
+        with applied(get_profile("fast"), threads=1):
             assert snapshot()["cuda_tf32"] is True and snapshot()["threads"] == 1
         assert snapshot() == outer
     assert snapshot() == before
@@ -91,8 +97,8 @@ def test_thread_count_is_applied_and_restored() -> None:
         with applied(get_profile("strict")):
             assert torch.get_num_threads() == 1
         assert torch.get_num_threads() == 2
-        with applied(get_profile("strict", threads=2)) as flags:
-            assert torch.get_num_threads() == 2 and flags["profile"]["threads"] == 2
+        with applied(get_profile("strict"), threads=2) as flags:
+            assert torch.get_num_threads() == 2 and flags["threads"] == 2
     finally:
         torch.set_num_threads(original)
 
@@ -163,8 +169,8 @@ def test_unknown_or_unsupported_choices_are_typed_errors() -> None:
         get_profile("exact")
     with pytest.raises(InputError, match="fp32 only"):
         get_profile("strict", precision="bf16")
-    with pytest.raises(InputError, match="threads"):
-        get_profile("strict", threads=0)
+    with pytest.raises(InputError, match="threads must be an int >= 1"):
+        EngineSettings(threads=0)
     with pytest.raises(InputError, match="precision"):
         get_profile("fast", precision="int8")
     with pytest.raises(DeviceError, match="not supported"):
@@ -178,7 +184,7 @@ def test_unknown_or_unsupported_choices_are_typed_errors() -> None:
 
 def test_strict_profile_cannot_be_built_with_loose_settings() -> None:
     with pytest.raises(InputError, match="strict profile is fp32"):
-        determinism.Profile("strict", "fp32", 1, tf32=True, deterministic_algorithms=True)
+        determinism.Profile("strict", "fp32", tf32=True, deterministic_algorithms=True)
 
 
 def test_cublas_workspace_is_set_before_cuda_or_refused_with_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -209,7 +215,7 @@ _ROWS = textwrap.dedent("""
         rows["1_padded_to_8"] = lin(torch.cat([x[:1], torch.zeros(7, 768)]))[0]  # what the engine does
     if late:
         import steadyclip  # after a GEMM: too late for MKL to notice
-    from steadyclip.determinism import current_flags, mkl_cbwr_effective, mkl_cbwr_state
+    from steadyclip.numerics.determinism import current_flags, mkl_cbwr_effective, mkl_cbwr_state
     print(json.dumps({"state": mkl_cbwr_state(), "effective": mkl_cbwr_effective(),
                       "status": current_flags()["mkl_cbwr_status"],
                       "equal_to_8": {n: bool(torch.equal(r, rows[8])) for n, r in rows.items()},
@@ -219,7 +225,7 @@ _ROWS = textwrap.dedent("""
 
 _TF32_STATES = textwrap.dedent("""
     import json, torch
-    from steadyclip.determinism import applied, get_profile
+    from steadyclip.numerics.determinism import applied, get_profile
     setups = [lambda: None, lambda: torch.set_float32_matmul_precision("medium"),
               lambda: setattr(torch.backends.cudnn, "allow_tf32", False),
               lambda: setattr(torch.backends.mkldnn.matmul, "fp32_precision", "bf16"),
@@ -245,7 +251,7 @@ _TF32_STATES = textwrap.dedent("""
 # restore() puts back deterministic mode without torch.use_deterministic_algorithms' import of torch._inductor
 _RESTORE_IMPORTS = textwrap.dedent("""
     import json, sys, torch
-    from steadyclip import determinism
+    from steadyclip.numerics import determinism
     saved = determinism.snapshot()
     torch._C._set_deterministic_algorithms(True)
     changed = determinism.restore(saved)
@@ -346,7 +352,7 @@ def test_user_mkl_cbwr_wins_and_state_is_recorded_in_process() -> None:
 
 
 def test_strict_turns_onednn_off_and_restores_it() -> None:
-    from steadyclip.determinism import applied, get_profile
+    from steadyclip.numerics.determinism import applied, get_profile
 
     before = torch._C._get_mkldnn_enabled()
     with applied(get_profile("strict")) as flags:

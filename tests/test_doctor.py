@@ -18,8 +18,8 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 
 from steadyclip.doctor import Diagnosis, diagnose
 from steadyclip.doctor.result import NUMERIC_TOL, PROB_TOL
-from steadyclip.integrity import buffers_fingerprint, state_fingerprint
-from steadyclip.registry import DEMO_ARCH
+from steadyclip.model.integrity import buffers_fingerprint, state_fingerprint
+from steadyclip.model.registry import DEMO_ARCH
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -10,7 +10,7 @@ import torch
 from _doctor_models import LABELS, build, drop_path_convnext, register_configs
 
 from steadyclip.doctor import diagnose
-from steadyclip.registry import DEMO_ARCH
+from steadyclip.model.registry import DEMO_ARCH
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -35,7 +35,7 @@ def test_to_dict_is_stable_json_schema(images: list[Any]) -> None:
     for key in ("versions", "threads", "MKL_CBWR", "device", "flags"):
         assert key in env
     assert env["versions"]["torch"] == torch.__version__ and env["versions"]["open_clip_torch"] == open_clip.__version__
-    from steadyclip.identity import NUMERICS_FLAG_KEYS
+    from steadyclip.numerics.identity import NUMERICS_FLAG_KEYS
 
     assert set(NUMERICS_FLAG_KEYS) <= set(env["flags"])  # the flags document provenance uses, same key names
     assert doc["labels"] == LABELS

@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner, Result
 
 from steadyclip.cli import cli
-from steadyclip.registry import DEMO_ARCH, DEMO_SPEC
+from steadyclip.model.registry import DEMO_ARCH, DEMO_SPEC
 
 LABELS = "red circle,blue square,green star"
 
@@ -73,7 +73,7 @@ def test_lock_mismatch_is_weights_corrupted(image_files: list[str], demo_arch_ch
     from safetensors.torch import save_file
 
     import steadyclip
-    from steadyclip.lockfile import write_lock
+    from steadyclip.model.lockfile import write_lock
 
     lock = tmp_path / "steadyclip.lock"
     write_lock(lock, steadyclip.load(DEMO_ARCH, pretrained=demo_arch_checkpoint).info)
@@ -155,8 +155,8 @@ def test_demo_path_with_stand_in_weights(monkeypatch: pytest.MonkeyPatch, demo_a
     """--demo's careless loader, generated images and 48 labels, on random-init weights of the demo architecture."""
     import dataclasses
 
-    from steadyclip import registry
-    from steadyclip.integrity import sha256_file
+    from steadyclip.model import registry
+    from steadyclip.model.integrity import sha256_file
 
     stand_in = dataclasses.replace(registry.DEMO_SPEC, weights_file=demo_arch_checkpoint,
                                    sha256=sha256_file(demo_arch_checkpoint))

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from steadyclip.engine import Engine
+from steadyclip.engine.textcache import TextCache
 from steadyclip.errors import LabelError, NumericsError
-from steadyclip.loading import load
-from steadyclip.registry import demo_labels
-from steadyclip.textcache import TextCache
+from steadyclip.model.loading import load
+from steadyclip.model.registry import demo_labels
 
 
 def _images(n: int, seed: int, size: int = 64) -> list[np.ndarray]:
@@ -167,7 +167,7 @@ def test_model_changed_in_memory_is_refused(tmp_path: Path) -> None:
 
 
 def test_non_finite_embeddings_are_an_error() -> None:
-    from steadyclip.head import normalise
+    from steadyclip.numerics.head import normalise
 
     with pytest.raises(NumericsError, match="NaN"):
         normalise(np.array([[1.0, np.nan]]), "image")
@@ -177,7 +177,7 @@ def test_self_check_verdict_is_remembered_across_engines(monkeypatch: pytest.Mon
     first = Engine(load(), text_cache=None)
     path = first.provenance.batch_path
     calls: list[str] = []
-    from steadyclip import selfcheck
+    from steadyclip.numerics import selfcheck
 
     monkeypatch.setattr(selfcheck, "rows_equal_single",
                         lambda fn, probe, profile, device: calls.append("image" if probe.ndim == 4 else "text"))

@@ -17,12 +17,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from steadyclip import drift, precision
 from steadyclip.cli import cli
-from steadyclip.engine import Engine
+from steadyclip.engine import Engine, precision
 from steadyclip.errors import DeviceError, IntegrityError
-from steadyclip.loading import LoadedModel, load
-from steadyclip.registry import demo_labels
+from steadyclip.model.loading import LoadedModel, load
+from steadyclip.model.registry import demo_labels
+from steadyclip.numerics import drift
 
 EXAMPLE = "examples/red_circle.png"
 
@@ -106,7 +106,7 @@ def test_env_override_is_explicit_and_recorded(monkeypatch: pytest.MonkeyPatch, 
 def test_on_a_native_bf16_cpu_nothing_needs_allowing(monkeypatch: pytest.MonkeyPatch, loaded: LoadedModel) -> None:
     _force_cpu_flags(monkeypatch, {"avx512_bf16"})
     engine = Engine(loaded, profile="fast", text_cache=None)
-    assert engine._cast is not None and engine._cast.record["emulated_bf16_allowed_by"] is None
+    assert engine.cast is not None and engine.cast.record["emulated_bf16_allowed_by"] is None
 
 
 def test_fast_runs_bf16_weights_returns_float32_and_leaves_the_loaded_model_fp32(loaded: LoadedModel) -> None:
@@ -115,8 +115,8 @@ def test_fast_runs_bf16_weights_returns_float32_and_leaves_the_loaded_model_fp32
     fast = _fast(loaded)
     emb = fast.embed_images([EXAMPLE])
     assert emb.dtype == np.float32 and emb.shape == before.shape
-    assert fast._cast is not None
-    assert {p.dtype for p in fast._cast.model.parameters()} == {torch.bfloat16}
+    assert fast.cast is not None
+    assert {p.dtype for p in fast.cast.model.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}
     loaded.check_buffers()  # the fp32 original's tamper check still holds
     assert not np.array_equal(emb, before)  # really another precision...
@@ -128,9 +128,9 @@ def test_fast_runs_bf16_weights_returns_float32_and_leaves_the_loaded_model_fp32
 
 def test_a_changed_cast_copy_refuses_inference(loaded: LoadedModel) -> None:
     fast = _fast(loaded)
-    assert fast._cast is not None
+    assert fast.cast is not None
     with torch.no_grad():
-        next(fast._cast.model.parameters()).add_(1)
+        next(fast.cast.model.parameters()).add_(1)
     with pytest.raises(IntegrityError, match="reduced-precision copy"):
         fast.embed_images([EXAMPLE])
 
@@ -198,7 +198,7 @@ def test_lock_pins_fast_outputs_and_verify_finds_them_bitwise(monkeypatch: pytes
 
 def test_fast_lock_on_another_stack_is_checked_within_the_fast_tolerance(monkeypatch: pytest.MonkeyPatch,
                                                                          loaded: LoadedModel) -> None:
-    from steadyclip.probe import compare_probe, run_probe
+    from steadyclip.engine.probe import compare_probe, run_probe
 
     stored = run_probe(_fast(loaded))
     here = stored["stack"]["cpu_capability"]

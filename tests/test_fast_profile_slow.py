@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from steadyclip.engine import Engine
-from steadyclip.loading import load
-from steadyclip.registry import demo_labels
+from steadyclip.model.loading import load
+from steadyclip.model.registry import demo_labels
 
 pytestmark = pytest.mark.slow
 FRESH_SEED = 424_242  # not a training seed: fresh images
@@ -50,7 +50,7 @@ _CHILD = textwrap.dedent("""
     from steadyclip.demo.shapes import generate
     engine = steadyclip.Engine(steadyclip.load(), profile="fast", text_cache=None)
     images = [im for im, _, _ in generate(10, seed=3)]
-    res = engine.classify(images, steadyclip.registry.demo_labels())
+    res = engine.classify(images, steadyclip.model.registry.demo_labels())
     emb = engine.embed_images(images)
     json.dump({"emb": emb.tobytes().hex(), "probs": [r.probs for r in res],
                "drift": res[0].provenance.reduced_precision["drift_vs_strict"]}, sys.stdout)

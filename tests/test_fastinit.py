@@ -5,7 +5,7 @@ import open_clip
 import pytest
 import torch
 
-from steadyclip._fastinit import not_loaded, skip_parameter_init
+from steadyclip.model._fastinit import not_loaded, skip_parameter_init
 
 
 @pytest.mark.parametrize("arch", ["ViT-B-32", "RN50"])

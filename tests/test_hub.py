@@ -12,16 +12,16 @@ from typing import Any, Self
 import pytest
 from open_clip import pretrained as ocp
 
-from steadyclip import registry
 from steadyclip.errors import (
     InputError,
     IntegrityError,
     LockMismatchError,
     ModelSourceError,
 )
-from steadyclip.loading import load
-from steadyclip.lockfile import write_lock
-from steadyclip.sources.hub import fetch_verified, hub_commit, url_sha256
+from steadyclip.model import registry
+from steadyclip.model.loading import load
+from steadyclip.model.lockfile import write_lock
+from steadyclip.model.sources.hub import fetch_verified, hub_commit, url_sha256
 
 DEMO_ARCH = registry.DEMO_ARCH
 
@@ -62,7 +62,7 @@ class FakeHub:
             return str(pointer)
         data = files[filename]
         if isinstance(data, Path):
-            from steadyclip.integrity import sha256_file
+            from steadyclip.model.integrity import sha256_file
 
             blob = repo_dir / "blobs" / sha256_file(data, cache=None)
             blob.parent.mkdir(parents=True, exist_ok=True)

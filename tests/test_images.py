@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
+from steadyclip.engine.images import EXIF_INFO_KEY, image_sha256, load_image
 from steadyclip.errors import (
     ImageDecodeError,
     ImageError,
@@ -23,7 +24,6 @@ from steadyclip.errors import (
     ImageTooLargeError,
     InputError,
 )
-from steadyclip.images import EXIF_INFO_KEY, image_sha256, load_image
 
 
 def encode(im: Image.Image, fmt: str = "PNG", **kw: object) -> bytes:
@@ -80,7 +80,7 @@ def test_every_exif_orientation(orientation: int, size: tuple[int, int], green_a
 
 def test_unreadable_exif_is_logged_and_recorded_not_fatal(caplog: pytest.LogCaptureFixture) -> None:
     data = encode(quadrants(), "PNG", exif=b"\x00\x00\x00garbage")
-    with caplog.at_level(logging.WARNING, logger="steadyclip.images"):
+    with caplog.at_level(logging.WARNING, logger="steadyclip.engine.images"):
         out = load_image(data)
     assert out.size == (4, 2) and px(out) == (0, 255, 0)
     assert out.info[EXIF_INFO_KEY].startswith("unreadable")

@@ -9,8 +9,8 @@ from typing import Literal
 import pytest
 from PIL import Image
 
-from steadyclip._capture import captured
-from steadyclip.images import WARNINGS_INFO_KEY, decode_image, load_image
+from steadyclip.engine._capture import captured
+from steadyclip.engine.images import WARNINGS_INFO_KEY, decode_image, load_image
 
 
 def _png_with_corrupt_exif() -> bytes:

@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from steadyclip import registry
 from steadyclip.errors import InputError, IntegrityError, LockMismatchError
-from steadyclip.integrity import (
+from steadyclip.model import registry
+from steadyclip.model.integrity import (
     HashCache,
     buffers_fingerprint,
     get_hash_cache,
@@ -23,8 +23,8 @@ from steadyclip.integrity import (
     state_fingerprint,
     verify_sha256,
 )
-from steadyclip.loading import load
-from steadyclip.lockfile import compare_lock, make_lock, read_lock, write_lock
+from steadyclip.model.loading import load
+from steadyclip.model.lockfile import compare_lock, make_lock, read_lock, write_lock
 
 DEMO_ARCH = registry.DEMO_ARCH
 
@@ -236,12 +236,12 @@ def test_lock_written_with_the_old_version_map_reads_without_warnings(
     # the map locks carried before identity.software_stack(): distribution versions, torch without its build tag
     doc["versions"] = {"python": platform.python_version(), **{d: metadata.version(d) for d in (
         "torch", "open_clip_torch", "safetensors", "timm", "steadyclip")}}
-    with caplog.at_level("WARNING", logger="steadyclip.lockfile"):
+    with caplog.at_level("WARNING", logger="steadyclip.model.lockfile"):
         compare_lock(doc, m.info)
     assert not caplog.records
     doc["versions"]["torch"] = "1.0.0"
     doc["versions"]["timm"] = "0.0.1"
-    with caplog.at_level("WARNING", logger="steadyclip.lockfile"):
+    with caplog.at_level("WARNING", logger="steadyclip.model.lockfile"):
         compare_lock(doc, m.info)
     assert sorted(r.getMessage().split()[4] for r in caplog.records) == ["timm", "torch"]
 

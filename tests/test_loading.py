@@ -13,7 +13,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from steadyclip import registry
 from steadyclip.errors import (
     InferenceStateError,
     InputError,
@@ -23,8 +22,14 @@ from steadyclip.errors import (
     UnsafeCheckpointError,
     WeightsError,
 )
-from steadyclip.integrity import sha256_file, state_fingerprint
-from steadyclip.loading import LoadedModel, ModelInfo, load, quiet_random_init_warning
+from steadyclip.model import registry
+from steadyclip.model.integrity import sha256_file, state_fingerprint
+from steadyclip.model.loading import (
+    LoadedModel,
+    ModelInfo,
+    load,
+    quiet_random_init_warning,
+)
 
 DEMO_ARCH = registry.DEMO_ARCH
 
@@ -360,7 +365,7 @@ def test_a_tokenizer_that_cannot_load_is_a_model_source_error_saying_what_to_do(
     """SigLIP & co. use Hugging Face tokenizers: no ``transformers``, or offline with nothing cached."""
     import open_clip
 
-    from steadyclip import sources
+    from steadyclip.model import sources
 
     real_resolve = sources.resolve
 
@@ -434,7 +439,7 @@ def test_config_hash_keeps_the_form_existing_locks_pin() -> None:
 
     import open_clip
 
-    from steadyclip.sources import config_hash
+    from steadyclip.model.sources import config_hash
 
     for arch in ("ViT-B-32", "RN50", "convnext_base"):
         cfg = open_clip.get_model_config(arch)

@@ -17,8 +17,8 @@ import torch
 from open_clip import pretrained as ocp
 from PIL import Image
 
-from steadyclip.loading import load
-from steadyclip.registry import DEMO_ARCH, register_demo_config
+from steadyclip.model.loading import load
+from steadyclip.model.registry import DEMO_ARCH, register_demo_config
 
 # (real arch, real tag) whose preprocessing differs in at least one way from the others.
 TAG_SOURCES = [

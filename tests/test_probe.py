@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from steadyclip.cli import cli
-from steadyclip.probe import _pack, _unpack
+from steadyclip.engine.probe import _pack, _unpack
 
 
 def _run(*args: str) -> tuple[int, dict]:  # type: ignore[type-arg]
@@ -60,7 +60,7 @@ def test_other_stack_small_drift_is_reported_and_accepted(locked: Path) -> None:
 
 
 def test_probe_stack_is_the_software_stack_and_an_open_clip_change_is_another_stack(locked: Path) -> None:
-    from steadyclip import identity
+    from steadyclip.numerics import identity
 
     stack = json.loads(locked.read_text())["probe"]["stack"]
     assert identity.software_stack().items() <= stack.items()
@@ -72,7 +72,7 @@ def test_probe_stack_is_the_software_stack_and_an_open_clip_change_is_another_st
 
 
 def test_probe_from_before_the_full_software_stack_is_still_bitwise_checked(locked: Path) -> None:
-    from steadyclip import identity
+    from steadyclip.numerics import identity
 
     doc = json.loads(locked.read_text())
     stack = doc["probe"]["stack"]

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import pytest
 
-from steadyclip import identity
-from steadyclip.errors import LabelError, TemplateError
-from steadyclip.prompts import (
+from steadyclip.engine.prompts import (
     TemplateSet,
     get_template_set,
     read_labels_file,
     validate_labels,
 )
+from steadyclip.errors import LabelError, TemplateError
+from steadyclip.numerics import identity
 
 
 def test_valid_labels_are_stripped() -> None:

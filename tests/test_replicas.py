@@ -17,10 +17,10 @@ import pytest
 
 from steadyclip import Engine, load
 from steadyclip.batch import run_batch
+from steadyclip.engine.layout import cgroup_cpu_quota, usable_cpus
 from steadyclip.errors import InputError
-from steadyclip.layout import cgroup_cpu_quota, usable_cpus
-from steadyclip.loading import LoadedModel
-from steadyclip.registry import demo_labels
+from steadyclip.model.loading import LoadedModel
+from steadyclip.model.registry import demo_labels
 
 EXAMPLES = sorted(str(p) for p in Path("examples").glob("*.png"))
 
@@ -176,12 +176,12 @@ def test_one_core_and_all_cores_print_the_same_rows_and_numerics(tmp_path: Path)
 def test_an_upload_that_kills_replicas_fails_alone(demo: LoadedModel, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """The server's path: uploads batched with a crashing one still get their (bitwise) embeddings."""
-    from steadyclip import images
-    from steadyclip.rows import CRASH_MESSAGE, embed_uploads
+    from steadyclip.engine import images
+    from steadyclip.engine._rows import CRASH_MESSAGE
 
     datas = [Path(p).read_bytes() for p in _images(tmp_path, 6)]
     with Engine(demo, micro_batch=4, replicas=2, text_cache=None) as eng:
-        clean = embed_uploads(eng, datas, None).result(120)
+        clean = eng.embed_uploads(datas, None).result(120)
     real = images.decode_image
 
     def crashing(src: object, **kw: object) -> images.DecodedImage:
@@ -191,7 +191,7 @@ def test_an_upload_that_kills_replicas_fails_alone(demo: LoadedModel, tmp_path: 
 
     monkeypatch.setattr(images, "decode_image", crashing)  # forked replicas inherit the patch
     with Engine(demo, micro_batch=4, replicas=2, text_cache=None) as eng:
-        rows = embed_uploads(eng, [*datas[:2], b"boom", *datas[2:]], None).result(120)
+        rows = eng.embed_uploads([*datas[:2], b"boom", *datas[2:]], None).result(120)
         restarts = eng.execution.extra["replica_restarts"]
     assert [r.error for r in rows] == [None, None, ("ImageDecodeError", CRASH_MESSAGE), None, None, None, None]
     good = np.stack([r.embedding for r in rows if r.embedding is not None])  # (6, D)

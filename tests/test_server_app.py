@@ -15,9 +15,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from steadyclip.engine import Engine
+from steadyclip.engine.prompts import get_template_set
 from steadyclip.errors import InputError
-from steadyclip.loading import load
-from steadyclip.prompts import get_template_set
+from steadyclip.model.loading import load
 from steadyclip.server import ServerSettings, create_app
 from steadyclip.server.app import WEB_DIR
 

@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from steadyclip.engine import Engine
-from steadyclip.loading import load
+from steadyclip.model.loading import load
 from steadyclip.server import ServerSettings, create_app
 
 PNG = Path("examples/red_circle.png").read_bytes()

@@ -20,10 +20,10 @@ import torch
 from _doctor_models import add_config, shape_images
 
 import steadyclip
-from steadyclip import drift
 from steadyclip.doctor import diagnose
-from steadyclip.head import ZeroShotHead
-from steadyclip.prompts import get_template_set
+from steadyclip.engine.prompts import get_template_set
+from steadyclip.numerics import drift
+from steadyclip.numerics.head import ZeroShotHead
 
 ARCH = "parity-tiny-sigmoid-vit"
 LABELS = ["red circle", "blue square", "green star"]

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from steadyclip.integrity import get_hash_cache
-from steadyclip.selfcheck import SelfCheckStore
-from steadyclip.textcache import TextCache
+from steadyclip._util.cachedir import VerdictStore
+from steadyclip.engine.textcache import TextCache
+from steadyclip.model.integrity import get_hash_cache
 
 
 def test_roundtrip_is_bitwise(tmp_path: Path) -> None:
@@ -77,7 +77,7 @@ def test_every_cache_follows_steadyclip_cache_dir_with_home_expanded(tmp_path: P
     want = tmp_path / "sc-cache"
     assert TextCache().path == want / "text-embeddings.sqlite3"
     assert get_hash_cache().path == want / "sha256-cache.json"
-    assert SelfCheckStore().path.parent == want
-    SelfCheckStore().put("k", "fixed-shape")
-    assert SelfCheckStore().get("k") == "fixed-shape"
+    assert VerdictStore("batch-selfcheck").path.parent == want
+    VerdictStore("batch-selfcheck").put("k", "fixed-shape")
+    assert VerdictStore("batch-selfcheck").get("k") == "fixed-shape"
     assert not (Path.cwd() / "~").exists()  # a literal "~" folder was never created

@@ -16,33 +16,33 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from steadyclip import errors
-    from steadyclip.determinism import get_profile
     from steadyclip.doctor import diagnose
     from steadyclip.engine import Engine
-    from steadyclip.images import load_image
-    from steadyclip.loading import LoadedModel, ModelInfo, load
-    from steadyclip.prompts import get_template_set
+    from steadyclip.engine.images import load_image
+    from steadyclip.engine.prompts import get_template_set
+    from steadyclip.engine.textcache import TextCache
+    from steadyclip.model.loading import LoadedModel, ModelInfo, load
+    from steadyclip.numerics.determinism import get_profile
     from steadyclip.results import Classification, Provenance
-    from steadyclip.textcache import TextCache
 
 __version__ = "0.1.0"
 
 # MKL's reproducibility mode must be chosen before the process's first GEMM.
-from steadyclip._early import early_init as _early_init
+from steadyclip.numerics.early import early_init as _early_init
 
 _early_init()
 
 _LAZY: dict[str, str] = {
-    "load": "steadyclip.loading",
-    "LoadedModel": "steadyclip.loading",
-    "ModelInfo": "steadyclip.loading",
+    "load": "steadyclip.model.loading",
+    "LoadedModel": "steadyclip.model.loading",
+    "ModelInfo": "steadyclip.model.loading",
     "Engine": "steadyclip.engine",
     "Classification": "steadyclip.results",
     "Provenance": "steadyclip.results",
-    "TextCache": "steadyclip.textcache",
-    "get_template_set": "steadyclip.prompts",
-    "load_image": "steadyclip.images",
-    "get_profile": "steadyclip.determinism",
+    "TextCache": "steadyclip.engine.textcache",
+    "get_template_set": "steadyclip.engine.prompts",
+    "load_image": "steadyclip.engine.images",
+    "get_profile": "steadyclip.numerics.determinism",
     "diagnose": "steadyclip.doctor",
     "errors": "steadyclip.errors",
 }

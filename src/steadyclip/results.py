@@ -31,7 +31,7 @@ class Provenance:
     versions: dict[str, str] = field(default_factory=dict)
     template_set: str | None = None
     template_sha256: str | None = None
-    # fast only (steadyclip.precision / steadyclip.drift): cast dtypes, the CPU's bf16 support and any
+    # fast only (steadyclip.engine.precision / steadyclip.numerics.drift): cast dtypes, the CPU's bf16 support and any
     # explicit opt-in to emulated bf16, measured drift vs strict, and the thread-count verdict.
     reduced_precision: dict[str, Any] | None = None
 

@@ -94,7 +94,7 @@ class _NamedBytes(io.BytesIO):
 
 def prepare(item: InputItem, transform: Transform, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Prepared:
     """Read, hash, decode and preprocess one input; failures become an error ``Prepared``."""
-    from steadyclip.images import load_image
+    from steadyclip.engine.images import load_image
 
     sha: str | None = None
     try:

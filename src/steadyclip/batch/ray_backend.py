@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from steadyclip import identity
 from steadyclip.batch import _prep
 from steadyclip.batch._prep import ItemResult
 from steadyclip.batch.inputs import InputItem
+from steadyclip.engine.layout import usable_cpus
 from steadyclip.errors import BatchJobError, InputError, IntegrityError, SteadyClipError
-from steadyclip.layout import usable_cpus
+from steadyclip.numerics import identity
 
 if TYPE_CHECKING:
     from steadyclip.engine import Engine
@@ -58,12 +58,9 @@ def engine_spec(engine: Engine) -> dict[str, Any]:
     source = info.model_id
     if info.revision and source.startswith("hf-hub:") and "@" not in source:
         source = f"{source}@{info.revision}"  # pin the exact hub commit the driver loaded
-    return {
-        "source": source, "pretrained": info.pretrained, "guard": engine.loaded.guard,
-        "profile": engine.profile.name, "micro_batch": engine.micro_batch,
-        "text_micro_batch": engine.text_micro_batch, "threads": engine.threads,
-        "batch_invariance": engine.batch_invariance,
-    }
+    # One process per actor: the actor is the replica (Ray spreads actors over CPUs and nodes).
+    return {"source": source, "pretrained": info.pretrained, "guard": engine.loaded.guard,
+            "settings": engine.settings.replace(replicas=1).to_dict()}
 
 
 ACTOR_START_TIMEOUT_S = 600  # every model actor must be up before work starts; then a clear error
@@ -73,13 +70,11 @@ class _EmbedActor:
 
     def __init__(self, spec: dict[str, Any], expected: dict[str, Any], dim: int, max_file_bytes: int) -> None:
         from steadyclip.engine import Engine
-        from steadyclip.loading import load
+        from steadyclip.engine.settings import EngineSettings
+        from steadyclip.model.loading import load
 
         loaded = load(spec["source"], pretrained=spec["pretrained"], guard=spec["guard"])
-        # One process per actor: the actor is the replica (Ray spreads actors over CPUs and nodes).
-        self.engine = Engine(loaded, profile=spec["profile"], micro_batch=spec["micro_batch"],
-                             text_micro_batch=spec["text_micro_batch"], threads=spec["threads"], replicas=1,
-                             text_cache=None, batch_invariance=spec["batch_invariance"])
+        self.engine = Engine(loaded, EngineSettings.from_dict(spec["settings"]), text_cache=None)
         import ray
 
         self.node = ray.get_runtime_context().get_node_id()

@@ -26,11 +26,12 @@ from steadyclip.batch import _prep
 from steadyclip.batch._prep import ItemResult
 from steadyclip.batch.inputs import InputItem
 from steadyclip.batch.writer import kill_point
+from steadyclip.engine._rows import embed_in_place
 from steadyclip.errors import ReplicaCrashError
-from steadyclip.rows import embed_in_place
 
 if TYPE_CHECKING:
     from steadyclip.engine import Engine
+    from steadyclip.engine._core import ForwardCore
 
 _logger = logging.getLogger(__name__)
 
@@ -87,8 +88,8 @@ class ReplicaPipeline:
                               "image library or exhausts memory - inspect or remove it")
 
 
-def prepare_and_embed(engine: Engine, chunk: list[InputItem], max_file_bytes: int) -> list[ItemResult]:
+def prepare_and_embed(core: ForwardCore, chunk: list[InputItem], max_file_bytes: int) -> list[ItemResult]:
     """In a replica: read, hash, decode and preprocess each input, then embed the good ones."""
-    prepared = [_prep.prepare(item, engine.loaded.preprocess, max_file_bytes) for item in chunk]
-    vectors = embed_in_place(engine, [None if p.pixels is None else torch.from_numpy(p.pixels) for p in prepared])
+    prepared = [_prep.prepare(item, core.loaded.preprocess, max_file_bytes) for item in chunk]
+    vectors = embed_in_place(core, [None if p.pixels is None else torch.from_numpy(p.pixels) for p in prepared])
     return [ItemResult(p.index, p.path, p.sha256, v, p.error_type, p.error_message) for p, v in zip(prepared, vectors)]

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from steadyclip import identity
 from steadyclip.batch import _prep
 from steadyclip.batch._prep import ItemResult
 from steadyclip.batch.inputs import InputSource, ListingHasher, open_inputs
@@ -38,9 +37,10 @@ from steadyclip.batch.writer import (
     StoreState,
     read_metadata,
 )
+from steadyclip.engine.layout import usable_cpus
+from steadyclip.engine.prompts import TemplateSet, get_template_set, validate_labels
 from steadyclip.errors import BatchJobError, InputError
-from steadyclip.layout import usable_cpus
-from steadyclip.prompts import TemplateSet, get_template_set, validate_labels
+from steadyclip.numerics import identity
 
 if TYPE_CHECKING:
     from steadyclip.engine import Engine

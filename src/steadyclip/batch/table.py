@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from steadyclip.batch._prep import ItemResult
-from steadyclip.prompts import TemplateSet
+from steadyclip.engine.prompts import TemplateSet
 
 if TYPE_CHECKING:
     from steadyclip.engine import Engine

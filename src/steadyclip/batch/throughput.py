@@ -97,7 +97,7 @@ def measure_throughput(engine: Engine, inputs: str | os.PathLike[str] | Sequence
         summary = run_batch([it.location for it in items], engine, out=Path(tmp) / "bench.parquet",
                             labels=labels, embeddings=not labels, workers=n_workers, part_size=part_size)
     report = ThroughputReport(
-        images=len(items), ok_images=len(pixels), micro_batch=engine.micro_batch, threads=engine.profile.threads,
+        images=len(items), ok_images=len(pixels), micro_batch=engine.micro_batch, threads=engine.threads,
         workers=n_workers, batch_items_per_s=len(items) / summary.elapsed_s,
         model_items_per_s=len(pixels) / model_s if model_s > 0 else 0.0,
         decode_items_per_s=len(items) / decode_s if decode_s > 0 else 0.0,

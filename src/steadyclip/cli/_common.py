@@ -9,7 +9,7 @@ import functools
 import json
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
 
@@ -17,6 +17,7 @@ from steadyclip.errors import IntegrityError, SteadyClipError
 
 if TYPE_CHECKING:
     from steadyclip.engine import Engine
+    from steadyclip.engine.settings import EngineSettings
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -77,25 +78,45 @@ def apply(*decorators: Callable[[F], F]) -> Callable[[F], F]:
     return stack
 
 
+_SETTINGS_KEYS = ("profile", "micro_batch", "threads", "replicas")
+
+
+def settings_options(*, replicas: bool = True) -> Callable[[F], F]:
+    """--profile, --micro-batch, --threads (and --replicas), handed to the command as one
+    ``settings: EngineSettings`` argument: the CLI builds engine settings in this one place."""
+
+    def wrap(func: F) -> F:
+        @functools.wraps(func)
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            from steadyclip.engine.settings import EngineSettings
+
+            given = {k: kwargs.pop(k) for k in _SETTINGS_KEYS if k in kwargs}
+            kwargs["settings"] = EngineSettings(**{k: v for k, v in given.items() if v is not None})
+            return func(*args, **kwargs)
+
+        options = [profile_option, micro_batch_option, threads_option] + ([replicas_option] if replicas else [])
+        return apply(*options)(cast(F, inner))
+
+    return wrap
+
+
 # The options that choose and run a model, for commands that take it as --model.
-model_options = apply(model_option, pretrained_option, lock_option, profile_option, micro_batch_option,
-                      threads_option, replicas_option, json_option)
+model_options = apply(model_option, pretrained_option, lock_option, settings_options(), json_option)
 labels_options = apply(labels_option, labels_file_option, templates_option)
 
 
-def build_engine(model: str, pretrained: str | None, lock_path: str | None, profile: str,
-                 micro_batch: int, threads: int | None, replicas: int | None = None) -> Engine:
+def build_engine(model: str, pretrained: str | None, lock_path: str | None, settings: EngineSettings) -> Engine:
     """Load (verified) and wrap in an engine: what every model-running command does first."""
     from steadyclip.engine import Engine
-    from steadyclip.loading import load
+    from steadyclip.model.loading import load
 
     loaded = load(model, pretrained=pretrained, lock=lock_path)
-    return Engine(loaded, profile=profile, micro_batch=micro_batch, threads=threads, replicas=replicas)
+    return Engine(loaded, settings)
 
 
 def read_labels(labels: str | None, labels_file: str | None) -> list[str]:
     """The labels from ``--labels`` or ``--labels-file`` (exactly one of them)."""
-    from steadyclip.prompts import read_labels_file
+    from steadyclip.engine.prompts import read_labels_file
 
     if labels and labels_file:
         raise click.UsageError("give --labels or --labels-file, not both")

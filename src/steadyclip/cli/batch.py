@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -15,6 +15,9 @@ from steadyclip.cli._common import (
     read_labels,
     top_k_option,
 )
+
+if TYPE_CHECKING:
+    from steadyclip.engine.settings import EngineSettings
 
 
 @click.command()
@@ -40,7 +43,7 @@ from steadyclip.cli._common import (
 def batch(input_spec: str, labels: str | None, labels_file: str | None, templates: str | None, top_k: int,
           all_probs: bool, embeddings: bool, out: str, backend: str, address: str | None, workers: int | None,
           part_size: int, restart: bool, verbose: bool, progress: bool | None, model: str, pretrained: str | None,
-          lock_path: str | None, profile: str, micro_batch: int, threads: int | None, replicas: int | None, as_json: bool) -> None:
+          lock_path: str | None, settings: EngineSettings, as_json: bool) -> None:
     """Classify (and/or embed) every image in INPUT into one Parquet file, resumably.
 
     INPUT is a folder (searched recursively for images), a quoted glob
@@ -52,7 +55,7 @@ def batch(input_spec: str, labels: str | None, labels_file: str | None, template
     from steadyclip.batch import run_batch
 
     label_list = read_labels(labels, labels_file) if (labels or labels_file or not embeddings) else None
-    engine = build_engine(model, pretrained, lock_path, profile, micro_batch, threads, replicas)
+    engine = build_engine(model, pretrained, lock_path, settings)
     if templates is None and label_list is not None:
         templates = engine.loaded.default_templates
     show = sys.stderr.isatty() if progress is None else progress

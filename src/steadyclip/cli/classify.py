@@ -18,6 +18,7 @@ from steadyclip.cli._common import (
 )
 
 if TYPE_CHECKING:
+    from steadyclip.engine.settings import EngineSettings
     from steadyclip.results import ClassifyReport
 
 
@@ -28,13 +29,12 @@ if TYPE_CHECKING:
 @model_options
 @handle_errors
 def classify(images: tuple[Path, ...], labels: str | None, labels_file: str | None, templates: str | None,
-             top_k: int, model: str, pretrained: str | None, lock_path: str | None, profile: str,
-             micro_batch: int, threads: int | None, replicas: int | None, as_json: bool) -> None:
+             top_k: int, model: str, pretrained: str | None, lock_path: str | None, settings: EngineSettings, as_json: bool) -> None:
     """Zero-shot classify IMAGES against labels; a bad image is an error row, not a crash."""
-    from steadyclip.prompts import validate_labels
+    from steadyclip.engine.prompts import validate_labels
 
     label_list = validate_labels(read_labels(labels, labels_file))
-    engine = build_engine(model, pretrained, lock_path, profile, micro_batch, threads, replicas)
+    engine = build_engine(model, pretrained, lock_path, settings)
     report = engine.classify([str(p) for p in images], label_list, top_k=top_k, on_error="row",
                              templates=engine.loaded.default_templates if templates is None else templates)
     if as_json:
@@ -71,11 +71,11 @@ def _render(report: ClassifyReport) -> None:
 @model_options
 @handle_errors
 def embed(images: tuple[Path, ...], texts: tuple[str, ...], model: str, pretrained: str | None,
-          lock_path: str | None, profile: str, micro_batch: int, threads: int | None, replicas: int | None, as_json: bool) -> None:
+          lock_path: str | None, settings: EngineSettings, as_json: bool) -> None:
     """Print L2-normalised float32 embeddings of IMAGES and --text strings."""
     if not images and not texts:
         raise click.UsageError("give image paths and/or --text")
-    engine = build_engine(model, pretrained, lock_path, profile, micro_batch, threads, replicas)
+    engine = build_engine(model, pretrained, lock_path, settings)
     doc: dict[str, Any] = {"images": [], "texts": []}
     if images:
         emb = engine.embed_images(list(images))

@@ -28,7 +28,7 @@ _logger = logging.getLogger(__name__)
 
 def _labels(labels: str | None, labels_file: str | None, demo: bool) -> list[str]:
     """``--labels``/``--labels-file`` as every command reads them; ``--demo`` without either: its own labels."""
-    from steadyclip.registry import demo_labels
+    from steadyclip.model.registry import demo_labels
 
     return demo_labels() if demo and not (labels or labels_file) else read_labels(labels, labels_file)
 
@@ -98,7 +98,7 @@ def doctor(images: tuple[Path, ...], demo: bool, model: str | None, pretrained: 
 
 
 def _check_target(demo: bool, model: str | None, images: tuple[Path, ...]) -> None:
-    from steadyclip.registry import get_spec, register_demo_config
+    from steadyclip.model.registry import get_spec, register_demo_config
 
     register_demo_config()
     if demo and model is not None and get_spec(model) is None:

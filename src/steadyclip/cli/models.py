@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -15,13 +15,14 @@ from steadyclip.cli._common import (
     echo_json,
     handle_errors,
     json_option,
-    micro_batch_option,
     model_argument,
     pretrained_option,
-    profile_option,
-    threads_option,
+    settings_options,
     torchscript_option,
 )
+
+if TYPE_CHECKING:
+    from steadyclip.engine.settings import EngineSettings
 
 
 def _render(doc: dict[str, Any], as_json: bool) -> None:
@@ -45,7 +46,7 @@ def _render(doc: dict[str, Any], as_json: bool) -> None:
 @handle_errors
 def info(model: str, pretrained: str | None, allow_torchscript: bool, as_json: bool) -> None:
     """Load MODEL (verified) and show what identifies it: hashes, config, preprocessing."""
-    from steadyclip.loading import load
+    from steadyclip.model.loading import load
 
     loaded = load(model, pretrained=pretrained, allow_torchscript=allow_torchscript)
     _render(loaded.info.to_dict() | {"default_templates": loaded.default_templates}, as_json)
@@ -59,24 +60,22 @@ def info(model: str, pretrained: str | None, allow_torchscript: bool, as_json: b
               show_default=True, help="Lockfile to write.")
 @click.option("--probe/--no-probe", default=True, show_default=True,
               help="Also pin the outputs of a fixed behaviour probe (recomputed by verify).")
-@profile_option
-@micro_batch_option
-@threads_option
+@settings_options(replicas=False)
 @json_option
 @handle_errors
-def lock(model: str, pretrained: str | None, allow_torchscript: bool, output: Path, probe: bool, profile: str,
-         micro_batch: int, threads: int | None, as_json: bool) -> None:
+def lock(model: str, pretrained: str | None, allow_torchscript: bool, output: Path, probe: bool,
+         settings: EngineSettings, as_json: bool) -> None:
     """Write a lockfile pinning MODEL: source, revision, hashes, fingerprint, config, versions, behaviour."""
-    from steadyclip.loading import load
-    from steadyclip.lockfile import write_lock
+    from steadyclip.model.loading import load
+    from steadyclip.model.lockfile import write_lock
 
     loaded = load(model, pretrained=pretrained, allow_torchscript=allow_torchscript)
     extra: dict[str, Any] = {}
     if probe:
         from steadyclip.engine import Engine
-        from steadyclip.probe import run_probe
+        from steadyclip.engine.probe import run_probe
 
-        engine = Engine(loaded, profile=profile, micro_batch=micro_batch, threads=threads, text_cache=None)
+        engine = Engine(loaded, settings, text_cache=None)
         extra["probe"] = run_probe(engine)
     doc = write_lock(output, loaded.info, **extra)
     if as_json:
@@ -101,8 +100,8 @@ def verify(model: str | None, pretrained: str | None, lock_path: Path, allow_tor
     Exit 3 when anything differs, naming the field and both values.
     """
     from steadyclip.errors import IntegrityError, LockMismatchError
-    from steadyclip.loading import load, source_from_lock
-    from steadyclip.lockfile import read_lock
+    from steadyclip.model.loading import load, source_from_lock
+    from steadyclip.model.lockfile import read_lock
 
     lock_doc = read_lock(lock_path)
     src, pre = source_from_lock(lock_doc)
@@ -145,12 +144,9 @@ def _check_probe(loaded: Any, stored: dict[str, Any] | None) -> Any:
     if not stored:
         return None
     from steadyclip.engine import Engine
-    from steadyclip.probe import compare_probe
+    from steadyclip.engine.probe import compare_probe, probe_settings
 
-    stack = stored.get("stack", {})
-    engine = Engine(loaded, profile=stack.get("profile", "strict"), micro_batch=int(stack.get("micro_batch", 8)),
-                    threads=int(stack["threads"]) if stack.get("threads") else None, text_cache=None)
-    return compare_probe(stored, engine)
+    return compare_probe(stored, Engine(loaded, probe_settings(stored), text_cache=None))
 
 
 @click.command()
@@ -162,8 +158,8 @@ def _check_probe(loaded: Any, stored: dict[str, Any] | None) -> Any:
 @handle_errors
 def convert(checkpoint: Path, output: Path, allow_torchscript: bool, as_json: bool) -> None:
     """Convert CHECKPOINT (.pt/.pth/.bin) to safetensors without running code from it, verified by a read-back."""
-    from steadyclip.convert import check_output_path, convert_checkpoint
     from steadyclip.errors import InputError
+    from steadyclip.model.convert import check_output_path, convert_checkpoint
 
     try:
         check_output_path(checkpoint, output)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from steadyclip.demo.shapes import render
-from steadyclip.registry import demo_labels
+from steadyclip.model.registry import demo_labels
 
 _logger = logging.getLogger("steadyclip.demo.make_examples")
 

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from steadyclip.errors import InputError
-from steadyclip.registry import DEMO_COLOURS, DEMO_SHAPES
+from steadyclip.model.registry import DEMO_COLOURS, DEMO_SHAPES
 
 _logger = logging.getLogger(__name__)
 

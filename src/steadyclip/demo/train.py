@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from steadyclip.demo.shapes import generate, render
-from steadyclip.registry import (
+from steadyclip.model.registry import (
     DEMO_ARCH,
     DEMO_COLOURS,
     DEMO_SHAPES,

@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from steadyclip import drift, precision
 from steadyclip.doctor.context import Context
 from steadyclip.doctor.harness import (
     Encoded,
@@ -30,8 +29,10 @@ from steadyclip.doctor.harness import (
 )
 from steadyclip.doctor.result import NUMERIC_TOL, PROB_TOL, Cause, Findings, Level
 from steadyclip.doctor.state import eval_temporarily, strict_numerics
+from steadyclip.engine import precision
 from steadyclip.errors import DeviceError, NumericsError
-from steadyclip.head import ZeroShotHead
+from steadyclip.numerics import drift
+from steadyclip.numerics.head import ZeroShotHead
 
 _logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def _level(sev: float, tol: float) -> Level:
 
 
 def _risky_flags(flags: dict[str, Any], device_type: str) -> list[str]:
-    """What in a :func:`steadyclip.determinism.current_flags` document lets results move, in words."""
+    """What in a :func:`steadyclip.numerics.determinism.current_flags` document lets results move, in words."""
     issues = []
     if flags["float32_matmul_precision"] != "highest":
         issues.append(f"float32_matmul_precision={flags['float32_matmul_precision']!r} allows reduced-precision "

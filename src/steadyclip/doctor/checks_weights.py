@@ -113,14 +113,14 @@ def _captured_warnings() -> Iterator[list[str]]:
 def _file_hash(path: Path | None) -> str | None:
     if path is None or not path.is_file():
         return None
-    from steadyclip.integrity import sha256_file
+    from steadyclip.model.integrity import sha256_file
 
     return sha256_file(path, cache=None)  # a file that changes under us must be re-read, never cached
 
 
 def call_loader(loader: Callable[[], object], *, seed: int, weights_file: Path | None = None) -> Loaded:
     """Run the user's loader under a known RNG seed (the caller's RNG state is left alone)."""
-    from steadyclip.integrity import state_fingerprint
+    from steadyclip.model.integrity import state_fingerprint
 
     devices = list(range(torch.cuda.device_count())) if cuda_initialized() else []
     with torch.random.fork_rng(devices=devices), _captured_warnings() as log:
@@ -213,11 +213,11 @@ def check_corrupted(
 ) -> None:
     """``weights_corrupted``: the file's SHA-256 or the model's fingerprint differs from a lock or known hash.
 
-    Compared the library's way: a lock by :func:`steadyclip.lockfile.compare_lock`, a known
-    hash (or hash prefix) by :func:`steadyclip.integrity.sha256_matches`.
+    Compared the library's way: a lock by :func:`steadyclip.model.lockfile.compare_lock`, a known
+    hash (or hash prefix) by :func:`steadyclip.model.integrity.sha256_matches`.
     """
-    from steadyclip.integrity import sha256_matches
-    from steadyclip.lockfile import read_lock
+    from steadyclip.model.integrity import sha256_matches
+    from steadyclip.model.lockfile import read_lock
 
     pinned: dict[str, Any] = {}
     source = "expected_sha256"
@@ -255,7 +255,7 @@ def check_corrupted(
 def _lock_mismatches(pinned: Mapping[str, Any], actual: Mapping[str, str | None]) -> list[dict[str, Any]]:
     """Each pinned field the lock check refuses, one field at a time so that every mismatch is reported."""
     from steadyclip.errors import LockMismatchError
-    from steadyclip.lockfile import compare_lock
+    from steadyclip.model.lockfile import compare_lock
 
     out: list[dict[str, Any]] = []
     for name, expected in pinned.items():

@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from steadyclip.determinism import thread_count
 from steadyclip.doctor.harness import (
     Encoded,
     Inputs,
@@ -20,6 +19,7 @@ from steadyclip.doctor.harness import (
     no_autocast,
 )
 from steadyclip.doctor.state import ModelSnapshot, eval_temporarily, strict_numerics
+from steadyclip.numerics.determinism import thread_count
 
 _logger = logging.getLogger(__name__)
 

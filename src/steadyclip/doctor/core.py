@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from steadyclip import determinism, identity, integrity
 from steadyclip.doctor import (
     checks_mode,
     checks_numerics,
@@ -50,6 +49,8 @@ from steadyclip.doctor.result import (
 )
 from steadyclip.doctor.state import ModelSnapshot, changed_tensors
 from steadyclip.errors import InputError
+from steadyclip.model import integrity
+from steadyclip.numerics import determinism, identity
 
 _logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from steadyclip.errors import InputError, NumericsError
-from steadyclip.head import ZeroShotHead
+from steadyclip.numerics.head import ZeroShotHead
 
 _logger = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def _image_name(src: object, i: int) -> str:
 
 
 def _to_pil(src: object) -> Any:
-    from steadyclip.images import load_image
+    from steadyclip.engine.images import load_image
 
     return load_image(src)  # type: ignore[arg-type]
 
@@ -153,7 +153,7 @@ def prepare_inputs(
     Raises:
         InputError / ImageError / LabelError: no images, unreadable images, bad labels.
     """
-    from steadyclip.prompts import get_template_set, validate_labels
+    from steadyclip.engine.prompts import get_template_set, validate_labels
 
     clean = validate_labels(labels)
     if len(clean) < 2:

@@ -45,8 +45,8 @@ def careless_demo_loader(weights: Path) -> Callable[[], tuple[Any, Any]]:
         from open_clip.transform import PreprocessCfg, image_transform_v2
         from safetensors.torch import load_file
 
-        from steadyclip.loading import quiet_random_init_warning
-        from steadyclip.registry import DEMO_ARCH, register_demo_config
+        from steadyclip.model.loading import quiet_random_init_warning
+        from steadyclip.model.registry import DEMO_ARCH, register_demo_config
 
         register_demo_config()
         with quiet_random_init_warning():  # open_clip warns before the script loads its weights: noise here
@@ -95,7 +95,7 @@ def resolve_source(model: str | None, pretrained: str | None, *, demo: bool, cal
         InputError: neither ``demo`` nor ``model``.
         ModelSourceError: the bundled weights are missing; open_clip has no tokenizer for the model.
     """
-    from steadyclip.registry import DEMO_SPEC, get_spec, register_demo_config
+    from steadyclip.model.registry import DEMO_SPEC, get_spec, register_demo_config
 
     register_demo_config()  # so --model steadyclip-shapes (the demo architecture) resolves in open_clip
     spec = get_spec(model) if model is not None else None

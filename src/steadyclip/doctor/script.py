@@ -135,7 +135,7 @@ class _Runner:
 
 def _child_env() -> dict[str, str]:
     """The environment the user's script would get: without what importing steadyclip added to this process."""
-    from steadyclip._early import early_state
+    from steadyclip.numerics.early import early_state
 
     env = dict(os.environ)
     state = early_state()

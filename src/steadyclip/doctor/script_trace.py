@@ -20,7 +20,7 @@ import numpy as np
 
 from steadyclip.doctor.harness import zero_shot
 from steadyclip.errors import InputError
-from steadyclip.head import ZeroShotHead
+from steadyclip.numerics.head import ZeroShotHead
 
 __all__ = ["Call", "ModelRecord", "RunTrace", "Where", "first_divergence", "prob_spread", "read_trace"]
 

@@ -6,7 +6,7 @@ module's ``training`` flag, every parameter and buffer (bitwise; only tensors
 that changed are written, so parameters keep their storage and in-place version
 counters) and ``requires_grad``. A state fingerprint taken before and after
 proves it. The process's torch flags, thread count and RNG state are saved and
-restored by :func:`steadyclip.determinism.snapshot` / :func:`~steadyclip.determinism.restore`.
+restored by :func:`steadyclip.numerics.determinism.snapshot` / :func:`~steadyclip.numerics.determinism.restore`.
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ class ModelSnapshot:
 
     @classmethod
     def take(cls, model: torch.nn.Module) -> ModelSnapshot:
-        from steadyclip.integrity import state_fingerprint
+        from steadyclip.model.integrity import state_fingerprint
 
         with torch.no_grad():
             tensors = {k: v.detach().clone() for k, v in _named_tensors(model).items()}
@@ -84,7 +84,7 @@ class ModelSnapshot:
         Raises:
             IntegrityError: the model could not be restored to its exact earlier state.
         """
-        from steadyclip.integrity import state_fingerprint
+        from steadyclip.model.integrity import state_fingerprint
 
         restored = self.restore_tensors(model)
         for name, m in model.named_modules(remove_duplicate=False):
@@ -147,8 +147,8 @@ def eval_temporarily(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 @contextlib.contextmanager
 def strict_numerics(device_type: str, threads: int) -> Iterator[dict[str, Any]]:
     """steadyclip's strict profile (fp32, deterministic flags) at a given thread count; restored on exit."""
-    from steadyclip import determinism
+    from steadyclip.numerics import determinism
 
-    profile = determinism.get_profile("strict", threads=threads, device=device_type)
-    with determinism.applied(profile, device_type) as flags:
+    profile = determinism.get_profile("strict", device=device_type)
+    with determinism.applied(profile, device_type, threads=threads) as flags:
         yield dict(flags)

@@ -37,7 +37,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 import torch
 
-from steadyclip._futures import completed
+from steadyclip._util.futures import completed
 from steadyclip.errors import InputError
 
 _logger = logging.getLogger(__name__)

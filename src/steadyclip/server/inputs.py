@@ -19,13 +19,13 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from steadyclip.errors import InputError, TemplateError
-from steadyclip.prompts import (
+from steadyclip.engine.prompts import (
     BUILTIN_TEMPLATE_SETS,
     TemplateSet,
     get_template_set,
     validate_labels,
 )
+from steadyclip.errors import InputError, TemplateError
 from steadyclip.server.http_errors import ApiError, describe_validation_errors
 from steadyclip.server.schemas import ClassifyJSON, EmbedJSON
 from steadyclip.server.settings import ServerSettings

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from steadyclip.prompts import BUILTIN_TEMPLATE_SETS
+from steadyclip.engine.prompts import BUILTIN_TEMPLATE_SETS
 from steadyclip.server.settings import ServerSettings
 
 ENCODINGS = ("float", "base64")

@@ -20,12 +20,11 @@ import numpy as np
 import torch
 from starlette.concurrency import run_in_threadpool
 
+from steadyclip.engine._pool import rebuild_error
+from steadyclip.engine.images import decode_image
+from steadyclip.engine.prompts import get_template_set
 from steadyclip.errors import InferenceStateError, IntegrityError, SteadyClipError
-from steadyclip.images import decode_image
-from steadyclip.prompts import get_template_set
-from steadyclip.replicas import rebuild_error
 from steadyclip.results import ClassifyReport
-from steadyclip.rows import embed_uploads
 from steadyclip.server import golden as golden_mod
 from steadyclip.server.batcher import Batcher, Overloaded
 from steadyclip.server.http_errors import ApiError, from_library_error
@@ -53,7 +52,7 @@ class Service:
         self.decode_in_replicas = replicas > 1 and hasattr(engine, "submit")
         self.batcher = Batcher(engine, max_rows=int(getattr(engine, "micro_batch", 8)), in_flight=replicas,
                                max_wait_s=settings.batch_wait_ms / 1000.0, max_queue=settings.max_queue,
-                               images_fn=lambda datas: embed_uploads(engine, datas, settings.max_pixels))
+                               images_fn=lambda datas: engine.embed_uploads(datas, settings.max_pixels))
         self.golden = golden_mod.Golden()
         self.provenance: dict[str, Any] | None = None
         self.started_at: float | None = None
@@ -276,6 +275,6 @@ def _encode(vec: np.ndarray, encoding: str) -> Any:
 
 def _suggested_labels(arch: str) -> list[str]:
     """Labels for the web page to offer: the demo architecture's training classes, else none."""
-    from steadyclip import registry
+    from steadyclip.model import registry
 
     return registry.demo_labels() if arch == registry.DEMO_ARCH else []

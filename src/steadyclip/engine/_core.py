@@ -1,0 +1,197 @@
+"""The forward core: a verified model run at fixed shapes under one profile. Internal.
+
+The bottom of the engine. Everything that computes rows goes through :meth:`ForwardCore.forward_local`:
+the facade (:class:`steadyclip.Engine`) in this process, and every replica process, which holds
+a forked copy of the core (never of the facade). The helpers above it (replicas, rows, the fast
+profile's record) take a core, so nothing below the facade imports it.
+
+Why fixed shapes: on CPU a row's bits are the same whatever its neighbours *at the same batch
+shape* (measured, DESIGN.md), not across shapes. So every forward runs at exactly the
+micro-batch, the tail padded - unless a self-check proves single rows equal to full-batch rows,
+then tails run row by row.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from steadyclip.engine import precision
+from steadyclip.engine.images import ImageInput, load_image
+from steadyclip.engine.layout import usable_cpus
+from steadyclip.engine.settings import EngineSettings
+from steadyclip.model.loading import LoadedModel
+from steadyclip.numerics import determinism, identity, selfcheck
+from steadyclip.numerics.head import normalise
+from steadyclip.numerics.selfcheck import ThreadCheck
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["ForwardCore"]
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+PROBE_SEED = 1234
+
+
+class ForwardCore:
+    """One model, one profile, fixed shapes: the rows every entry point computes.
+
+    Args:
+        loaded: a model from :func:`steadyclip.load`.
+        settings: the engine's settings (profile, shapes, requested threads).
+    """
+
+    def __init__(self, loaded: LoadedModel, settings: EngineSettings) -> None:
+        self.loaded = loaded
+        self.settings = settings
+        self.device = next(loaded.model.parameters()).device
+        self.profile = determinism.resolve_profile(settings.profile, self.device.type, settings.onednn)
+        # fast: a reduced-precision copy cast once (steadyclip.engine.precision); None = run loaded.model (fp32)
+        self.cast = precision.prepare(loaded, self.profile, self.device.type,
+                                      allow_emulated_bf16=settings.allow_emulated_bf16)
+        self.lock = threading.RLock()
+        self._paths: dict[str, str] = {}
+        self._flags: dict[str, Any] | None = None
+        self._numerics: str | None = None
+        self._threads: tuple[int, ThreadCheck] | None = None
+        self.checks_running = False  # self-checks forward here, never in replicas
+
+    # ---- shapes and towers ------------------------------------------------------------------
+    def size(self, kind: str) -> int:
+        """Rows per forward of the ``"image"`` or ``"text"`` tower."""
+        return self.settings.micro_batch if kind == "image" else self.settings.text_micro_batch
+
+    def tower(self, kind: str) -> Forward:
+        """The encode function of the ``"image"`` or ``"text"`` tower (fast: inputs cast to the weights' dtype)."""
+        model: Any = self.loaded.model if self.cast is None else self.cast.model
+        fn: Forward = model.encode_image if kind == "image" else model.encode_text
+        if self.cast is not None:
+            cast = self.cast.cast_input
+            return lambda x: fn(cast(x))  # outputs go back to float32 in forward_local
+        return fn
+
+    def probe_inputs(self, kind: str) -> torch.Tensor:
+        """Fixed pseudo-random inputs of one micro-batch of a tower, for the self-checks."""
+        size = self.size(kind)
+        if kind == "image":
+            h, w = self.loaded.info.preprocess.size
+            gen = torch.Generator().manual_seed(PROBE_SEED)
+            return torch.randn((size, 3, h, w), generator=gen).to(self.device)
+        tokens: torch.Tensor = self.loaded.tokenizer([f"a photo of probe number {i}." for i in range(size)])
+        return tokens.to(self.device)
+
+    def preprocess(self, image: ImageInput) -> torch.Tensor:
+        """Decode and validate one image, then apply the model's own eval transform: (3, H, W)."""
+        tensor: torch.Tensor = self.loaded.preprocess(load_image(image))
+        return tensor
+
+    # ---- identity ---------------------------------------------------------------------------
+    def flags(self) -> dict[str, Any]:
+        """The numerics flags forwards run under (read once)."""
+        if self._flags is None:
+            with determinism.applied(self.profile, self.device.type) as flags:
+                self._flags = dict(flags)
+        return self._flags
+
+    def numerics_basis(self) -> str:
+        """Weights, code versions and every numerics flag a forward's bits depend on (one key)."""
+        if self._numerics is None:
+            info = self.loaded.info
+            self._numerics = identity.numerics_key(
+                fingerprint=info.fingerprint, config_hash=info.config_hash, profile=self.profile.to_dict(),
+                device=str(self.device), flags=self.flags())
+        return self._numerics
+
+    def batch_path(self, kind: str) -> str:
+        """Which batching path a tower uses (self-checked once per model and stack, remembered)."""
+        if kind not in self._paths:
+            with self._checking():
+                self._paths[kind] = selfcheck.batch_path(
+                    self.tower(kind), self.probe_inputs(kind), self.profile, self.device.type,
+                    self.numerics_basis(), kind=kind, fixed=self.settings.batch_invariance == "fixed")
+        return self._paths[kind]
+
+    # ---- threads: the one thread self-check -------------------------------------------------
+    @property
+    def threads(self) -> int:
+        """Intra-op threads each forward runs at: the requested count where proven not to change a bit, else 1."""
+        return self._resolve_threads()[0]
+
+    @property
+    def thread_verdict(self) -> ThreadCheck:
+        """The thread self-check behind :attr:`threads` (``"not-checked"`` when 1 thread was asked for)."""
+        return self._resolve_threads()[1]
+
+    def _resolve_threads(self) -> tuple[int, ThreadCheck]:
+        if self._threads is None:
+            wanted = self.settings.requested_threads
+            if wanted == 1:
+                self._threads = (1, ThreadCheck("not-checked", (1,)))
+            else:
+                check = self.check_threads((1, wanted))
+                if not check.invariant and check.verdict != "not-applicable":
+                    _logger.warning("threads=%d refused: this model's rows at %d threads differ from its rows at 1 "
+                                    "thread on this machine; running 1 thread per replica (more replicas instead)",
+                                    wanted, wanted)
+                self._threads = (wanted if check.invariant or check.verdict == "not-applicable" else 1, check)
+        return self._threads
+
+    def check_threads(self, compared: tuple[int, int]) -> ThreadCheck:
+        """Are rows of both towers at the two thread counts bitwise equal? (:func:`selfcheck.thread_check`)"""
+        if compared[0] != compared[1] and usable_cpus() < 2:
+            return ThreadCheck("not-applicable", tuple(sorted(compared)), "only one CPU")
+        with self._checking():
+            towers = {kind: (self.tower(kind), self.probe_inputs(kind)) for kind in ("image", "text")}
+            return selfcheck.thread_check(towers, self.profile, self.device.type, self.numerics_basis(), compared)
+
+    # ---- forwards ---------------------------------------------------------------------------
+    def check_state(self) -> None:
+        """Refuse (or repair, per the guard) a model not in inference state or changed in memory."""
+        self.loaded.ensure_inference_state()
+        self.loaded.check_buffers()
+        if self.cast is not None:
+            self.cast.check()
+
+    def forward_local(self, kind: str, x: torch.Tensor) -> np.ndarray:
+        """Encode rows of ``x`` in this process at the fixed shapes; raw float32 (N, D)."""
+        fn, size = self.tower(kind), self.size(kind)
+        with self.lock:
+            self.check_state()
+            path = self.batch_path(kind)
+            threads = self.threads
+            outs: list[np.ndarray] = []
+            with determinism.applied(self.profile, self.device.type, threads=threads), torch.inference_mode(), \
+                    determinism.autocast(self.profile, self.device.type):
+                for start in range(0, x.shape[0], size):
+                    chunk = x[start : start + size].to(self.device)
+                    outs.append(selfcheck.run_chunk(fn, chunk, size, path))
+        return np.concatenate(outs, axis=0) if outs else np.zeros((0, 0), dtype=np.float32)
+
+    def embed_local(self, kind: str, x: torch.Tensor) -> np.ndarray:
+        """:meth:`forward_local`, L2-normalised: what every entry point returns for ``x``."""
+        return normalise(self.forward_local(kind, x), kind)
+
+    def after_fork(self) -> None:
+        """In a new replica process: a fresh lock (a parent thread may have held it at fork), pinned threads."""
+        self.lock = threading.RLock()
+        torch.set_num_threads(self.threads)
+
+    def _checking(self) -> _Checking:
+        return _Checking(self)
+
+
+class _Checking:
+    """Marks the core as running self-checks (their forwards stay in this process)."""
+
+    def __init__(self, core: ForwardCore) -> None:
+        self.core, self.outer = core, False
+
+    def __enter__(self) -> None:
+        self.outer, self.core.checks_running = self.core.checks_running, True
+
+    def __exit__(self, *exc: object) -> None:
+        self.core.checks_running = self.outer
