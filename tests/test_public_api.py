@@ -10,7 +10,8 @@ from pathlib import Path
 import steadyclip
 
 PUBLIC = [
-    "Classification", "Engine", "LoadedModel", "ModelInfo", "Provenance", "TextCache", "__version__",
+    "Classification", "ClassifyReport", "EmbedReport", "Engine", "EngineSettings", "ExecutionRecord", "ImageFailure",
+    "LoadedModel", "ModelInfo", "Profile", "Provenance", "TextCache", "__version__",
     "diagnose", "errors", "get_profile", "get_template_set", "load", "load_image",
 ]
 

@@ -19,11 +19,20 @@ if TYPE_CHECKING:
     from steadyclip.doctor import diagnose
     from steadyclip.engine import Engine
     from steadyclip.engine.images import load_image
+    from steadyclip.engine.layout import ExecutionRecord
     from steadyclip.engine.prompts import get_template_set
+    from steadyclip.engine.settings import EngineSettings
     from steadyclip.engine.textcache import TextCache
     from steadyclip.model.loading import LoadedModel, ModelInfo, load
     from steadyclip.numerics.determinism import get_profile
-    from steadyclip.results import Classification, Provenance
+    from steadyclip.numerics.profiles import Profile
+    from steadyclip.results import (
+        Classification,
+        ClassifyReport,
+        EmbedReport,
+        ImageFailure,
+        Provenance,
+    )
 
 __version__ = "0.1.0"
 
@@ -37,7 +46,13 @@ _LAZY: dict[str, str] = {
     "LoadedModel": "steadyclip.model.loading",
     "ModelInfo": "steadyclip.model.loading",
     "Engine": "steadyclip.engine",
+    "EngineSettings": "steadyclip.engine.settings",
+    "ExecutionRecord": "steadyclip.engine.layout",
+    "Profile": "steadyclip.numerics.profiles",
     "Classification": "steadyclip.results",
+    "ClassifyReport": "steadyclip.results",
+    "EmbedReport": "steadyclip.results",
+    "ImageFailure": "steadyclip.results",
     "Provenance": "steadyclip.results",
     "TextCache": "steadyclip.engine.textcache",
     "get_template_set": "steadyclip.engine.prompts",
@@ -48,7 +63,8 @@ _LAZY: dict[str, str] = {
 }
 
 __all__ = [
-    "Classification", "Engine", "LoadedModel", "ModelInfo", "Provenance", "TextCache", "__version__",
+    "Classification", "ClassifyReport", "EmbedReport", "Engine", "EngineSettings", "ExecutionRecord", "ImageFailure",
+    "LoadedModel", "ModelInfo", "Profile", "Provenance", "TextCache", "__version__",
     "diagnose", "errors", "get_profile", "get_template_set", "load", "load_image",
 ]
 
