@@ -182,6 +182,10 @@ class Engine:
         """Replica processes used for work bigger than one micro-batch."""
         return self._replicas.count
 
+    def replica_pids(self) -> list[int]:
+        """Process ids of the running replicas (for monitoring); ``[]`` until they start (see :meth:`start_replicas`)."""
+        return self._replicas.pids()
+
     @property
     def cast(self) -> CastModel | None:
         """The reduced-precision copy of the weights the fast profile runs (``None``: fp32, the loaded model)."""
