@@ -193,7 +193,8 @@ def test_an_upload_that_kills_replicas_fails_alone(demo: LoadedModel, tmp_path: 
     with Engine(demo, micro_batch=4, replicas=2, text_cache=None) as eng:
         rows = eng.embed_uploads([*datas[:2], b"boom", *datas[2:]], None).result(120)
         restarts = eng.execution.extra["replica_restarts"]
-    assert [r.error for r in rows] == [None, None, ("ImageDecodeError", CRASH_MESSAGE), None, None, None, None]
+    assert [None if r.ok else (r.error_type, r.error_message) for r in rows] == \
+        [None, None, ("ImageDecodeError", CRASH_MESSAGE), None, None, None, None]
     good = np.stack([r.embedding for r in rows if r.embedding is not None])  # (6, D)
     assert np.array_equal(good, np.stack([r.embedding for r in clean if r.embedding is not None]))
     assert restarts >= 4  # the chunk twice, then the culprit alone twice
