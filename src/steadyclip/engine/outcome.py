@@ -20,8 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from steadyclip.engine import errmap
-from steadyclip.engine.images import decode_into
+from steadyclip.engine import errmap, images
 from steadyclip.errors import ImageError, SteadyClipError
 from steadyclip.results import ImageFailure
 
@@ -109,7 +108,7 @@ def decode_input(
     digest = hashlib.sha256(src).hexdigest() if sha256 and isinstance(src, (bytes, bytearray)) else None
     notes: list[str] = []
     try:
-        pixels = transform(decode_into(notes, src, max_pixels=max_pixels, name=name))
+        pixels = transform(images.decode_into(notes, src, max_pixels=max_pixels, name=name))
     except ImageError as e:
         return ImageOutcome.failed(index, source, e, sha256=digest, warnings=tuple(notes)), None
     except Exception as e:
