@@ -84,7 +84,7 @@ def test_actor_with_different_settings_is_refused(engine: Engine, folder: Path) 
     from steadyclip.batch.ray_backend import RayPipeline
 
     pipeline = RayPipeline(engine, dim=64, actors=1)
-    pipeline.spec["micro_batch"] = 3  # as if a node had a different steadyclip configuration
+    pipeline.spec["settings"]["micro_batch"] = 3  # as if a node had a different steadyclip configuration
     with pytest.raises(IntegrityError, match="micro_batch: driver 4, actor 3"):
         list(pipeline.run(iter(list(open_inputs(folder))[:2]), part_size=4))
 
