@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from starlette.concurrency import run_in_threadpool
 
+from steadyclip._util.futures import completed
 from steadyclip.engine._pool import rebuild_error
 from steadyclip.engine.images import decode_image
 from steadyclip.engine.prompts import get_template_set
@@ -52,7 +53,8 @@ class Service:
         self.decode_in_replicas = replicas > 1 and hasattr(engine, "submit")
         self.batcher = Batcher(engine, max_rows=int(getattr(engine, "micro_batch", 8)), in_flight=replicas,
                                max_wait_s=settings.batch_wait_ms / 1000.0, max_queue=settings.max_queue,
-                               images_fn=lambda datas: engine.embed_uploads(datas, settings.max_pixels))
+                               images_fn=lambda datas: engine.embed_uploads(datas, settings.max_pixels),
+                               texts_fn=self._texts_fn(engine), timeout_s=settings.request_timeout_s)
         self.golden = golden_mod.Golden()
         self.provenance: dict[str, Any] | None = None
         self.started_at: float | None = None
@@ -60,6 +62,14 @@ class Service:
         self.overloads = 0  # requests refused with 429
         self.integrity_failures = 0  # requests or readiness probes refused because the model changed
         self.ready = False  # the last readiness probe's verdict
+
+    @staticmethod
+    def _texts_fn(engine: Engine) -> Callable[[list[str]], Future[np.ndarray]]:
+        """Texts to rows: in the replicas (``Engine.submit_texts``), or here for a stand-in engine."""
+        submit = getattr(engine, "submit_texts", None)
+        if submit is not None:
+            return submit  # type: ignore[no-any-return]
+        return lambda texts: completed(engine.embed_texts, texts)
 
     # ---- lifecycle ----------------------------------------------------------------------
     async def startup(self) -> None:
@@ -95,7 +105,7 @@ class Service:
         except Overloaded as e:
             self.overloads += 1
             raise ApiError(429, "Overloaded", f"the server is busy ({e}); retry after the Retry-After seconds",
-                           headers={"retry-after": "1"}) from e
+                           headers={"retry-after": str(max(1, round(e.retry_after_s)))}) from e
         except RuntimeError as e:
             raise ApiError(503, "NotReady", f"{e}; retry shortly") from e
 
@@ -194,8 +204,7 @@ class Service:
 
     async def embed(self, inp: EmbedInput) -> dict[str, Any]:
         """The ``embed --json`` document for one request."""
-        texts_fut = (self._submit(lambda: self.batcher.submit_call(lambda: self.engine.embed_texts(inp.texts)))
-                     if inp.texts else None)
+        texts_fut = self._submit(lambda: self.batcher.submit_texts(inp.texts)) if inp.texts else None
         doc: dict[str, Any] = {"images": [], "texts": [], "warnings": []}
         if inp.images:
             try:
@@ -209,7 +218,8 @@ class Service:
         if texts_fut is not None:
             temb = await self._await(texts_fut)
             doc["texts"] = [{"text": t, "embedding": _encode(e, inp.encoding)} for t, e in zip(inp.texts, temb)]
-        doc["provenance"] = await self._engine(lambda: self.engine.provenance.to_dict())
+        doc["provenance"] = self.provenance if self.provenance is not None else await self._engine(
+            lambda: self.engine.provenance.to_dict())
         if inp.encoding == "base64":
             doc["encoding"] = "base64 of little-endian float32"
         return doc
