@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from steadyclip.engine import Engine
+from steadyclip.engine.layout import usable_cpus
 from steadyclip.engine.textcache import TextCache
 from steadyclip.errors import LabelError, NumericsError
 from steadyclip.model.loading import load
@@ -80,11 +81,54 @@ def test_strict_results_do_not_depend_on_caller_threads(demo_engine: Engine) -> 
     assert a.tobytes() == b.tobytes()
 
 
+def _assert_threads_follow_verdict(engine: Engine, requested: int) -> str:
+    """The thread count an engine runs is what its self-check verdict allows; returns the verdict."""
+    record = engine.execution
+    verdict = record.threads_verdict
+    if verdict == "thread-invariant":  # proven equal: runs what was asked
+        assert (engine.threads, record.threads_requested) == (requested, None)
+    elif verdict == "thread-dependent":  # refused: 1 thread, and the record says what was asked
+        assert (engine.threads, record.threads_requested) == (1, requested)
+    elif verdict == "not-applicable":  # nothing to compare on (one CPU): runs what was asked
+        assert usable_cpus() < 2 and engine.threads == requested
+    else:
+        assert verdict == "not-checked" and requested == 1 and engine.threads == 1
+    assert record.threads == engine.threads
+    return verdict
+
+
 def test_strict_one_vs_two_engine_threads_demo() -> None:
     imgs = _pil(_images(5, 4, 80))
-    one = Engine(load(), threads=1, text_cache=None).embed_images(imgs)  # type: ignore[arg-type]
-    two = Engine(load(), threads=2, text_cache=None).embed_images(imgs)  # type: ignore[arg-type]
-    assert one.tobytes() == two.tobytes()
+    one_engine, two_engine = Engine(load(), threads=1, text_cache=None), Engine(load(), threads=2, text_cache=None)
+    one = one_engine.embed_images(imgs)  # type: ignore[arg-type]
+    two = two_engine.embed_images(imgs)  # type: ignore[arg-type]
+    assert _assert_threads_follow_verdict(one_engine, 1) == "not-checked"
+    verdict = _assert_threads_follow_verdict(two_engine, 2)
+    if usable_cpus() >= 2:
+        assert verdict in ("thread-invariant", "thread-dependent")  # measured, not skipped
+    assert one.tobytes() == two.tobytes()  # at 2 threads where invariant, at 1 (refused) otherwise
+
+
+def test_rows_that_differ_across_threads_refuse_the_thread_count(monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    from steadyclip.engine import _core
+    from steadyclip.numerics import selfcheck
+
+    measured: list[int] = []
+
+    def differ(fn: object, probe: object, profile: object, device: object, threads: int, baseline: int = 1) -> bool:
+        measured.append(threads)
+        return False
+
+    monkeypatch.setattr(selfcheck, "rows_equal_threads", differ)
+    monkeypatch.setattr(_core, "usable_cpus", lambda: 4)  # so a 1-CPU machine still runs the check
+    with caplog.at_level("WARNING", logger="steadyclip"):
+        engine = Engine(load(), threads=2, text_cache=None)
+        assert engine.threads == 1
+    record = engine.execution
+    assert (record.threads, record.threads_requested, record.threads_verdict) == (1, 2, "thread-dependent")
+    assert measured and set(measured) == {2}
+    assert any(r.levelname == "WARNING" and "threads=2 refused" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.slow
@@ -96,6 +140,7 @@ def test_real_architectures_batch_and_thread_invariant(arch: str, arch_checkpoin
     _assert_all_bitwise_equal(rows)
     two = Engine(loaded, micro_batch=4, threads=2, text_cache=None)
     _assert_all_bitwise_equal([rows[0], _row_in_batches(two, [3], seed=5)[0]])
+    _assert_threads_follow_verdict(two, 2)  # equal either way: at 2 threads where proven, else refused to 1
 
 
 def test_classification_is_sane(demo_engine: Engine) -> None:

@@ -19,10 +19,11 @@ from click.testing import CliRunner
 
 from steadyclip.cli import cli
 from steadyclip.engine import Engine, precision
+from steadyclip.engine.layout import usable_cpus
 from steadyclip.errors import DeviceError, IntegrityError
 from steadyclip.model.loading import LoadedModel, load
 from steadyclip.model.registry import demo_labels
-from steadyclip.numerics import drift
+from steadyclip.numerics import drift, selfcheck
 
 EXAMPLE = "examples/red_circle.png"
 
@@ -136,16 +137,33 @@ def test_a_changed_cast_copy_refuses_inference(loaded: LoadedModel) -> None:
 
 
 def test_fast_provenance_carries_measured_drift_and_thread_verdict(loaded: LoadedModel) -> None:
-    prov = _fast(loaded).classify([EXAMPLE], demo_labels())[0].provenance
+    fast = _fast(loaded)
+    prov = fast.classify([EXAMPLE], demo_labels())[0].provenance
     rp = prov.reduced_precision
     assert rp is not None and rp["weights_dtype"] == "bf16" and rp["outputs_dtype"] == "fp32"
     d = rp["drift_vs_strict"]
     assert 0.999 < d["min_cosine"] < 1.0  # measured: bf16 is close to but not fp32
     assert 0.0 < d["max_abs_prob"] < 0.2 and d["top1_agreement"] == 1.0
-    assert rp["threads"]["verdict"] in ("thread-invariant", "thread-dependent", "not-applicable")
     assert rp["threads"]["pinned"] == prov.threads
+    assert rp["threads"]["verdict"] == _measured_thread_verdict(fast, rp["threads"]["compared"])
     assert "drift_vs_strict=min_cos" in prov.summary()
     assert Engine(loaded, text_cache=None).provenance.reduced_precision is None
+
+
+def _measured_thread_verdict(fast: Engine, compared: list[int]) -> str:
+    """The thread verdict measured afresh on the fast engine's bf16 towers, at its micro-batch shapes."""
+    if usable_cpus() < 2:
+        return "not-applicable"
+    cast = fast.cast
+    assert cast is not None
+    model: Any = cast.model
+    h, w = fast.loaded.info.preprocess.size
+    pixels = torch.randn((fast.micro_batch, 3, h, w), generator=torch.Generator().manual_seed(7))
+    tokens = fast.loaded.tokenizer([f"probe text {i}" for i in range(fast.text_micro_batch)])
+    towers = [(lambda x: model.encode_image(cast.cast_input(x)), pixels), (model.encode_text, tokens)]
+    a, b = sorted(compared)
+    same = all(selfcheck.rows_equal_threads(fn, x, fast.profile, "cpu", b, baseline=a) for fn, x in towers)
+    return "thread-invariant" if same else "thread-dependent"
 
 
 def test_drift_is_remembered_on_disk(monkeypatch: pytest.MonkeyPatch, loaded: LoadedModel) -> None:

@@ -51,7 +51,7 @@ def test_every_replica_count_gives_the_same_bits_and_numerics_provenance(demo: L
         with Engine(demo, micro_batch=4, replicas=k, text_cache=None) as eng:
             got = eng.embed_images(imgs)
             assert np.array_equal(got, want), f"replicas={k} changed a bit"
-            assert len(eng._replicas.pool().pids()) == k
+            assert len(eng.replica_pids()) == k
             cls = eng.classify(imgs, demo_labels())
             assert [c.probs for c in cls] == [c.probs for c in want_cls]
             assert eng.provenance == ref.provenance
@@ -62,7 +62,9 @@ def test_a_killed_replica_is_replaced_and_nothing_changes(demo: LoadedModel, tmp
     imgs = _images(tmp_path, 120)
     want = Engine(demo, micro_batch=2, replicas=1, text_cache=None).embed_images(imgs)
     eng = Engine(demo, micro_batch=2, replicas=2, text_cache=None)
-    victim = eng._replicas.pool().pids()[0]
+    assert eng.replica_pids() == []  # nothing started yet
+    eng.start_replicas()
+    victim = eng.replica_pids()[0]
     out: dict[str, np.ndarray] = {}
     job = threading.Thread(target=lambda: out.setdefault("emb", eng.embed_images(imgs)))
     job.start()
@@ -70,7 +72,7 @@ def test_a_killed_replica_is_replaced_and_nothing_changes(demo: LoadedModel, tmp
     os.kill(victim, signal.SIGKILL)
     job.join(timeout=120)
     assert np.array_equal(out["emb"], want)
-    assert victim not in eng._replicas.pool().pids()
+    assert victim not in eng.replica_pids() and len(eng.replica_pids()) == 2
     assert eng.execution.extra["replica_restarts"] >= 1
     eng.close()
 

@@ -192,8 +192,8 @@ def test_a_lone_sequential_client_never_waits_for_companions() -> None:
     b.start()
     try:
         b.submit_pixels(_px(1.0)).result(10)  # one client, one row: nobody else will come
-        assert b._wait_s() == 0.002
+        assert b.wait_s() == 0.002
         b.submit_pixels(_px(1.0, 4)).result(10)  # a full micro-batch was just answered: its clients return
-        assert b._wait_s() > 0.05
+        assert b.wait_s() > 0.05
     finally:
         b.stop()

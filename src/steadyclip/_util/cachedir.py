@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from steadyclip._util.atomic import write_atomic
 
 _logger = logging.getLogger(__name__)
 
@@ -48,9 +49,6 @@ class VerdictStore:
         doc[key] = value
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.stem}-")
-            with os.fdopen(fd, "w") as f:
-                json.dump(doc, f, sort_keys=True)
-            os.replace(tmp, self.path)
+            write_atomic(self.path, json.dumps(doc, sort_keys=True))
         except OSError as e:  # a read-only cache dir only costs a re-measurement next time
             _logger.info("could not remember a verdict in %s: %s", self.path, e)

@@ -12,7 +12,6 @@ listing, parts, journal and assembly are the same code.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import time
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pyarrow as pa
 
+from steadyclip._util.digest import sha256_array
 from steadyclip.batch import _prep
 from steadyclip.batch._prep import ItemResult
 from steadyclip.batch.inputs import InputSource, ListingHasher, open_inputs
@@ -298,7 +298,7 @@ def _job_spec(inputs_sha: str, n: int, result: dict[str, Any], labels: list[str]
     return JobSpec(inputs_sha256=inputs_sha, n_inputs=n, model={k: result[k] for k in model_keys},
                    labels_sha256=identity.sha256_json(labels) if labels else None,
                    templates_sha256=tset.sha256 if tset is not None else None, options=options,
-                   class_embeddings_sha256=hashlib.sha256(np.ascontiguousarray(class_emb).tobytes()).hexdigest()
+                   class_embeddings_sha256=sha256_array(class_emb)
                    if class_emb is not None else None,
                    description={"inputs": source.description, "kind": source.kind})
 

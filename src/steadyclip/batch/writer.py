@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from steadyclip._util.atomic import atomic_path, write_atomic
 from steadyclip.batch.table import METADATA_KEY
 from steadyclip.errors import BatchJobError, InputError
 
@@ -191,7 +192,7 @@ class PartStore:
                 f"{self.out} already exists and holds a different job (or is not a steadyclip result); "
                 f"use {_NEW_OUT}, or {RESTART_ADVICE} to replace it"
             )
-        _atomic_write_bytes(journal, json.dumps(self.job.to_dict(), indent=2, sort_keys=True).encode())
+        write_atomic(journal, json.dumps(self.job.to_dict(), indent=2, sort_keys=True).encode())
         return StoreState(False, frozenset(), 0, 0)
 
     def _discard(self) -> None:
@@ -254,13 +255,9 @@ class PartStore:
         if table.column("index").to_pylist() != expected:
             raise BatchJobError(f"internal error: part {k} does not hold rows {expected[0]}..{expected[-1]}")
         final = self.part_path(k)
-        tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-        with _io_errors(f"write {final}"):
+        with _io_errors(f"write {final}"), atomic_path(final) as tmp:
             pq.write_table(table, tmp)
-            _fsync_path(tmp)
             kill_point("part-tmp")
-            os.replace(tmp, final)
-            _fsync_path(self.parts_dir)
         kill_point("part-written")
 
     def assemble(self, schema: pa.Schema, metadata: dict[str, Any]) -> tuple[int, int]:
@@ -284,25 +281,18 @@ class PartStore:
             ok += cols.num_rows - n_err
         doc = {**metadata, "job": self.job.to_dict(), "rows": ok + errors, "ok": ok, "errors": errors}
         full = schema.with_metadata({METADATA_KEY: json.dumps(doc, sort_keys=True).encode()})
-        tmp = self.out.with_name(f".{self.out.name}.tmp-{os.getpid()}")
-        try:
-            with _io_errors(f"write {self.out}"):
-                with pq.ParquetWriter(tmp, full) as writer:
-                    for k in range(self.n_parts):
-                        table = pq.read_table(self.part_path(k))
-                        if not table.schema.equals(schema):
-                            raise BatchJobError(
-                                f"part {self.part_path(k)} has a different schema than this job; start over "
-                                f"with {RESTART_ADVICE}"
-                            )
-                        writer.write_table(table.replace_schema_metadata(full.metadata),
-                                           row_group_size=self.part_size)
-                _fsync_path(tmp)
-                kill_point("assemble-tmp")
-                os.replace(tmp, self.out)
-                _fsync_path(self.out.parent)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with _io_errors(f"write {self.out}"), atomic_path(self.out) as tmp:
+            with pq.ParquetWriter(tmp, full) as writer:
+                for k in range(self.n_parts):
+                    table = pq.read_table(self.part_path(k))
+                    if not table.schema.equals(schema):
+                        raise BatchJobError(
+                            f"part {self.part_path(k)} has a different schema than this job; start over "
+                            f"with {RESTART_ADVICE}"
+                        )
+                    writer.write_table(table.replace_schema_metadata(full.metadata),
+                                       row_group_size=self.part_size)
+            kill_point("assemble-tmp")
         kill_point("assembled")
         shutil.rmtree(self.parts_dir, ignore_errors=True)
         return ok, errors
@@ -332,21 +322,3 @@ def _io_errors(what: str) -> Iterator[None]:
             f"cannot {what}: {e.strerror or e}; fix that (disk space, permissions) and run the same "
             "command again - finished parts are kept and the job resumes"
         ) from e
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -86,6 +86,11 @@ class ReplicaSet:
                 _logger.info("started %d engine replicas at %d thread(s) each", self.count, self.core.threads)
             return self._pool
 
+    def pids(self) -> list[int]:
+        """Process ids of the running replicas; empty before the pool starts (or after ``close``)."""
+        pool = self._pool
+        return pool.pids() if pool is not None else []
+
     def close(self) -> None:
         with self._lock:
             pool, self._pool = self._pool, None

@@ -186,6 +186,10 @@ class Engine:
         """Replica processes used for work bigger than one micro-batch."""
         return self._replicas.count
 
+    def replica_pids(self) -> list[int]:
+        """Process ids of the running replicas (for monitoring); ``[]`` until they start (see :meth:`start_replicas`)."""
+        return self._replicas.pids()
+
     @property
     def text_shapes(self) -> TextShapes:
         """The sequence-length buckets texts run at (:mod:`steadyclip.engine.text_shapes`)."""

@@ -92,7 +92,7 @@ class ExecutionRecord:
     replicas: int  # engine processes running forwards (1 = in this process)
     threads: int  # intra-op threads per replica
     threads_requested: int | None  # what the caller asked for, when it differs from ``threads``
-    threads_verdict: str  # "pinned" (1 thread), "verified-invariant" (T threads proven == 1), or why refused
+    threads_verdict: str  # ThreadCheck.verdict: thread-invariant/-dependent, not-applicable, not-checked
     cpus: int  # CPUs this process may use (affinity, cgroup quota)
     cpu_count: int  # CPUs the OS reports
     interop_threads: int

@@ -14,7 +14,6 @@ also carries the drift from strict measured when it was written.
 from __future__ import annotations
 
 import base64
-import hashlib
 import logging
 import platform
 from dataclasses import asdict, dataclass
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from steadyclip._util.digest import sha256_array
 from steadyclip.engine.probe_inputs import PROBE_TEXTS, probe_images
 from steadyclip.engine.settings import EngineSettings
 from steadyclip.numerics import identity
@@ -66,13 +66,13 @@ def _bf16_kind(engine: Engine) -> str:
 
 def _pack(arr: np.ndarray) -> dict[str, Any]:
     raw = np.ascontiguousarray(arr, dtype="<f4").tobytes()
-    return {"shape": list(arr.shape), "sha256": hashlib.sha256(raw).hexdigest(),
+    return {"shape": list(arr.shape), "sha256": sha256_array(arr, "<f4"),
             "data": base64.b64encode(raw).decode("ascii")}
 
 
 def _unpack(doc: dict[str, Any]) -> np.ndarray:
     raw = base64.b64decode(doc["data"])
-    if hashlib.sha256(raw).hexdigest() != doc["sha256"]:
+    if len(raw) % 4 or sha256_array(np.frombuffer(raw, dtype="<f4")) != doc["sha256"]:
         from steadyclip.errors import IntegrityError
 
         raise IntegrityError("the lockfile's probe data does not match its own hash; the lock was edited or corrupted")

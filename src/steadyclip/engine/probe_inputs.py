@@ -2,7 +2,8 @@
 
 Drawn with numpy (no files), slightly larger than the model input so that the model's own
 preprocessing (resize, crop) runs too. The lockfile probe (:mod:`steadyclip.engine.probe`) and
-the fast profile's drift measurement (:mod:`steadyclip.engine._fast`) both use them.
+the fast profile's drift measurement (:mod:`steadyclip.engine._fast`) both use them; the
+server's readiness check (:mod:`steadyclip.server.golden`) uses :func:`golden_probe_image`.
 """
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["PROBE_TEXTS", "probe_images"]
+__all__ = ["GOLDEN_PROBE_SIZE", "PROBE_TEXTS", "golden_probe_image", "probe_images"]
 
 PROBE_TEXTS = ("a photo of a red circle.", "a photo of a dog.", "a diagram", "an empty white page", "x")
+GOLDEN_PROBE_SIZE = (96, 80)  # (W, H): not square, so resize and crop both do work
+
 
 def probe_images(size: tuple[int, int] | int, n: int = 6) -> list[Any]:
     """``n`` deterministic RGB images slightly larger than the model input (so resizing runs)."""
@@ -29,3 +32,16 @@ def probe_images(size: tuple[int, int] | int, n: int = 6) -> list[Any]:
         arr = (base * (i + 1) / n + noise) % 256
         images.append(Image.fromarray(arr.astype(np.uint8), "RGB"))
     return images
+
+
+def golden_probe_image() -> Any:
+    """The server's readiness probe: one RGB image from arithmetic alone (no RNG), the same on every machine."""
+    from PIL import Image
+
+    w, h = GOLDEN_PROBE_SIZE
+    y, x = np.mgrid[0:h, 0:w]  # (H, W) each
+    r = (x * 255) // (w - 1)
+    g = (y * 255) // (h - 1)
+    b = ((x ^ y) * 37) % 256
+    rgb = np.stack([r, g, b], axis=-1).astype(np.uint8)  # (H, W, 3)
+    return Image.fromarray(rgb, mode="RGB")

@@ -8,7 +8,6 @@ recomputed, never used. Size is bounded; least recently used entries go first.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import sqlite3
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from steadyclip._util.cachedir import cache_dir
+from steadyclip._util.digest import sha256_array
 
 _logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class TextCache:
                 rows = db.execute(f"SELECT key, value, digest, dim FROM entries WHERE key IN ({marks})", chunk)
                 for key, value, digest, dim in rows:
                     blob = bytes(value)
-                    if hashlib.sha256(blob).hexdigest() != digest or len(blob) != 4 * dim:
+                    if len(blob) != 4 * dim or sha256_array(np.frombuffer(blob, dtype="<f4")) != digest:
                         bad.append(key)
                         continue
                     found[key] = np.frombuffer(blob, dtype="<f4").copy()
@@ -87,8 +87,8 @@ class TextCache:
         now = time.time()
         rows = []
         for key, vec in items.items():
-            blob = np.ascontiguousarray(vec, dtype="<f4").tobytes()
-            rows.append((key, blob, hashlib.sha256(blob).hexdigest(), len(blob) // 4, now))
+            arr = np.ascontiguousarray(vec, dtype="<f4")
+            rows.append((key, arr.tobytes(), sha256_array(arr), arr.size, now))
         with self._lock:
             db = self._db()
             db.execute("BEGIN IMMEDIATE")

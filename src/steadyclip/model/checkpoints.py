@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from steadyclip._util.atomic import atomic_path
 from steadyclip.errors import (
     ModelSourceError,
     SteadyClipError,
@@ -257,12 +258,10 @@ def convert_to_safetensors(
         seen.add(key)
         out[k] = t
     dst_p = Path(dst)
-    tmp = dst_p.with_name(dst_p.name + ".partial")
     try:
-        save_file(out, str(tmp), metadata={"converted_by": "steadyclip", "source_format": fmt.value})
-        os.replace(tmp, dst_p)
+        with atomic_path(dst_p) as tmp:
+            save_file(out, str(tmp), metadata={"converted_by": "steadyclip", "source_format": fmt.value})
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise SteadyClipError(f"cannot write {dst_p}: {e}; check that its folder exists and is writable") from e
     return {"source": os.fspath(src), "output": os.fspath(dst_p), "tensors": len(out),
             "cloned_shared": cloned, "source_format": fmt.value}

@@ -19,13 +19,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Literal
 
 import torch
 
+from steadyclip._util.atomic import write_atomic
 from steadyclip._util.cachedir import cache_dir
 from steadyclip.errors import InputError, IntegrityError
 
@@ -119,22 +119,9 @@ class HashCache:
                 entries[str(p)] = entry
                 while len(entries) > _MAX_ENTRIES:  # dicts keep insertion order: drop the oldest
                     entries.pop(next(iter(entries)))
-                _atomic_write_json(self.path, {"version": _CACHE_VERSION, "entries": entries})
+                write_atomic(self.path, json.dumps({"version": _CACHE_VERSION, "entries": entries}, indent=1, sort_keys=True))
         except OSError as e:  # a read-only cache dir must not stop a load
             _logger.warning("could not write hash cache %s (%s)", self.path, e)
-
-
-def _atomic_write_json(path: Path, doc: object) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 _CACHES: dict[Path, HashCache] = {}

@@ -22,11 +22,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from steadyclip._util.atomic import write_atomic
 from steadyclip.errors import (
     InputError,
     LockMismatchError,
@@ -79,18 +79,11 @@ def write_lock(path: str | os.PathLike[str], info: _HasToDict | Mapping[str, Any
     """Write a lockfile atomically; returns the document written."""
     doc = make_lock(info, **extra)
     p = Path(path)
+    text = json.dumps(doc, indent=2, sort_keys=True, allow_nan=False) + "\n"
     try:
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=p.name + ".", suffix=".tmp")
+        write_atomic(p, text)
     except OSError as e:
         raise SteadyClipError(f"cannot write lockfile {p}: {e}; check that its folder exists and is writable") from e
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=2, sort_keys=True, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return doc
 
 

@@ -266,10 +266,13 @@ class Batcher:
             self._slots.acquire()
         _logger.debug("batch worker stopped")
 
-    def _wait_s(self) -> float:
-        """``max_wait_s``, or longer under load: when the rows in flight and those answered within the last
-        forward's time fill a micro-batch, their clients are about to send more (a lone sequential client
-        never waits for companions it does not have)."""
+    def wait_s(self) -> float:
+        """How long a job arriving now would wait for companions (seconds).
+
+        ``max_wait_s``, or longer under load: when the rows in flight and those answered within the
+        last forward's time fill a micro-batch, their clients are about to send more (a lone
+        sequential client never waits for companions it does not have).
+        """
         now = time.monotonic()
         with self._lock:
             while self._done and now - self._done[0][0] > self._forward_s:
@@ -284,7 +287,7 @@ class Batcher:
         rows = first.rows
         # From when a replica became free: a job that waited for one has companions on their way
         # (the clients just answered), so it still gets its chance to fill the micro-batch.
-        deadline = max(first.queued, time.monotonic() - self.max_wait_s) + self._wait_s()
+        deadline = max(first.queued, time.monotonic() - self.max_wait_s) + self.wait_s()
         while rows < self.max_rows:
             remaining = deadline - time.monotonic()
             try:

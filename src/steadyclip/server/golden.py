@@ -8,35 +8,23 @@ batching bug - turns the server unready instead of quietly changing answers.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+
+from steadyclip._util.digest import sha256_array
+from steadyclip.engine.probe_inputs import golden_probe_image
 
 _logger = logging.getLogger(__name__)
 
-PROBE_SIZE = (96, 80)  # (W, H): not square, so resize and crop both do work
 PROBE_DESCRIPTION = "synthetic 96x80 RGB pattern (gradients + xor texture), built in code"
-
-
-def probe_image() -> Image.Image:
-    """The deterministic probe: the same pixels on every machine and run."""
-    w, h = PROBE_SIZE
-    y, x = np.mgrid[0:h, 0:w]  # (H, W) each
-    r = (x * 255) // (w - 1)
-    g = (y * 255) // (h - 1)
-    b = ((x ^ y) * 37) % 256
-    rgb = np.stack([r, g, b], axis=-1).astype(np.uint8)  # (H, W, 3)
-    return Image.fromarray(rgb, mode="RGB")
+probe_image = golden_probe_image  # the one home of probe images is steadyclip.engine.probe_inputs
 
 
 def digest(arr: np.ndarray) -> str:
-    """SHA-256 of an array's dtype, shape and raw bytes."""
-    h = hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode())
-    h.update(np.ascontiguousarray(arr).tobytes())
-    return h.hexdigest()
+    """SHA-256 of the reference's bytes (:func:`steadyclip._util.digest.sha256_array`; always float32 (D,))."""
+    return sha256_array(arr)
 
 
 @dataclass
