@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import ctypes
 import io
+import logging
+import struct
 import warnings
 from typing import Literal
 
@@ -11,6 +13,7 @@ from PIL import Image
 
 from steadyclip.engine._capture import captured
 from steadyclip.engine.images import WARNINGS_INFO_KEY, decode_image, load_image
+from steadyclip.engine.outcome import decode_input
 
 
 def _png_with_corrupt_exif() -> bytes:
@@ -47,3 +50,32 @@ def test_c_level_stderr_is_captured_and_fd2_restored(capfd: pytest.CaptureFixtur
     libc.write(2, b"after\n", 6)
     assert notes == ["stderr: " + line.decode().strip()]
     assert capfd.readouterr().err == "after\n"
+
+
+def _tiff_with_too_many_samples() -> bytes:
+    """A 1x1 TIFF claiming 7 samples per pixel: Pillow logs an ERROR record, then refuses it."""
+    entries = [(256, 3, 1), (257, 3, 1), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 4, 8 + 2 + 10 * 12 + 4),
+               (277, 3, 7), (278, 3, 1), (279, 4, 7), (284, 3, 1)]  # (tag, type SHORT/LONG, value)
+    ifd = struct.pack("<H", len(entries))
+    for tag, typ, value in entries:
+        ifd += struct.pack("<HHI", tag, typ, 1) + (struct.pack("<HH", value, 0) if typ == 3 else struct.pack("<I", value))
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + bytes(7)
+
+
+def test_pillow_log_records_land_in_the_outcome_not_on_stderr(capfd: pytest.CaptureFixture[str],
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)  # a verbose CLI: PIL's records would reach a handler and be printed
+    root = logging.getLogger()
+    printer = logging.StreamHandler()  # what a CLI installs: records to stderr (an ERROR would print)
+    printer.setLevel(logging.INFO)
+    root.addHandler(printer)
+    try:
+        outcome, pixels = decode_input(3, _tiff_with_too_many_samples(), lambda im: im, source="bad.tif")
+    finally:
+        root.removeHandler(printer)
+    assert pixels is None and (outcome.index, outcome.source, outcome.error_type) == (3, "bad.tif", "ImageDecodeError")
+    assert "ERROR PIL.TiffImagePlugin: More samples per pixel than can be decoded: 7" in outcome.warnings
+    assert not [r for r in caplog.records if r.name.startswith("PIL")]
+    assert "samples per pixel" not in capfd.readouterr().err
+    # the logger is as it was: records from outside a capture propagate again
+    assert logging.getLogger("PIL").propagate and not logging.getLogger("PIL").handlers

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from steadyclip import Engine, load
 from steadyclip.batch import run_batch
@@ -184,18 +185,19 @@ def test_an_upload_that_kills_replicas_fails_alone(demo: LoadedModel, tmp_path: 
     datas = [Path(p).read_bytes() for p in _images(tmp_path, 6)]
     with Engine(demo, micro_batch=4, replicas=2, text_cache=None) as eng:
         clean = eng.embed_uploads(datas, None).result(120)
-    real = images.decode_image
+    real = images.decode_into
 
-    def crashing(src: object, **kw: object) -> images.DecodedImage:
+    def crashing(sink: list[str], src: object, **kw: object) -> Image.Image:
         if src == b"boom":
             os._exit(1)  # a segfaulting codec, seen from outside
-        return real(src, **kw)  # type: ignore[arg-type]
+        return real(sink, src, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(images, "decode_image", crashing)  # forked replicas inherit the patch
+    monkeypatch.setattr(images, "decode_into", crashing)  # forked replicas inherit the patch
     with Engine(demo, micro_batch=4, replicas=2, text_cache=None) as eng:
         rows = eng.embed_uploads([*datas[:2], b"boom", *datas[2:]], None).result(120)
         restarts = eng.execution.extra["replica_restarts"]
-    assert [r.error for r in rows] == [None, None, ("ImageDecodeError", CRASH_MESSAGE), None, None, None, None]
+    assert [None if r.ok else (r.error_type, r.error_message) for r in rows] == \
+        [None, None, ("ImageDecodeError", CRASH_MESSAGE), None, None, None, None]
     good = np.stack([r.embedding for r in rows if r.embedding is not None])  # (6, D)
     assert np.array_equal(good, np.stack([r.embedding for r in clean if r.embedding is not None]))
     assert restarts >= 4  # the chunk twice, then the culprit alone twice

@@ -1,26 +1,26 @@
 """Per-item work outside the model: read the bytes, hash them, decode, preprocess.
 
-Runs in decoder worker processes (local backend) and inside Ray actors; a bad
-file becomes an error result here, it never raises. The transform is the
+Runs in decoder worker processes (local backend), engine replicas and Ray actors; a bad
+file becomes an error :class:`~steadyclip.engine.outcome.ImageOutcome` here, it never raises.
+Decoding is the engine's own (:func:`~steadyclip.engine.outcome.decode_input`). The transform is the
 engine's own (``LoadedModel.preprocess``, pickled), so a worker produces the
 exact tensor ``Engine.preprocess`` would.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from steadyclip.batch.inputs import InputItem
+from steadyclip.engine.outcome import ImageOutcome, decode_input, unexpected_failure
 from steadyclip.errors import (
     ImageDecodeError,
     ImageError,
@@ -35,32 +35,8 @@ DEFAULT_MAX_FILE_BYTES = 512 * 1024 * 1024
 Transform = Callable[[Any], Any]
 
 
-@dataclass(frozen=True, slots=True)
-class Prepared:
-    """One input after decoding: pixels (3, H, W) float32 on success, else the error."""
-
-    index: int
-    path: str
-    sha256: str | None
-    pixels: np.ndarray | None
-    error_type: str | None = None
-    error_message: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ItemResult:
-    """One input after the model: its embedding (D,) float32 on success, else the error."""
-
-    index: int
-    path: str
-    sha256: str | None
-    embedding: np.ndarray | None
-    error_type: str | None = None
-    error_message: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error_type is None
+# An input before the model: its outcome so far, and its pixels (3, H, W) float32 where it decoded.
+Prepared = tuple[ImageOutcome, np.ndarray | None]
 
 
 def read_bytes(location: str, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
@@ -84,38 +60,28 @@ def read_bytes(location: str, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> b
         raise ImageSourceError(f"cannot read {location}: {e.strerror or e}") from e
 
 
-class _NamedBytes(io.BytesIO):
-    """In-memory file bytes that keep the file's name, so decode errors say which file."""
-
-    def __init__(self, data: bytes, name: str) -> None:
-        super().__init__(data)
-        self.name = name
-
-
 def prepare(item: InputItem, transform: Transform, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Prepared:
-    """Read, hash, decode and preprocess one input; failures become an error ``Prepared``."""
-    from steadyclip.engine.images import load_image
-
-    sha: str | None = None
+    """Read, hash, decode and preprocess one input; a failure is an error outcome, never raised."""
     try:
         data = read_bytes(item.location, max_file_bytes)
-        sha = hashlib.sha256(data).hexdigest()  # of exactly the bytes decoded below
-        if not data:
-            raise ImageDecodeError(f"{item.location} is empty (0 bytes); re-export or remove it")
-        pixels = transform(load_image(_NamedBytes(data, item.location)))
-        return Prepared(item.index, item.path, sha, pixels.numpy())
     except ImageError as e:
-        return Prepared(item.index, item.path, sha, None, type(e).__name__, str(e))
-    except Exception as e:  # noqa: BLE001 - a decoder bug must not abort the job: record it with its real type
-        _logger.warning("unexpected %s while preparing %s: %s", type(e).__name__, item.path, e)
-        return Prepared(item.index, item.path, sha, None, type(e).__name__, f"{e} (unexpected; please report)")
+        return ImageOutcome.failed(item.index, item.path, e), None
+    except Exception as e:  # noqa: BLE001 - a reader bug must not abort the job: record it with its real type
+        return unexpected_failure(item.index, item.path, e), None
+    if not data:
+        empty = ImageDecodeError(f"{item.location} is empty (0 bytes); re-export or remove it")
+        return ImageOutcome.failed(item.index, item.path, empty, sha256=hashlib.sha256(data).hexdigest()), None
+    # sha256 of exactly the bytes decoded; a decoder bug becomes a row too, with its real type
+    outcome, pixels = decode_input(item.index, data, transform, source=item.path, name=item.location, sha256=True,
+                                   unexpected="row")
+    return outcome, None if pixels is None else pixels.numpy()
 
 
-def pixel_batch(prepared: Sequence[Prepared]) -> Any:
-    """The successful items' pixels as one tensor (N, 3, H, W), in order."""
+def pixel_batch(pixels: Sequence[np.ndarray]) -> Any:
+    """Pixels (3, H, W) of several inputs as one tensor (N, 3, H, W), in order."""
     import torch
 
-    return torch.from_numpy(np.stack([p.pixels for p in prepared if p.pixels is not None]))
+    return torch.from_numpy(np.stack(pixels))
 
 
 # ---- decoder worker processes ----------------------------------------------------------

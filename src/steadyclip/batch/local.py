@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from steadyclip.batch import _prep
-from steadyclip.batch._prep import ItemResult, Prepared
+from steadyclip.batch._prep import Prepared
 from steadyclip.batch.inputs import InputItem
 from steadyclip.batch.writer import kill_point
+from steadyclip.engine.outcome import ImageOutcome
 from steadyclip.errors import InputError
 
 if TYPE_CHECKING:
@@ -80,7 +81,7 @@ class LocalPipeline:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._executor = self._new_executor()
 
-    def run(self, items: Iterator[InputItem], part_size: int) -> Iterator[list[ItemResult]]:
+    def run(self, items: Iterator[InputItem], part_size: int) -> Iterator[list[ImageOutcome]]:
         """Ordered results, one model step at a time (``self.step`` rows, or the end of a part)."""
         self._executor = self._new_executor()
         try:
@@ -88,8 +89,9 @@ class LocalPipeline:
             n_ok = 0
             for prep in self._prepared(items):
                 pending.append(prep)
-                n_ok += prep.pixels is not None
-                if n_ok >= self.step or (prep.index + 1) % part_size == 0:
+                outcome, pixels = prep
+                n_ok += pixels is not None
+                if n_ok >= self.step or (outcome.index + 1) % part_size == 0:
                     yield self._embed(pending)
                     pending, n_ok = [], 0
             if pending:
@@ -131,22 +133,21 @@ class LocalPipeline:
                 out.extend(self._submit([item]).result())
             except BrokenProcessPool:
                 self._restart()
-                out.append(Prepared(item.index, item.path, None, None, "DecoderCrashError",
-                                    f"the decoder process died reading {item.path}; the file likely "
-                                    "crashes the image library or exhausts memory - inspect or remove it"))
+                died = (f"the decoder process died reading {item.path}; the file likely crashes the image "
+                        "library or exhausts memory - inspect or remove it")
+                out.append((ImageOutcome.failed(item.index, item.path, ("DecoderCrashError", died)), None))
         return out
 
-    def _embed(self, batch: list[Prepared]) -> list[ItemResult]:
-        ok = [p for p in batch if p.pixels is not None]
+    def _embed(self, batch: list[Prepared]) -> list[ImageOutcome]:
+        ok = [(o.index, pixels) for o, pixels in batch if pixels is not None]
         emb: dict[int, np.ndarray] = {}
         if ok:
             t = time.perf_counter()
-            vectors = self.engine.embed_pixels(_prep.pixel_batch(ok))  # (N, D)
+            vectors = self.engine.embed_pixels(_prep.pixel_batch([pixels for _, pixels in ok]))  # (N, D)
             self.model_s += time.perf_counter() - t
-            emb = {p.index: vectors[i] for i, p in enumerate(ok)}
+            emb = {index: vectors[i] for i, (index, _) in enumerate(ok)}
             kill_point("embedded")
-        return [ItemResult(p.index, p.path, p.sha256, emb.get(p.index), p.error_type, p.error_message)
-                for p in batch]
+        return [o.embedded(emb[o.index]) if o.index in emb else o for o, _ in batch]
 
 
 def _prepare_here(transform: Any, max_file_bytes: int, chunk: list[InputItem]) -> list[Prepared]:

@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from steadyclip.batch import _prep
-from steadyclip.batch._prep import ItemResult
 from steadyclip.batch.inputs import InputItem
+from steadyclip.engine import errmap
 from steadyclip.engine.layout import usable_cpus
+from steadyclip.engine.outcome import ImageOutcome
 from steadyclip.errors import BatchJobError, InputError, IntegrityError, SteadyClipError
 from steadyclip.numerics import identity
 
@@ -94,20 +94,21 @@ class _EmbedActor:
                  for i, p, loc in zip(batch["index"], batch["path"], batch["location"])]
         transform = self.engine.loaded.preprocess
         prepared = [_prep.prepare(it, transform, self.max_file_bytes) for it in items]
+        outcomes = [o for o, _ in prepared]
         emb = np.zeros((len(items), self.dim), dtype=np.float32)  # (N, D); error rows stay zero, flagged below
-        ok = [i for i, p in enumerate(prepared) if p.pixels is not None]
-        if ok:
-            emb[ok] = self.engine.embed_pixels(_prep.pixel_batch([prepared[i] for i in ok]))  # (K, D)
+        good = [(i, pixels) for i, (_, pixels) in enumerate(prepared) if pixels is not None]
+        if good:
+            emb[[i for i, _ in good]] = self.engine.embed_pixels(_prep.pixel_batch([p for _, p in good]))  # (K, D)
         # Strings travel as "" rather than None: an all-None column would lose its type on the way.
         return {
-            "index": np.array([p.index for p in prepared], dtype=np.int64),
-            "path": np.array([p.path for p in prepared], dtype=object),
-            "sha256": np.array([p.sha256 or "" for p in prepared], dtype=object),
-            "error_type": np.array([p.error_type or "" for p in prepared], dtype=object),
-            "error_message": np.array([p.error_message or "" for p in prepared], dtype=object),
-            "ok": np.array([p.pixels is not None for p in prepared], dtype=bool),
+            "index": np.array([o.index for o in outcomes], dtype=np.int64),
+            "path": np.array([o.source for o in outcomes], dtype=object),
+            "sha256": np.array([o.sha256 or "" for o in outcomes], dtype=object),
+            "error_type": np.array([o.error_type or "" for o in outcomes], dtype=object),
+            "error_message": np.array([o.error_message or "" for o in outcomes], dtype=object),
+            "ok": np.array([o.ok for o in outcomes], dtype=bool),
             "embedding": emb,
-            "node": np.array([self.node] * len(prepared), dtype=object),
+            "node": np.array([self.node] * len(outcomes), dtype=object),
         }
 
 
@@ -152,7 +153,7 @@ class RayPipeline:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         return max(1, cpus // int(self.engine.threads))
 
-    def run(self, items: Iterator[InputItem], part_size: int) -> Iterator[list[ItemResult]]:
+    def run(self, items: Iterator[InputItem], part_size: int) -> Iterator[list[ImageOutcome]]:
         """Ordered results for ``items``, one Ray batch at a time."""
         rows = [{"index": it.index, "path": it.path, "location": it.location} for it in items]
         if not rows:
@@ -187,39 +188,20 @@ class RayPipeline:
                 f"{self._actor_count(ray)} model actors did not all start within {ACTOR_START_TIMEOUT_S}s: the "
                 "cluster lacks the CPUs or memory for them; pass fewer actors (workers= / --workers)") from e
         except Exception as e:
-            raise _steadyclip_cause(e) or BatchJobError(f"the Ray job failed: {type(e).__name__}: {e}") from e
+            raise errmap.from_ray(e) or BatchJobError(f"the Ray job failed: {type(e).__name__}: {e}") from e
         finally:
             ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.wait_for_min_actors_s = saved
             if started:
                 ray.shutdown()
 
 
-def _steadyclip_cause(e: BaseException) -> SteadyClipError | None:
-    """The steadyclip error an actor raised, recovered from Ray's wrapper (which may keep only its text)."""
-    from steadyclip import errors
-
-    seen: BaseException | None = e
-    while seen is not None:
-        cause = getattr(seen, "cause", None)
-        if isinstance(cause, SteadyClipError):
-            return cause
-        seen = seen.__cause__ or seen.__context__
-    found = re.findall(r"steadyclip\.errors\.(\w+): (.+)", str(e))
-    if found:
-        name, message = found[-1]
-        cls = getattr(errors, name, None)
-        if isinstance(cls, type) and issubclass(cls, SteadyClipError) and cls is not errors.LockMismatchError:
-            return cls(f"{message} (raised in a Ray actor)")
-    return None
-
-
-def _results(batch: dict[str, np.ndarray]) -> list[ItemResult]:
+def _results(batch: dict[str, np.ndarray]) -> list[ImageOutcome]:
     out = []
     for i in range(len(batch["index"])):
-        ok = bool(batch["ok"][i])
-        out.append(ItemResult(
-            int(batch["index"][i]), str(batch["path"][i]), str(batch["sha256"][i]) or None,
-            np.array(batch["embedding"][i], dtype=np.float32) if ok else None,
-            None if ok else str(batch["error_type"][i]), None if ok else str(batch["error_message"][i]),
-        ))
+        index, path, sha = int(batch["index"][i]), str(batch["path"][i]), str(batch["sha256"][i]) or None
+        if bool(batch["ok"][i]):
+            out.append(ImageOutcome(index, path, sha, np.array(batch["embedding"][i], dtype=np.float32)))
+        else:
+            error = (str(batch["error_type"][i]), str(batch["error_message"][i]))
+            out.append(ImageOutcome.failed(index, path, error, sha256=sha))
     return out

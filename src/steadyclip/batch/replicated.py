@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from steadyclip.batch import _prep
-from steadyclip.batch._prep import ItemResult
 from steadyclip.batch.inputs import InputItem
 from steadyclip.batch.writer import kill_point
-from steadyclip.engine._rows import embed_in_place
+from steadyclip.engine._rows import embed_decoded
+from steadyclip.engine.outcome import ImageOutcome
 from steadyclip.errors import ReplicaCrashError
 
 if TYPE_CHECKING:
@@ -51,10 +51,10 @@ class ReplicaPipeline:
         self.model_s = 0.0  # not measured here: the model runs in the replicas
         self.wait_s = 0.0
 
-    def run(self, items: Iterator[InputItem], part_size: int) -> Iterator[list[ItemResult]]:
+    def run(self, items: Iterator[InputItem], part_size: int) -> Iterator[list[ImageOutcome]]:
         """Ordered results, one chunk (a micro-batch of inputs) at a time."""
         del part_size  # the runner groups rows into parts; any chunking gives the same rows
-        window: deque[tuple[list[InputItem], Future[list[ItemResult]]]] = deque()
+        window: deque[tuple[list[InputItem], Future[list[ImageOutcome]]]] = deque()
         chunks = iter(lambda: list(islice(items, self.chunk)), [])
         for chunk in chunks:
             window.append((chunk, self._submit(chunk)))
@@ -63,11 +63,11 @@ class ReplicaPipeline:
         while window:
             yield self._collect(*window.popleft())
 
-    def _submit(self, chunk: list[InputItem]) -> Future[list[ItemResult]]:
-        fut: Future[list[ItemResult]] = self.engine.submit(prepare_and_embed, chunk, self.max_file_bytes)
+    def _submit(self, chunk: list[InputItem]) -> Future[list[ImageOutcome]]:
+        fut: Future[list[ImageOutcome]] = self.engine.submit(prepare_and_embed, chunk, self.max_file_bytes)
         return fut
 
-    def _collect(self, chunk: list[InputItem], fut: Future[list[ItemResult]]) -> list[ItemResult]:
+    def _collect(self, chunk: list[InputItem], fut: Future[list[ImageOutcome]]) -> list[ImageOutcome]:
         t = time.perf_counter()
         try:
             out = fut.result()
@@ -78,18 +78,17 @@ class ReplicaPipeline:
         kill_point("embedded")
         return out
 
-    def _isolate(self, item: InputItem) -> ItemResult:
+    def _isolate(self, item: InputItem) -> ImageOutcome:
         try:
-            rows: list[ItemResult] = self._submit([item]).result()
+            rows: list[ImageOutcome] = self._submit([item]).result()
             return rows[0]
         except ReplicaCrashError:
-            return ItemResult(item.index, item.path, None, None, "DecoderCrashError",
-                              f"reading {item.path} killed the engine replica twice; the file likely crashes the "
-                              "image library or exhausts memory - inspect or remove it")
+            died = (f"reading {item.path} killed the engine replica twice; the file likely crashes the image "
+                    "library or exhausts memory - inspect or remove it")
+            return ImageOutcome.failed(item.index, item.path, ("DecoderCrashError", died))
 
 
-def prepare_and_embed(core: ForwardCore, chunk: list[InputItem], max_file_bytes: int) -> list[ItemResult]:
+def prepare_and_embed(core: ForwardCore, chunk: list[InputItem], max_file_bytes: int) -> list[ImageOutcome]:
     """In a replica: read, hash, decode and preprocess each input, then embed the good ones."""
     prepared = [_prep.prepare(item, core.loaded.preprocess, max_file_bytes) for item in chunk]
-    vectors = embed_in_place(core, [None if p.pixels is None else torch.from_numpy(p.pixels) for p in prepared])
-    return [ItemResult(p.index, p.path, p.sha256, v, p.error_type, p.error_message) for p, v in zip(prepared, vectors)]
+    return embed_decoded(core, [(o, None if pixels is None else torch.from_numpy(pixels)) for o, pixels in prepared])

@@ -25,7 +25,6 @@ import pyarrow as pa
 
 from steadyclip._util.digest import sha256_array
 from steadyclip.batch import _prep
-from steadyclip.batch._prep import ItemResult
 from steadyclip.batch.inputs import InputSource, ListingHasher, open_inputs
 from steadyclip.batch.local import LocalPipeline
 from steadyclip.batch.replicated import ReplicaPipeline
@@ -38,6 +37,7 @@ from steadyclip.batch.writer import (
     read_metadata,
 )
 from steadyclip.engine.layout import usable_cpus
+from steadyclip.engine.outcome import ImageOutcome
 from steadyclip.engine.prompts import TemplateSet, get_template_set, validate_labels
 from steadyclip.errors import BatchJobError, InputError
 from steadyclip.numerics import identity
@@ -309,10 +309,10 @@ class _Counts:
     errors: int
 
 
-def _parts(stream: Iterable[list[ItemResult]], part_size: int, counts: _Counts, total: int, resumed: int,
-           progress: Callable[[BatchProgress], None] | None) -> Iterator[tuple[int, list[ItemResult]]]:
+def _parts(stream: Iterable[list[ImageOutcome]], part_size: int, counts: _Counts, total: int, resumed: int,
+           progress: Callable[[BatchProgress], None] | None) -> Iterator[tuple[int, list[ImageOutcome]]]:
     """Group the ordered result stream into whole parts."""
-    current: list[ItemResult] = []
+    current: list[ImageOutcome] = []
     for batch in stream:
         for r in batch:
             current.append(r)

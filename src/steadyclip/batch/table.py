@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from steadyclip.batch._prep import ItemResult
+from steadyclip.engine.outcome import ImageOutcome
 from steadyclip.engine.prompts import TemplateSet
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ def make_schema(cols: Columns) -> pa.Schema:
     return pa.schema(fields)
 
 
-def build_table(results: Sequence[ItemResult], cols: Columns, schema: pa.Schema, *, engine: Engine,
+def build_table(results: Sequence[ImageOutcome], cols: Columns, schema: pa.Schema, *, engine: Engine,
                 class_emb: np.ndarray | None, templates: TemplateSet | None) -> pa.Table:
     """Rows for one part: classify the successful embeddings and lay everything out as Arrow."""
     ok = [r for r in results if r.ok]
@@ -82,7 +82,7 @@ def build_table(results: Sequence[ItemResult], cols: Columns, schema: pa.Schema,
             probs[r.index] = c.probs
     data: dict[str, Any] = {
         "index": [r.index for r in results],
-        "path": [r.path for r in results],
+        "path": [r.source for r in results],
         "sha256": [r.sha256 for r in results],
         "status": ["ok" if r.ok else "error" for r in results],
         "error_type": [r.error_type for r in results],

@@ -84,7 +84,7 @@ def measure_throughput(engine: Engine, inputs: str | os.PathLike[str] | Sequence
     t = time.perf_counter()
     prepared = [_prep.prepare(item, transform) for item in items]
     decode_s = time.perf_counter() - t
-    pixels = [p.pixels for p in prepared if p.pixels is not None]
+    pixels = [px for _, px in prepared if px is not None]
     if not pixels:
         raise InputError("none of the inputs decoded; give real images to measure")
     stacked = torch.from_numpy(np.stack(pixels))  # (N, 3, H, W)

@@ -3,7 +3,9 @@
 Inside, bottom to top: ``_core`` (the forward core: towers, fixed shapes, state checks), the helpers
 that take the core (``_replicas``/``_pool``: K forked replicas; ``_rows``: one outcome per input;
 ``precision``: the fast profile's cast; ``images``, ``prompts``, ``textcache``), then ``facade``:
-:class:`Engine`, the one object users hold. Underscored modules are internal.
+:class:`Engine`, the one object users hold. Underscored modules are internal. Shared with the front
+ends: ``outcome`` (one input's :class:`~steadyclip.engine.outcome.ImageOutcome` and the one decode
+function, ``decode_input``) and ``errmap`` (where foreign and remote errors become ours).
 """
 from __future__ import annotations
 

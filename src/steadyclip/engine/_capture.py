@@ -1,6 +1,6 @@
 """Catch what image decoders print, so it becomes data on the result instead of terminal noise.
 
-Two channels:
+Three channels:
 
 - **Python warnings** (Pillow's ``UserWarning`` about corrupt metadata, ...). Inside
   :func:`captured` every warning raised *by the capturing thread* is recorded
@@ -8,13 +8,17 @@ Two channels:
   ``-W error`` or on which warnings were already shown once. Pillow's
   ``DecompressionBombWarning`` is the exception: it stays an error, because
   it means "refuse this image".
+- **Pillow's log records** (``logger.error(...)`` in ``PIL.TiffImagePlugin``, ...): records of
+  WARNING and above that the capturing thread logs under ``PIL`` are recorded, and not passed
+  on to the process's handlers (so nothing is printed), whatever the logging configuration.
 - **C-level stderr** (libtiff's default handlers write straight to file
   descriptor 2). With ``fd_stderr=True`` fd 2 is pointed at a temporary file for
   the duration; each line written becomes a warning.
 
-Both channels are process-global, so captures are serialised by one lock. While
+All channels are process-global, so captures are serialised by one lock. While
 one runs, warnings raised by *other* threads are shown normally (to the saved
-``showwarning``), but they see the "always" filter; and anything another thread
+``showwarning``), but they see the "always" filter; their ``PIL`` records of WARNING and
+above go to the root logger's handlers as usual (lower ones are dropped); and anything another thread
 writes to fd 2 during an fd capture (milliseconds, TIFF decodes only) is
 attributed to the image being decoded. The batch runner decodes in separate
 processes, so neither affects it.
@@ -68,11 +72,42 @@ def captured(sink: list[str], *, fd_stderr: bool = False) -> Iterator[None]:
             sink.append(_clip(f"{category.__name__}: {message}"))
 
         warnings.showwarning = show
-        if not fd_stderr:
-            yield
-            return
-        with _fd2_into(sink):
-            yield
+        with _pil_logs_into(sink, owner):
+            if not fd_stderr:
+                yield
+                return
+            with _fd2_into(sink):
+                yield
+
+
+class _PilRecords(logging.Handler):
+    """The capturing thread's ``PIL`` records into the sink; other threads' on to the root handlers."""
+
+    def __init__(self, sink: list[str], owner: int, propagate: bool) -> None:
+        super().__init__(logging.WARNING)
+        self.sink, self.owner, self.propagate = sink, owner, propagate
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.owner:
+            self.sink.append(_clip(f"{record.levelname} {record.name}: {record.getMessage()}"))
+        elif self.propagate:
+            logging.getLogger().handle(record)
+
+
+@contextlib.contextmanager
+def _pil_logs_into(sink: list[str], owner: int) -> Iterator[None]:
+    pil = logging.getLogger("PIL")
+    saved = pil.level, pil.propagate
+    handler = _PilRecords(sink, owner, pil.propagate)
+    pil.addHandler(handler)
+    pil.setLevel(logging.WARNING)  # recorded whatever level the process's logging is at
+    pil.propagate = False  # the capturing thread's records are data, not terminal output
+    try:
+        yield
+    finally:
+        pil.removeHandler(handler)
+        pil.setLevel(saved[0])
+        pil.propagate = saved[1]
 
 
 @contextlib.contextmanager

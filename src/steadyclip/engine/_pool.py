@@ -46,11 +46,12 @@ from multiprocessing.reduction import recv_handle, send_handle
 from typing import Any
 
 from steadyclip import errors
+from steadyclip.engine import errmap
 from steadyclip.errors import ReplicaCrashError, SteadyClipError
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["ReplicaPool", "rebuild_error"]
+__all__ = ["ReplicaPool"]
 
 RETRIES = 1  # a task is run again once on a fresh replica before it is declared a crasher
 
@@ -203,7 +204,7 @@ class ReplicaPool:
         if status == "ok":
             task.future.set_result(value)
         else:
-            task.future.set_exception(rebuild_error(value))
+            task.future.set_exception(errmap.from_replica(value))
 
     def _replace(self, worker: _Worker) -> None:
         """A replica died: start another, and run its task again (once)."""
@@ -339,23 +340,10 @@ def _replica_main(conn: Connection, state: Any, init: Callable[[Any], None] | No
 
 
 def _portable_error(e: Exception) -> Any:
-    """The exception itself when it survives pickling, else its class name and message."""
+    """The exception itself when it survives pickling, else its class name and message
+    (:func:`steadyclip.engine.errmap.from_replica` makes it ours again on the caller's side)."""
     try:
         pickle.loads(pickle.dumps(e))
         return e
     except Exception:  # noqa: BLE001 - custom constructors may not unpickle; keep name and text
         return (type(e).__name__, str(e))
-
-
-def rebuild_error(value: Any) -> BaseException:
-    """An error sent back from a replica: the exception, or a typed one rebuilt from (class name, message)."""
-    if isinstance(value, BaseException):
-        return value
-    name, message = value
-    cls = getattr(errors, name, None)
-    if isinstance(cls, type) and issubclass(cls, SteadyClipError):
-        try:
-            return cls(message)
-        except TypeError:
-            pass
-    return SteadyClipError(f"{name}: {message} (raised in an engine replica)")

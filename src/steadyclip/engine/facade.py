@@ -23,9 +23,9 @@ from steadyclip.engine import _rows as rows
 from steadyclip.engine._core import ForwardCore
 from steadyclip.engine._fast import fast_record
 from steadyclip.engine._replicas import ReplicaSet
-from steadyclip.engine._rows import UploadRow
 from steadyclip.engine.images import ImageInput
 from steadyclip.engine.layout import ExecutionRecord
+from steadyclip.engine.outcome import ImageOutcome
 from steadyclip.engine.precision import CastModel
 from steadyclip.engine.prompts import (
     TemplateSet,
@@ -45,7 +45,6 @@ from steadyclip.results import (
     Classification,
     ClassifyReport,
     EmbedReport,
-    ImageFailure,
     Provenance,
 )
 
@@ -228,7 +227,7 @@ class Engine:
         """
         return self._replicas.submit(fn, *args)
 
-    def embed_uploads(self, datas: Sequence[bytes], max_pixels: int | None) -> Future[list[UploadRow]]:
+    def embed_uploads(self, datas: Sequence[bytes], max_pixels: int | None) -> Future[list[ImageOutcome]]:
         """Decode, preprocess and embed uploaded image bytes in the replicas (the server's path)."""
         return rows.embed_uploads(self._replicas, datas, max_pixels)
 
@@ -286,16 +285,19 @@ class Engine:
         image instead of raising at the first. Inputs beyond one micro-batch are decoded and
         embedded in the replicas.
         """
-        images = rows.as_list(images)
         if on_error not in ("raise", "row"):
             raise InputError(f"on_error must be 'raise' or 'row', got {on_error!r}")
-        if images and self._replicas.use_for(len(images)):
-            _ = self.provenance
-        found = rows.embed_rows(self._replicas, images) if images else []
+        found = self._outcomes(rows.as_list(images))
         if on_error == "row":
-            return EmbedReport(tuple(found), self.provenance)
-        rows.raise_first(found, images)
-        return np.stack(found) if found else np.zeros((0, 0), dtype=np.float32)
+            return EmbedReport(rows.report_rows(found), self.provenance)
+        rows.raise_first(found)
+        return rows.embeddings(found)
+
+    def _outcomes(self, images: list[ImageInput]) -> list[ImageOutcome]:
+        """One outcome per input, embedded where it decoded."""
+        if images and self._replicas.use_for(len(images)):
+            _ = self.provenance  # self-checks and drift run here, before the replicas fork
+        return rows.image_outcomes(self._replicas, images) if images else []
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Embed texts -> L2-normalised float32 (N, D). Over-long texts are truncated, with a warning."""
@@ -352,19 +354,19 @@ class Engine:
         tset = get_template_set(self.loaded.default_templates if templates is None else templates)
         classes = self.class_embeddings(clean, tset)
         images = rows.as_list(images)
-        report = self.embed_images(images, on_error="row")
+        found = self._outcomes(images)
         if sources is None:
             sources = [rows.source_name(im) for im in images]
-        good = [i for i, r in enumerate(report.rows) if not isinstance(r, ImageFailure)]
         if on_error != "row":
-            rows.raise_first(report.rows, images)
-        emb = np.stack([report.rows[i] for i in good]) if good else np.zeros((0, classes.shape[1]), np.float32)
+            rows.raise_first(found)
+        good = [o for o in found if o.ok]
+        emb = rows.embeddings(good, classes.shape[1])  # (N, D)
         done = iter(self.classify_embeddings(emb, classes, clean, tset, top_k=top_k,
-                                             sources=[sources[i] for i in good]))
+                                             sources=[sources[o.index] for o in good]))
         if on_error != "row":
             return list(done)
         prov = dataclasses.replace(self.provenance, template_set=tset.name, template_sha256=tset.sha256)
-        out = tuple(r if isinstance(r, ImageFailure) else next(done) for r in report.rows)
+        out = tuple(next(done) if o.ok else o.failure() for o in found)
         return ClassifyReport(out, prov)
 
     def classify_embeddings(

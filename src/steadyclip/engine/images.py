@@ -38,7 +38,6 @@ import hashlib
 import io
 import logging
 import os
-import struct
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,9 +48,9 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from steadyclip.engine._capture import captured
 from steadyclip.engine._pixels import to_rgb as _to_rgb
+from steadyclip.engine.errmap import DECODE_ERRORS, decoding
 from steadyclip.errors import (
     ImageDecodeError,
-    ImageError,
     ImageSourceError,
     ImageTooLargeError,
     InputError,
@@ -65,6 +64,7 @@ __all__ = [
     "DecodedImage",
     "ImageInput",
     "decode_image",
+    "decode_into",
     "image_sha256",
     "load_image",
 ]
@@ -88,13 +88,6 @@ EXIF_INFO_KEY = "steadyclip_exif"
 #: ``image.info`` key holding the decoder's warnings (a tuple of strings), when there are any.
 WARNINGS_INFO_KEY = "steadyclip_warnings"
 
-# What Pillow's decoders are seen raising on corrupt or hostile files. Warnings are
-# here because a process running with warnings-as-errors gets them raised.
-_DECODE_ERRORS: tuple[type[BaseException], ...] = (
-    OSError, SyntaxError, ValueError, TypeError, struct.error, EOFError, IndexError, KeyError,
-    ZeroDivisionError, OverflowError, MemoryError, NotImplementedError, RuntimeError, AssertionError,
-    Warning,
-)
 _ORIENTATION_TAG = 0x0112
 _TRANSPOSE = {
     2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
@@ -118,6 +111,7 @@ def decode_image(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     background: tuple[int, int, int] = (255, 255, 255),
     formats: Sequence[str] | None = DEFAULT_FORMATS,
+    name: str | None = None,
 ) -> DecodedImage:
     """Decode ``src`` fully into an RGB image, safely, keeping the decoders' warnings.
 
@@ -126,6 +120,7 @@ def decode_image(
         max_pixels: largest width x height accepted (``None``: :data:`DEFAULT_MAX_PIXELS`).
         background: RGB that transparent pixels are composited onto.
         formats: Pillow format names to accept (``None``: every installed plugin).
+        name: how messages name ``src`` (default: its path, ``<bytes len=N>``, the file object's name).
 
     Returns:
         :class:`DecodedImage`: a new, fully loaded ``RGB`` image (``info`` holds only
@@ -140,25 +135,43 @@ def decode_image(
         >>> decode_image("examples/red_circle.png").image.mode
         'RGB'
     """
+    notes: list[str] = []
+    rgb = decode_into(notes, src, max_pixels=max_pixels, background=background, formats=formats, name=name)
+    return DecodedImage(rgb, tuple(notes))
+
+
+def decode_into(
+    sink: list[str],
+    src: ImageInput,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    background: tuple[int, int, int] = (255, 255, 255),
+    formats: Sequence[str] | None = DEFAULT_FORMATS,
+    name: str | None = None,
+) -> Image.Image:
+    """:func:`decode_image`, its warnings appended to ``sink`` as they come: kept when decoding fails."""
     cap = _check_cap(max_pixels)
     bg = _check_background(background)
     _keep_truncated_loading_off()
     notes: list[str] = []
-    if isinstance(src, Image.Image):
-        with captured(notes):
-            rgb = _decode_pil(src, "<PIL.Image>", cap, bg)
-    else:
-        fp, name, close = _open_source(src)
-        try:
-            rgb = _decode_file(fp, name, cap, bg, formats, notes)
-        finally:
-            if close:
-                fp.close()
-    for note in notes:
-        _logger.debug("decoder warning: %s", note)
+    try:
+        if isinstance(src, Image.Image):
+            with captured(notes):
+                rgb = _decode_pil(src, name or "<PIL.Image>", cap, bg)
+        else:
+            fp, shown, close = _open_source(src, name)
+            try:
+                rgb = _decode_file(fp, shown, cap, bg, formats, notes)
+            finally:
+                if close:
+                    fp.close()
+    finally:
+        for note in notes:
+            _logger.debug("decoder warning: %s", note)
+        sink.extend(notes)
     if notes:
         rgb.info[WARNINGS_INFO_KEY] = tuple(notes)
-    return DecodedImage(rgb, tuple(notes))
+    return rgb
 
 
 def load_image(
@@ -205,18 +218,18 @@ def image_sha256(src: str | os.PathLike[str] | bytes | IO[bytes]) -> str:
 
 
 # ---- sources ---------------------------------------------------------------------------
-def _open_source(src: object) -> tuple[IO[bytes], str, bool]:
+def _open_source(src: object, shown: str | None = None) -> tuple[IO[bytes], str, bool]:
     """A readable binary stream, a display name for messages, and whether we must close it."""
     if isinstance(src, (bytes, bytearray, memoryview)):
         data = bytes(src)
-        name = f"<bytes len={len(data)}>"
+        name = shown or f"<bytes len={len(data)}>"
         if not data:
             raise ImageDecodeError(f"{name} is empty; pass the image file's bytes")
         return io.BytesIO(data), name, True
     if isinstance(src, (str, os.PathLike)):
         return _open_path(src)
     if hasattr(src, "read"):
-        name = str(getattr(src, "name", "<file object>"))
+        name = shown or str(getattr(src, "name", "<file object>"))
         if not (hasattr(src, "seekable") and src.seekable()):
             data = src.read()
             if not isinstance(data, bytes):
@@ -284,19 +297,16 @@ def _keep_truncated_loading_off() -> None:
 # ---- decoding --------------------------------------------------------------------------
 def _decode_file(fp: IO[bytes], name: str, cap: int, bg: tuple[int, int, int],
                  formats: Sequence[str] | None, notes: list[str]) -> Image.Image:
-    try:
-        with captured(notes):
-            im = Image.open(fp, formats=_installed(formats))
-    except UnidentifiedImageError as e:
-        accepted = ", ".join(formats) if formats is not None else "any Pillow format"
-        raise ImageDecodeError(
-            f"{name} is not a recognised image (accepted formats: {accepted}); "
-            "check that the file is an image and not empty, HTML or text"
-        ) from e
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise _too_large_pillow(name, cap, e) from e
-    except _DECODE_ERRORS as e:
-        raise _decode_error(name, e) from e
+    with decoding(name, cap):
+        try:
+            with captured(notes):
+                im = Image.open(fp, formats=_installed(formats))
+        except UnidentifiedImageError as e:
+            accepted = ", ".join(formats) if formats is not None else "any Pillow format"
+            raise ImageDecodeError(
+                f"{name} is not a recognised image (accepted formats: {accepted}); "
+                "check that the file is an image and not empty, HTML or text"
+            ) from e
     # libtiff (compressed TIFFs) reports through C handlers that print to fd 2.
     with im, captured(notes, fd_stderr=im.format == "TIFF"):
         return _decode_pil(im, name, cap, bg)
@@ -326,7 +336,7 @@ def _decode_pil(im: Image.Image, name: str, cap: int, bg: tuple[int, int, int]) 
     if width < 1 or height < 1:
         raise ImageDecodeError(f"{name} has no pixels ({width}x{height}); re-export the image")
     info: dict[str | tuple[int, int], Any] = {"steadyclip_format": str(im.format or "PIL"), "steadyclip_mode": im.mode}
-    try:
+    with decoding(name, cap):
         info["steadyclip_animated"] = bool(getattr(im, "is_animated", False))
         frame = _first_frame(im)
         frame.load()
@@ -335,12 +345,6 @@ def _decode_pil(im: Image.Image, name: str, cap: int, bg: tuple[int, int, int]) 
         if rgb is im:
             rgb = im.copy()  # never hand back (or later mutate) the caller's object
         rgb.load()
-    except ImageError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise _too_large_pillow(name, cap, e) from e
-    except _DECODE_ERRORS as e:
-        raise _decode_error(name, e) from e
     rgb.info = info  # orientation is baked in: drop metadata so nothing rotates it again
     return rgb
 
@@ -362,7 +366,7 @@ def _apply_exif(im: Image.Image, name: str) -> tuple[Image.Image, str]:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # corrupt EXIF: unrotated, under any warnings filter
             orientation = im.getexif().get(_ORIENTATION_TAG)
-    except _DECODE_ERRORS as e:
+    except DECODE_ERRORS as e:
         _logger.warning("%s: EXIF block unreadable (%s: %s); image used without rotation", name, type(e).__name__, e)
         warnings.warn(f"EXIF block unreadable ({type(e).__name__}: {e}); image used without rotation",
                       UserWarning, stacklevel=1)  # recorded on the result (decode runs under captured())
@@ -374,26 +378,7 @@ def _apply_exif(im: Image.Image, name: str) -> tuple[Image.Image, str]:
         return im, f"invalid orientation {orientation!r}, not rotated"
     try:
         turned = ImageOps.exif_transpose(im)
-    except _DECODE_ERRORS as e:  # EXIF readable but Pillow's rewrite of it failed: rotate ourselves
+    except DECODE_ERRORS as e:  # EXIF readable but Pillow's rewrite of it failed: rotate ourselves
         _logger.debug("%s: exif_transpose failed (%s); applying orientation %d directly", name, e, orientation)
         turned = im.transpose(_TRANSPOSE[orientation])
     return (turned if turned is not None else im), f"orientation {orientation} applied"
-
-
-def _decode_error(name: str, e: BaseException) -> ImageDecodeError:
-    detail = str(e) or type(e).__name__
-    if isinstance(e, MemoryError):
-        detail = "ran out of memory while decoding"
-    return ImageDecodeError(
-        f"{name} could not be decoded ({type(e).__name__}: {detail}); the file is corrupt, truncated or "
-        "not an image: re-download or re-export it"
-    )
-
-
-def _too_large_pillow(name: str, cap: int, e: BaseException) -> ImageTooLargeError:
-    limit = Image.MAX_IMAGE_PIXELS
-    return ImageTooLargeError(
-        f"{name} was refused by Pillow's decompression-bomb check ({e}); steadyclip's cap is {cap:,} pixels "
-        f"and Pillow's is {limit if limit is None else f'{limit:,}'} (errors above twice that). To accept such "
-        "images you must raise both: max_pixels and PIL.Image.MAX_IMAGE_PIXELS"
-    )

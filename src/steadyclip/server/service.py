@@ -14,15 +14,14 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import numpy as np
 import torch
 from starlette.concurrency import run_in_threadpool
 
 from steadyclip._util.futures import completed
-from steadyclip.engine._pool import rebuild_error
-from steadyclip.engine.images import decode_image
+from steadyclip.engine.outcome import ImageOutcome, decode_input
 from steadyclip.engine.prompts import get_template_set
 from steadyclip.errors import InferenceStateError, IntegrityError, SteadyClipError
 from steadyclip.results import ClassifyReport
@@ -125,12 +124,11 @@ class Service:
             pixels, notes = await self._preprocess(images)
             return await self._embed_pixels(pixels), notes
         rows = await self._await(self._submit(lambda: self.batcher.submit_images([img.data for img in images])))
-        notes = []
         for i, (img, row) in enumerate(zip(images, rows)):
-            if row.error is not None:
-                raise _image_error(i, img, rebuild_error(row.error))
-            notes += [{"index": i, "source": img.name, "message": m} for m in row.warnings]
-        return np.stack([row.embedding for row in rows]), notes
+            err = row.exception()
+            if err is not None:
+                raise _image_error(i, img, err)
+        return np.stack([row.embedding for row in rows]), _warnings(images, rows)
 
     async def _preprocess(self, images: list[ImagePayload]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
         """Decode + preprocess in the thread pool, a bounded number of requests at a time.
@@ -145,21 +143,19 @@ class Service:
     def _preprocess_all(self, images: list[ImagePayload]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
         """Decode and preprocess every image (thread pool); the first bad one fails the request."""
         tensors = []
-        notes: list[dict[str, Any]] = []
+        outcomes: list[ImageOutcome] = []
         for i, img in enumerate(images):
             try:
-                tensor, warned = self._preprocess_one(img.data)
-                tensors.append(tensor)
-                notes += [{"index": i, "source": img.name, "message": m} for m in warned]
-            except SteadyClipError as e:
+                outcome, pixels = decode_input(i, img.data, self.engine.loaded.preprocess,
+                                               max_pixels=self.settings.max_pixels)
+            except SteadyClipError as e:  # not the image's fault (a setting): still named by its image
                 raise _image_error(i, img, e) from e
-        return torch.stack(tensors), notes  # (n, 3, H, W)
-
-    def _preprocess_one(self, data: bytes) -> tuple[torch.Tensor, tuple[str, ...]]:
-        # Decoded here (not by engine.preprocess) to keep the decoders' warnings; the engine's
-        # transform of the decoded RGB image is the same computation `steadyclip embed` runs.
-        decoded = decode_image(data, max_pixels=self.settings.max_pixels)
-        return self.engine.preprocess(decoded.image), decoded.warnings
+            err = outcome.exception()
+            if err is not None:
+                raise _image_error(i, img, err)
+            tensors.append(cast(torch.Tensor, pixels))  # an outcome without error has its pixels
+            outcomes.append(outcome)
+        return torch.stack(tensors), _warnings(images, outcomes)  # (n, 3, H, W)
 
     @property
     def created(self) -> int:
@@ -275,6 +271,12 @@ def _image_error(i: int, img: ImagePayload, e: SteadyClipError | BaseException) 
     api = from_library_error(e) if isinstance(e, SteadyClipError) else ApiError(422, type(e).__name__, str(e))
     name = f" ({img.name})" if img.name else ""
     return ApiError(api.status, api.type, f"image #{i}{name}: {api.message}")
+
+
+def _warnings(images: list[ImagePayload], outcomes: list[ImageOutcome]) -> list[dict[str, Any]]:
+    """The decoders' warnings of a request's images, one entry per message (the documents' ``warnings``)."""
+    return [{"index": i, "source": img.name, "message": m}
+            for i, (img, o) in enumerate(zip(images, outcomes)) for m in o.warnings]
 
 
 def _encode(vec: np.ndarray, encoding: str) -> Any:
