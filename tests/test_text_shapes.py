@@ -30,10 +30,10 @@ def test_the_demo_model_runs_texts_in_buckets_and_provenance_says_so(demo: Loade
     engine = _engine(demo)
     shapes = engine.text_shapes
     assert shapes.buckets == (8, 16) and shapes.pool == "argmax"
-    assert engine.provenance.text_buckets == "buckets:8,16"
+    assert engine.provenance.text_buckets == "buckets:8x16,16x8"  # length x rows: short texts run more rows
     lengths = shapes.lengths(demo.tokenizer(TEXTS))
     assert lengths[0] == 4 and lengths[2] == 3  # start, 2 words, end; start, "x", end
-    assert _engine(demo, text_buckets="full").provenance.text_buckets == "full:16"
+    assert _engine(demo, text_buckets="full").provenance.text_buckets == "full:16x8"
 
 
 def test_buckets_equal_the_full_length_rows_to_float_tolerance(demo: LoadedModel) -> None:
@@ -48,7 +48,7 @@ def test_buckets_equal_the_full_length_rows_to_float_tolerance(demo: LoadedModel
 def test_a_real_architecture_in_buckets_matches_its_full_length_rows(arch_checkpoint: Callable[[str], Path]) -> None:
     loaded = load("ViT-B-32", pretrained=str(arch_checkpoint("ViT-B-32")))
     engine = _engine(loaded)
-    assert engine.provenance.text_buckets == "buckets:8,16,32,77"
+    assert engine.provenance.text_buckets == "buckets:8x16,16x8,32x8,77x8"
     texts = [*TEXTS, "word " * 40]  # the last one needs the 77-token bucket
     bucketed = engine.embed_texts(texts)
     full = _engine(loaded, text_buckets="full").embed_texts(texts)
@@ -81,7 +81,7 @@ def test_a_tower_that_is_not_causal_runs_at_the_context_length_and_says_why(demo
     model = copy.deepcopy(demo.model)
     model.attn_mask = None  # as SigLIP's bidirectional text tower: padding would change the row
     shapes = text_shapes(model, 16)
-    assert shapes.scheme == "full:16" and "causal" in shapes.why
+    assert shapes.scheme == "full:16x8" and "causal" in shapes.why
     last = copy.deepcopy(demo.model)
     last.text_pool_type = "last"  # pooled at the last position: trimming the padding would move it
     assert "pools with 'last'" in text_shapes(last, 16).why

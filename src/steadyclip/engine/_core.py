@@ -54,7 +54,8 @@ class ForwardCore:
         # fast: a reduced-precision copy cast once (steadyclip.engine.precision); None = run loaded.model (fp32)
         self.cast = precision.prepare(loaded, self.profile, self.device.type,
                                       allow_emulated_bf16=settings.allow_emulated_bf16)
-        self.text_shapes: TextShapes = text_shapes(self._model(), loaded.info.context_length, settings.text_buckets)
+        self.text_shapes: TextShapes = text_shapes(self._model(), loaded.info.context_length, settings.text_buckets,
+                                                   settings.text_micro_batch)
         self._bucket_fn = bucket_encoder(self._model(), self.text_shapes)
         self.lock = threading.RLock()
         self._paths: dict[str, str] = {}
@@ -64,9 +65,10 @@ class ForwardCore:
         self.checks_running = False  # self-checks forward here, never in replicas
 
     # ---- shapes and towers ------------------------------------------------------------------
-    def size(self, kind: str) -> int:
-        """Rows per forward of the ``"image"`` or ``"text"`` tower."""
-        return self.settings.micro_batch if kind == "image" else self.settings.text_micro_batch
+    def size(self, kind: str, length: int | None = None) -> int:
+        """Rows per forward of the ``"image"`` tower, or of the ``"text"`` tower at a bucket ``length``
+        (``None``: the context length)."""
+        return self.settings.micro_batch if kind == "image" else self.text_shapes.rows_for(length)
 
     def _model(self) -> Any:
         return self.loaded.model if self.cast is None else self.cast.model
@@ -176,7 +178,6 @@ class ForwardCore:
         Texts (token rows at the context length) run grouped by their sequence-length bucket,
         each group at its fixed (rows, length) shape, and come back in input order.
         """
-        size = self.size(kind)
         with self.lock:
             self.check_state()
             groups = self._groups(kind, x)
@@ -185,7 +186,7 @@ class ForwardCore:
             with determinism.applied(self.profile, self.device.type, threads=threads), torch.inference_mode(), \
                     determinism.autocast(self.profile, self.device.type):
                 for rows, length, path in groups:
-                    fn, part = self.tower(kind, length), x[rows]
+                    fn, part, size = self.tower(kind, length), x[rows], self.size(kind, length)
                     if length is not None:
                         part = part[:, :length]  # (n, L): the tokens after each row's end-of-text token
                     done = [selfcheck.run_chunk(fn, part[s : s + size].to(self.device), size, path)
@@ -196,9 +197,9 @@ class ForwardCore:
                     out[rows] = block
         return out if out is not None else np.zeros((0, 0), dtype=np.float32)
 
-    def shape_groups(self, kind: str, x: torch.Tensor) -> list[np.ndarray]:
-        """Row indices of ``x`` per forward shape (one group for images; one per text bucket)."""
-        return [rows for rows, _, _ in self._groups(kind, x)]
+    def shape_groups(self, kind: str, x: torch.Tensor) -> list[tuple[np.ndarray, int]]:
+        """(row indices, rows per forward) of ``x`` per forward shape (one group for images; one per text bucket)."""
+        return [(rows, self.size(kind, length)) for rows, length, _ in self._groups(kind, x)]
 
     def _groups(self, kind: str, x: torch.Tensor) -> list[tuple[np.ndarray, int | None, str]]:
         """(row indices, sequence length or None, batch path) per shape a forward of ``x`` runs at."""

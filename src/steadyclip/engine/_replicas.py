@@ -108,11 +108,10 @@ class ReplicaSet:
     def forward_async(self, kind: str, x: torch.Tensor) -> Future[np.ndarray]:
         """Raw rows (N, D) of ``x`` as one future, in input order: one micro-batch per task, each of
         one shape (texts are grouped by their sequence-length bucket first)."""
-        size = self.core.size(kind)
         groups = self.core.shape_groups(kind, x)
-        order = np.concatenate(groups) if groups else np.zeros(0, dtype=np.int64)
+        order = np.concatenate([rows for rows, _ in groups]) if groups else np.zeros(0, dtype=np.int64)
         arr = x.cpu().numpy()
-        tasks = [self.submit(_forward_task, kind, arr[rows[s : s + size]]) for rows in groups
+        tasks = [self.submit(_forward_task, kind, arr[rows[s : s + size]]) for rows, size in groups
                  for s in range(0, len(rows), size)]
         inverse = np.argsort(order, kind="stable")  # grouped order -> input order
         return mapped(joined_rows(tasks), lambda rows: rows[inverse] if len(rows) else rows)

@@ -114,12 +114,13 @@ class Batcher:
         texts_fn: for :meth:`submit_texts`: strings -> a future of their (n, D) embeddings
             (the server embeds them in the replicas: ``Engine.submit_texts``).
         timeout_s: a job expected to wait longer than this is refused (:class:`Overloaded`).
+        text_rows: rows of texts per micro-batch (normally the engine's rows at its shortest text bucket).
     """
 
     def __init__(self, engine: PixelEngine, *, max_rows: int, max_wait_s: float = 0.005, max_queue: int = 1024,
                  in_flight: int = 1, images_fn: Callable[[list[bytes]], Future[list[Any]]] | None = None,
                  texts_fn: Callable[[list[str]], Future[np.ndarray]] | None = None,
-                 timeout_s: float | None = None) -> None:
+                 timeout_s: float | None = None, text_rows: int | None = None) -> None:
         if max_rows < 1 or in_flight < 1:
             raise InputError(f"max_rows and in_flight must be >= 1, got {max_rows} and {in_flight}; give the engine's "
                              "micro-batch size and replica count")
@@ -129,6 +130,7 @@ class Batcher:
         self.in_flight = in_flight
         self.images_fn = images_fn
         self.texts_fn = texts_fn
+        self.text_rows = text_rows or max_rows
         self.timeout_s = timeout_s
         self._queued_rows = 0  # rows of the row jobs waiting in the queue
         self._held: _RowsJob | None = None  # a job of the other kind that ended the last gather
@@ -225,7 +227,7 @@ class Batcher:
         with self._lock:
             per_batch = self._kind_s.get(kind, self._forward_s)
             ahead = self._queued_rows + self._running_rows + rows
-        batches = -(-ahead // self.max_rows)  # ceil
+        batches = -(-ahead // (self.text_rows if kind == "texts" else self.max_rows))  # ceil
         return batches * per_batch / self.in_flight
 
     def _admit(self, job: _RowsJob) -> None:
@@ -284,11 +286,11 @@ class Batcher:
     def _gather(self, first: _RowsJob) -> tuple[list[_RowsJob], bool]:
         """Collect jobs of ``first``'s kind behind it, up to ``max_rows`` rows or the wait deadline."""
         batch = [first]
-        rows = first.rows
+        rows, limit = first.rows, self.text_rows if first.kind == "texts" else self.max_rows
         # From when a replica became free: a job that waited for one has companions on their way
         # (the clients just answered), so it still gets its chance to fill the micro-batch.
         deadline = max(first.queued, time.monotonic() - self.max_wait_s) + self.wait_s()
-        while rows < self.max_rows:
+        while rows < limit:
             remaining = deadline - time.monotonic()
             try:
                 nxt = self._dequeued(self._pixels.get(timeout=remaining) if remaining > 0 else self._pixels.get_nowait())

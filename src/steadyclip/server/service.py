@@ -53,7 +53,8 @@ class Service:
         self.batcher = Batcher(engine, max_rows=int(getattr(engine, "micro_batch", 8)), in_flight=replicas,
                                max_wait_s=settings.batch_wait_ms / 1000.0, max_queue=settings.max_queue,
                                images_fn=lambda datas: engine.embed_uploads(datas, settings.max_pixels),
-                               texts_fn=self._texts_fn(engine), timeout_s=settings.request_timeout_s)
+                               texts_fn=self._texts_fn(engine), timeout_s=settings.request_timeout_s,
+                               text_rows=_text_rows(engine))
         self.golden = golden_mod.Golden()
         self.provenance: dict[str, Any] | None = None
         self.started_at: float | None = None
@@ -277,6 +278,12 @@ def _warnings(images: list[ImagePayload], outcomes: list[ImageOutcome]) -> list[
     """The decoders' warnings of a request's images, one entry per message (the documents' ``warnings``)."""
     return [{"index": i, "source": img.name, "message": m}
             for i, (img, o) in enumerate(zip(images, outcomes)) for m in o.warnings]
+
+
+def _text_rows(engine: Engine) -> int:
+    """Rows per text micro-batch: the engine's rows at its shortest bucket (most queries fit it)."""
+    shapes = getattr(engine, "text_shapes", None)
+    return int(shapes.rows[0]) if shapes is not None else int(getattr(engine, "text_micro_batch", 8))
 
 
 def _encode(vec: np.ndarray, encoding: str) -> Any:
