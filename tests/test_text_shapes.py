@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -78,11 +79,11 @@ def test_replicas_and_the_servers_submit_path_give_the_same_bits(demo: LoadedMod
 
 
 def test_a_tower_that_is_not_causal_runs_at_the_context_length_and_says_why(demo: LoadedModel) -> None:
-    model = copy.deepcopy(demo.model)
+    model: Any = copy.deepcopy(demo.model)
     model.attn_mask = None  # as SigLIP's bidirectional text tower: padding would change the row
     shapes = text_shapes(model, 16)
     assert shapes.scheme == "full:16x8" and "causal" in shapes.why
-    last = copy.deepcopy(demo.model)
+    last: Any = copy.deepcopy(demo.model)
     last.text_pool_type = "last"  # pooled at the last position: trimming the padding would move it
     assert "pools with 'last'" in text_shapes(last, 16).why
     assert text_shapes(demo.model, 16, buckets=(4, 12)).buckets == (4, 12, 16)

@@ -60,7 +60,7 @@ class TextShapes:
         if self.pool == "full":
             return np.full(tokens.shape[0], self.buckets[-1], dtype=np.int64)
         if self.pool == "eos":
-            pos = (tokens == self.eos_id).int().argmax(dim=-1)
+            pos = torch.eq(tokens, int(self.eos_id or 0)).to(torch.int32).argmax(dim=-1)
         else:  # argmax: the end-of-text token has the highest id in the row
             pos = tokens.argmax(dim=-1)
         out: np.ndarray = pos.cpu().numpy().astype(np.int64) + 1
@@ -109,7 +109,7 @@ def text_shapes(model: Any, context_length: int, buckets: tuple[int, ...] | str 
         holder, why = None, f"the text tower pools with {pool!r}, not at the end-of-text token"
     if holder is None:
         return TextShapes((context_length,), (rows,), "full", why=why or "")
-    chosen = DEFAULT_BUCKETS if buckets == "auto" else tuple(buckets)
+    chosen: tuple[int, ...] = DEFAULT_BUCKETS if isinstance(buckets, str) else tuple(buckets)
     edges = tuple(sorted({b for b in chosen if 2 <= b < context_length} | {context_length}))
     eos = getattr(model, "text_eos_id", None) if holder is model else getattr(holder, "eos_id", None)
     return TextShapes(edges, tuple(rows * max(1, TOKEN_BUDGET // b) for b in edges), str(pool), eos_id=eos)
@@ -133,7 +133,7 @@ def bucket_encoder(model: Any, shapes: TextShapes) -> Forward | None:
         cast = holder.transformer.get_cast_dtype()
         x = holder.token_embedding(text).to(cast) + holder.positional_embedding[:n].to(cast)  # (N, L, W)
         x = holder.ln_final(holder.transformer(x, attn_mask=holder.attn_mask[:n, :n]))
-        pooled = text_global_pool(x, text, shapes.pool, eos_token_id=shapes.eos_id)  # (N, W)
+        pooled: torch.Tensor = text_global_pool(x, text, shapes.pool, eos_token_id=shapes.eos_id)  # (N, W)
         proj = holder.text_projection
         if proj is None:
             return pooled
