@@ -61,15 +61,18 @@ def _percentile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[rank - 1]
 
 
-def run_loadtest(url: str, image_bytes: bytes, labels: Sequence[str], *, clients: int = 16,
+def run_loadtest(url: str, image_bytes: bytes | None, labels: Sequence[str], *, clients: int = 16,
                  requests: int = 200, max_seconds: float = 60.0, token: str | None = None,
-                 timeout_s: float = 60.0, warmup: int = 1) -> dict[str, Any]:
-    """Send ``requests`` classify requests from ``clients`` threads; report throughput and latency.
+                 timeout_s: float = 60.0, warmup: int = 1, texts: Sequence[str] | None = None) -> dict[str, Any]:
+    """Send ``requests`` classify requests (or, with ``texts``, ``/v1/embeddings`` requests of those
+    texts) from ``clients`` threads; report throughput and latency.
 
     Args:
         url: base URL of the server (loopback only), e.g. ``http://127.0.0.1:8000``.
-        image_bytes: the image every request uploads.
-        labels: the labels every request sends.
+        image_bytes: the image every classify request uploads.
+        labels: the labels every classify request sends.
+        texts: instead of classify: every request embeds these texts (OpenAI-style ``/v1/embeddings``);
+            the report adds ``texts_per_s``.
         clients: concurrent clients (threads, one connection each).
         requests: total requests to send (stops early at ``max_seconds``).
         max_seconds: hard wall-clock limit for the whole run.
@@ -88,7 +91,7 @@ def run_loadtest(url: str, image_bytes: bytes, labels: Sequence[str], *, clients
         raise ValueError(f"clients 1..{MAX_CLIENTS}, requests 1..{MAX_REQUESTS}, max_seconds (0, {MAX_SECONDS}] "
                          f"- got {clients}, {requests}, {max_seconds}")
     headers = {"authorization": f"Bearer {token}"} if token else {}
-    form = {"labels": list(labels)}
+    post = _poster(url, headers, image_bytes, labels, texts)
     lock = threading.Lock()
     issued = 0
     latencies: list[float] = []
@@ -98,7 +101,7 @@ def run_loadtest(url: str, image_bytes: bytes, labels: Sequence[str], *, clients
     deadline = time.monotonic() + max_seconds
     with httpx.Client(base_url=url, headers=headers, timeout=timeout_s) as http:
         for _ in range(warmup):
-            http.post("/v1/classify", files={"image": ("image.png", image_bytes)}, data=form)
+            post(http)
         before = _batching(http)
 
     def take() -> bool:
@@ -114,7 +117,7 @@ def run_loadtest(url: str, image_bytes: bytes, labels: Sequence[str], *, clients
             while take():
                 t0 = time.perf_counter()
                 try:
-                    resp = http.post("/v1/classify", files={"image": ("image.png", image_bytes)}, data=form)
+                    resp = post(http)
                     status, body = str(resp.status_code), resp.content
                 except httpx.HTTPError as e:
                     status, body = type(e).__name__, b""
@@ -150,9 +153,25 @@ def run_loadtest(url: str, image_bytes: bytes, labels: Sequence[str], *, clients
             "mean": round(sum(lat) / ok, 2) if ok else None,
         },
         "distinct_answers": len(bodies),
+        **({"texts_per_request": len(texts), "texts_per_s": round(ok * len(texts) / elapsed, 2) if elapsed > 0
+            else None} if texts else {}),
         "batching": _batching_delta(before, after),
         "stopped_by_time_limit": sum(statuses.values()) < requests,
     }
+
+
+def _poster(url: str, headers: dict[str, str], image_bytes: bytes | None, labels: Sequence[str],
+            texts: Sequence[str] | None) -> Any:
+    """The one request every client sends: a classify upload, or an embeddings request of ``texts``."""
+    if texts:
+        with httpx.Client(base_url=url, headers=headers, timeout=30) as http:
+            model = http.get("/v1/models").json()["data"][0]["id"]
+        body = {"model": model, "input": list(texts)}
+        return lambda http: http.post("/v1/embeddings", json=body)
+    if image_bytes is None:
+        raise ValueError("give image_bytes (classify) or texts (embeddings)")
+    form = {"labels": list(labels)}
+    return lambda http: http.post("/v1/classify", files={"image": ("image.png", image_bytes)}, data=form)
 
 
 def _batching(http: httpx.Client) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import io
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -282,10 +283,22 @@ def test_bad_embed_requests(client: TestClient) -> None:
 
 
 # ---- timeouts and readiness ---------------------------------------------------------------------
-def test_request_over_timeout_is_504(engine: Engine) -> None:
-    with _client(engine, request_timeout_s=0.001, batch_wait_ms=100) as c:
-        err = _assert_error(c.post("/v1/classify", files={"image": ("a.png", _shape("red", "circle"))},
-                                   data={"labels": LABELS}), 504, "Timeout")
+def test_work_predicted_past_the_timeout_is_429_and_work_that_overruns_it_is_504(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    form = {"files": {"image": ("a.png", _shape("red", "circle"))}, "data": {"labels": LABELS}}
+    with _client(engine, request_timeout_s=0.001, batch_wait_ms=100) as c:  # the start-up probe measured the pace
+        resp = c.post("/v1/classify", **form)  # type: ignore[arg-type]
+        err = _assert_error(resp, 429, "Overloaded")
+        assert "request timeout" in err["message"] and int(resp.headers["retry-after"]) >= 1
+    real = engine.class_embeddings
+
+    def slow(*args: object, **kw: object) -> object:
+        time.sleep(0.6)  # admitted (the image work is quick), then overruns: the client hears 504, not silence
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine, "class_embeddings", slow)
+    with _client(engine, request_timeout_s=0.3) as c:
+        err = _assert_error(c.post("/v1/classify", **form), 504, "Timeout")  # type: ignore[arg-type]
         assert "timeout" in err["message"]
         assert c.get("/healthz").status_code == 200
 

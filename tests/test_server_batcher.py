@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 
 import numpy as np
@@ -195,5 +196,58 @@ def test_a_lone_sequential_client_never_waits_for_companions() -> None:
         assert b.wait_s() == 0.002
         b.submit_pixels(_px(1.0, 4)).result(10)  # a full micro-batch was just answered: its clients return
         assert b.wait_s() > 0.05
+    finally:
+        b.stop()
+
+
+def _texts_fn(delay: float, calls: list[list[str]]) -> Callable[[list[str]], Future[np.ndarray]]:
+    def submit(texts: list[str]) -> Future[np.ndarray]:
+        fut: Future[np.ndarray] = Future()
+
+        def work() -> None:
+            calls.append(list(texts))
+            time.sleep(delay)
+            fut.set_result(np.array([[float(len(t))] for t in texts], dtype=np.float32))  # (n, 1)
+
+        threading.Thread(target=work).start()
+        return fut
+
+    return submit
+
+
+def test_texts_from_concurrent_requests_share_micro_batches_and_get_their_own_rows() -> None:
+    calls: list[list[str]] = []
+    b = Batcher(FakeEngine(), max_rows=8, max_wait_s=0.05, in_flight=1, texts_fn=_texts_fn(0.0, calls))
+    b.start()
+    try:
+        futs = [b.submit_texts(["a" * (i + 1), "bb"]) for i in range(4)]  # 8 rows from 4 requests
+        rows = [f.result(10) for f in futs]
+    finally:
+        b.stop()
+    assert [r[:, 0].tolist() for r in rows] == [[i + 1.0, 2.0] for i in range(4)]
+    assert len(calls) == 1 and len(calls[0]) == 8  # one micro-batch of 8 texts
+    with pytest.raises(InputError, match="texts_fn"):
+        Batcher(FakeEngine(), max_rows=8).submit_texts(["a"])
+
+
+def test_work_that_would_wait_past_the_timeout_is_refused_at_once_with_a_retry_after() -> None:
+    calls: list[list[str]] = []
+    b = Batcher(FakeEngine(), max_rows=2, max_wait_s=0.0, in_flight=1, texts_fn=_texts_fn(0.3, calls),
+                timeout_s=1.0)
+    b.start()
+    try:
+        b.submit_texts(["a", "b"]).result(10)  # measures the pace: ~0.3 s per micro-batch
+        accepted, refused = [], []
+        for _ in range(10):  # 20 rows at 2 per 0.3 s is ~3 s of work: past the 1 s timeout
+            try:
+                accepted.append(b.submit_texts(["a", "b"]))
+            except Overloaded as e:
+                refused.append(e)
+        assert accepted and refused
+        assert all(e.retry_after_s >= 1.0 and "request timeout" in str(e) for e in refused)
+        t0 = time.monotonic()
+        for f in accepted:
+            f.result(10)
+        assert time.monotonic() - t0 <= 1.0 + 1.0  # what was accepted was answered about within the timeout
     finally:
         b.stop()

@@ -27,6 +27,8 @@ class Provenance:
     batch_path: str
     text_micro_batch: int
     text_batch_path: str
+    # the text sequence-length buckets (steadyclip.engine.text_shapes): "buckets:8,16,32,77" or "full:77"
+    text_buckets: str = "full"
     flags: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     template_set: str | None = None

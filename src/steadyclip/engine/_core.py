@@ -23,6 +23,7 @@ import torch
 from steadyclip.engine import precision
 from steadyclip.engine.images import ImageInput, load_image
 from steadyclip.engine.settings import EngineSettings
+from steadyclip.engine.text_shapes import TextShapes, bucket_encoder, text_shapes
 from steadyclip.model.loading import LoadedModel
 from steadyclip.numerics import determinism, identity, selfcheck
 from steadyclip.numerics.head import normalise
@@ -52,6 +53,9 @@ class ForwardCore:
         # fast: a reduced-precision copy cast once (steadyclip.engine.precision); None = run loaded.model (fp32)
         self.cast = precision.prepare(loaded, self.profile, self.device.type,
                                       allow_emulated_bf16=settings.allow_emulated_bf16)
+        self.text_shapes: TextShapes = text_shapes(self._model(), loaded.info.context_length, settings.text_buckets,
+                                                   settings.text_micro_batch)
+        self._bucket_fn = bucket_encoder(self._model(), self.text_shapes)
         self.lock = threading.RLock()
         self._paths: dict[str, str] = {}
         self._flags: dict[str, Any] | None = None
@@ -60,14 +64,22 @@ class ForwardCore:
         self.checks_running = False  # self-checks forward here, never in replicas
 
     # ---- shapes and towers ------------------------------------------------------------------
-    def size(self, kind: str) -> int:
-        """Rows per forward of the ``"image"`` or ``"text"`` tower."""
-        return self.settings.micro_batch if kind == "image" else self.settings.text_micro_batch
+    def size(self, kind: str, length: int | None = None) -> int:
+        """Rows per forward of the ``"image"`` tower, or of the ``"text"`` tower at a bucket ``length``
+        (``None``: the context length)."""
+        return self.settings.micro_batch if kind == "image" else self.text_shapes.rows_for(length)
 
-    def tower(self, kind: str) -> Forward:
-        """The encode function of the ``"image"`` or ``"text"`` tower (fast: inputs cast to the weights' dtype)."""
-        model: Any = self.loaded.model if self.cast is None else self.cast.model
+    def _model(self) -> Any:
+        return self.loaded.model if self.cast is None else self.cast.model
+
+    def tower(self, kind: str, length: int | None = None) -> Forward:
+        """The encode function of the ``"image"`` or ``"text"`` tower (fast: inputs cast to the weights' dtype);
+        for text, at sequence ``length`` (a bucket shorter than the context length) when given."""
+        model: Any = self._model()
         fn: Forward = model.encode_image if kind == "image" else model.encode_text
+        if kind == "text" and length is not None and length < self.text_shapes.buckets[-1]:
+            assert self._bucket_fn is not None, "a shorter text length needs text buckets"
+            fn = self._bucket_fn
         if self.cast is not None:
             cast = self.cast.cast_input
             return lambda x: fn(cast(x))  # outputs go back to float32 in forward_local
@@ -106,7 +118,11 @@ class ForwardCore:
         return self._numerics
 
     def batch_path(self, kind: str) -> str:
-        """Which batching path a tower uses (self-checked once per model and stack, remembered)."""
+        """Which batching path a tower uses (self-checked once per model and stack, remembered).
+
+        Bucketed texts always run at the fixed shape (``"fixed-shape"``): nothing to check."""
+        if kind == "text" and self.text_shapes.pool != "full":
+            return "fixed-shape"
         if kind not in self._paths:
             with self._checking():
                 self._paths[kind] = selfcheck.batch_path(
@@ -157,19 +173,43 @@ class ForwardCore:
             self.cast.check()
 
     def forward_local(self, kind: str, x: torch.Tensor) -> np.ndarray:
-        """Encode rows of ``x`` in this process at the fixed shapes; raw float32 (N, D)."""
-        fn, size = self.tower(kind), self.size(kind)
+        """Encode rows of ``x`` in this process at the fixed shapes; raw float32 (N, D).
+
+        Texts (token rows at the context length) run grouped by their sequence-length bucket,
+        each group at its fixed (rows, length) shape, and come back in input order.
+        """
         with self.lock:
             self.check_state()
-            path = self.batch_path(kind)
+            groups = self._groups(kind, x)
             threads = self.threads
-            outs: list[np.ndarray] = []
+            out: np.ndarray | None = None
             with determinism.applied(self.profile, self.device.type, threads=threads), torch.inference_mode(), \
                     determinism.autocast(self.profile, self.device.type):
-                for start in range(0, x.shape[0], size):
-                    chunk = x[start : start + size].to(self.device)
-                    outs.append(selfcheck.run_chunk(fn, chunk, size, path))
-        return np.concatenate(outs, axis=0) if outs else np.zeros((0, 0), dtype=np.float32)
+                for rows, length, path in groups:
+                    fn, part, size = self.tower(kind, length), x[rows], self.size(kind, length)
+                    if length is not None:
+                        part = part[:, :length]  # (n, L): the tokens after each row's end-of-text token
+                    done = [selfcheck.run_chunk(fn, part[s : s + size].to(self.device), size, path)
+                            for s in range(0, part.shape[0], size)]
+                    block = np.concatenate(done, axis=0)  # (n, D)
+                    if out is None:
+                        out = np.empty((x.shape[0], block.shape[1]), dtype=np.float32)
+                    out[rows] = block
+        return out if out is not None else np.zeros((0, 0), dtype=np.float32)
+
+    def shape_groups(self, kind: str, x: torch.Tensor) -> list[tuple[np.ndarray, int]]:
+        """(row indices, rows per forward) of ``x`` per forward shape (one group for images; one per text bucket)."""
+        return [(rows, self.size(kind, length)) for rows, length, _ in self._groups(kind, x)]
+
+    def _groups(self, kind: str, x: torch.Tensor) -> list[tuple[np.ndarray, int | None, str]]:
+        """(row indices, sequence length or None, batch path) per shape a forward of ``x`` runs at."""
+        everything = np.arange(x.shape[0])
+        if kind == "image" or self.text_shapes.pool == "full":
+            return [(everything, None, self.batch_path(kind))]
+        buckets = self.text_shapes.bucket_of(x)
+        # bucketed texts always run at the fixed shape: a padded tail of short rows costs little
+        return [(everything[buckets == b], int(b), "fixed-shape") for b in self.text_shapes.buckets
+                if (buckets == b).any()]
 
     def embed_local(self, kind: str, x: torch.Tensor) -> np.ndarray:
         """:meth:`forward_local`, L2-normalised: what every entry point returns for ``x``."""

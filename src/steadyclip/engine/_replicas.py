@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from steadyclip._util.futures import joined_rows
+from steadyclip._util.futures import joined_rows, mapped
 from steadyclip.engine._core import ForwardCore
 from steadyclip.engine.layout import ExecutionRecord, auto_replicas, usable_cpus
 from steadyclip.errors import InputError
@@ -106,10 +106,15 @@ class ReplicaSet:
         return self.pool().submit(fn, *args)
 
     def forward_async(self, kind: str, x: torch.Tensor) -> Future[np.ndarray]:
-        """Raw rows (N, D) of ``x`` as one future: one micro-batch per task, in input order."""
-        size = self.core.size(kind)
+        """Raw rows (N, D) of ``x`` as one future, in input order: one micro-batch per task, each of
+        one shape (texts are grouped by their sequence-length bucket first)."""
+        groups = self.core.shape_groups(kind, x)
+        order = np.concatenate([rows for rows, _ in groups]) if groups else np.zeros(0, dtype=np.int64)
         arr = x.cpu().numpy()
-        return joined_rows([self.submit(_forward_task, kind, arr[s : s + size]) for s in range(0, arr.shape[0], size)])
+        tasks = [self.submit(_forward_task, kind, arr[rows[s : s + size]]) for rows, size in groups
+                 for s in range(0, len(rows), size)]
+        inverse = np.argsort(order, kind="stable")  # grouped order -> input order
+        return mapped(joined_rows(tasks), lambda rows: rows[inverse] if len(rows) else rows)
 
 
 def _forward_task(core: ForwardCore, kind: str, rows: np.ndarray) -> np.ndarray:

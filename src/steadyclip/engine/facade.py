@@ -34,6 +34,7 @@ from steadyclip.engine.prompts import (
     warn_truncation,
 )
 from steadyclip.engine.settings import BatchInvariance, EngineSettings
+from steadyclip.engine.text_shapes import TextShapes
 from steadyclip.engine.textcache import TextCache
 from steadyclip.errors import InputError
 from steadyclip.model.loading import LoadedModel
@@ -73,6 +74,7 @@ class Engine:
         onednn: oneDNN convolutions (see :func:`steadyclip.numerics.determinism.get_profile`); strict default off.
         allow_emulated_bf16: run ``fast`` (bf16) on a CPU without native bf16 anyway (slower than strict;
             recorded in provenance). See :mod:`steadyclip.engine.precision`.
+        text_buckets: text sequence lengths (:mod:`steadyclip.engine.text_shapes`): ``"auto"``, ``"full"``.
 
     Example:
         >>> engine = Engine(steadyclip.load())
@@ -94,10 +96,11 @@ class Engine:
         batch_invariance: BatchInvariance | None = None,
         onednn: bool | None = None,
         allow_emulated_bf16: bool | None = None,
+        text_buckets: tuple[int, ...] | str | None = None,
     ) -> None:
         given = {"profile": profile, "micro_batch": micro_batch, "text_micro_batch": text_micro_batch,
                  "threads": threads, "replicas": replicas, "batch_invariance": batch_invariance,
-                 "onednn": onednn, "allow_emulated_bf16": allow_emulated_bf16}
+                 "onednn": onednn, "allow_emulated_bf16": allow_emulated_bf16, "text_buckets": text_buckets}
         base = settings if settings is not None else EngineSettings()
         if not isinstance(base, EngineSettings):
             raise InputError(f"settings must be an EngineSettings, got {type(base).__name__}")
@@ -160,7 +163,8 @@ class Engine:
                 fingerprint=info.fingerprint, profile=self.profile.name, precision=self.profile.precision,
                 deterministic=self.profile.deterministic_algorithms, device=str(self.device),
                 threads=core.threads, micro_batch=self.micro_batch, batch_path=paths[0],
-                text_micro_batch=self.text_micro_batch, text_batch_path=paths[1], flags=flags,
+                text_micro_batch=self.text_micro_batch, text_batch_path=paths[1],
+                text_buckets=core.text_shapes.scheme, flags=flags,
                 versions=identity.software_stack(),
                 reduced_precision=fast_record(core) if core.cast is not None else None,
             )
@@ -184,6 +188,11 @@ class Engine:
     def replica_pids(self) -> list[int]:
         """Process ids of the running replicas (for monitoring); ``[]`` until they start (see :meth:`start_replicas`)."""
         return self._replicas.pids()
+
+    @property
+    def text_shapes(self) -> TextShapes:
+        """The sequence-length buckets texts run at (:mod:`steadyclip.engine.text_shapes`)."""
+        return self._core.text_shapes
 
     @property
     def cast(self) -> CastModel | None:
@@ -247,6 +256,23 @@ class Engine:
         _ = self.provenance
         return mapped(self._replicas.forward_async("image", pixels), lambda raw: normalise(raw, "image"))
 
+    def submit_texts(self, texts: Sequence[str]) -> Future[np.ndarray]:
+        """:meth:`embed_texts` without waiting: with replicas, the rows are computed in them (even one
+        micro-batch, grouped by sequence-length bucket) while the caller goes on; else computed now.
+        Same bits either way."""
+        texts = list(texts)
+        if not texts or not self._replicas.wanted():
+            return completed(self.embed_texts, texts)
+        tokens = self._tokens(texts)
+        _ = self.provenance
+        self.text_forward_rows += len(texts)
+        return mapped(self._replicas.forward_async("text", tokens), lambda raw: normalise(raw, "text"))
+
+    def _tokens(self, texts: list[str]) -> torch.Tensor:
+        warn_truncation(self.loaded.tokenizer, texts, self.loaded.info.context_length)
+        tokens: torch.Tensor = self.loaded.tokenizer(texts)  # (N, context)
+        return tokens
+
     @overload
     def embed_images(self, images: Sequence[ImageInput], *, on_error: Literal["raise"] = ...) -> np.ndarray: ...
     @overload
@@ -278,9 +304,7 @@ class Engine:
         texts = list(texts)
         if not texts:
             return np.zeros((0, 0), dtype=np.float32)
-        warn_truncation(self.loaded.tokenizer, texts, self.loaded.info.context_length)
-        tokens = self.loaded.tokenizer(texts)
-        return self._forward("text", tokens)
+        return self._forward("text", self._tokens(texts))
 
     def class_embeddings(self, labels: Sequence[str], templates: TemplateSet) -> np.ndarray:
         """Per-class text embeddings (C, D): mean of normalised template embeddings, re-normalised."""
@@ -307,7 +331,8 @@ class Engine:
             info = self.loaded.info
             self._basis = sha256_json({
                 "numerics": self.numerics_basis(), "tokenizer": info.tokenizer, "context": info.context_length,
-                "text_batch": self.text_micro_batch, "path": self._core.batch_path("text")})
+                "text_batch": self.text_micro_batch, "path": self._core.batch_path("text"),
+                "buckets": self._core.text_shapes.scheme})
         return self._basis
 
     def classify(

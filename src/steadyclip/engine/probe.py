@@ -124,8 +124,9 @@ def probe_settings(stored: dict[str, Any]) -> EngineSettings:
         return EngineSettings.from_dict(stored["settings"])
     stack = stored.get("stack", {})
     threads = stack.get("threads")
+    # written before texts ran in buckets: 32 rows at the context length
     return EngineSettings(profile=str(stack.get("profile", "strict")), micro_batch=int(stack.get("micro_batch", 8)),
-                          threads=int(threads) if threads else None)
+                          threads=int(threads) if threads else None, text_micro_batch=32, text_buckets="full")
 
 
 def compare_probe(stored: dict[str, Any], engine: Engine) -> ProbeReport:

@@ -31,7 +31,10 @@ class EngineSettings:
     Args:
         profile: ``"strict"`` (fp32, bitwise reproducible), ``"fast"``, or a :class:`Profile`.
         micro_batch: rows per image forward (every image forward runs at exactly this shape).
-        text_micro_batch: rows per text forward.
+        text_micro_batch: rows per text forward (at each text's own sequence-length bucket).
+        text_buckets: ``"auto"`` (sequence lengths 8, 16, 32 and the context length, where the text
+            tower's causal mask makes them exact: :mod:`steadyclip.engine.text_shapes`), ``"full"``
+            (every text at the context length), or explicit lengths.
         threads: intra-op threads per replica; ``None`` = 1. More than 1 runs only where a
             self-check proves rows equal to rows at 1 thread.
         replicas: processes running forwards for work bigger than one micro-batch; ``None`` =
@@ -47,12 +50,13 @@ class EngineSettings:
 
     profile: str | Profile = "strict"
     micro_batch: int = 8
-    text_micro_batch: int = 32
+    text_micro_batch: int = 8
     threads: int | None = None
     replicas: int | None = None
     batch_invariance: BatchInvariance = "auto"
     onednn: bool | None = None
     allow_emulated_bf16: bool = False
+    text_buckets: tuple[int, ...] | str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.profile, str) and self.profile not in PROFILES:
@@ -66,6 +70,13 @@ class EngineSettings:
         object.__setattr__(self, "replicas", check_count("replicas", self.replicas))
         if self.batch_invariance not in ("auto", "fixed"):
             raise InputError(f"batch_invariance must be 'auto' or 'fixed', got {self.batch_invariance!r}")
+        buckets = self.text_buckets
+        if isinstance(buckets, list):
+            buckets = tuple(buckets)
+            object.__setattr__(self, "text_buckets", buckets)
+        if not (buckets in ("auto", "full") or (isinstance(buckets, tuple) and buckets and all(
+                isinstance(b, int) and not isinstance(b, bool) and b >= 2 for b in buckets))):
+            raise InputError(f"text_buckets must be 'auto', 'full' or sequence lengths >= 2, got {buckets!r}")
         if self.onednn is not None and not isinstance(self.onednn, bool):
             raise InputError(f"onednn must be True, False or None, got {self.onednn!r}")
 
@@ -86,6 +97,7 @@ class EngineSettings:
         """The one serialised form (JSON-friendly): Ray actors, lockfiles, the probe, drift's twin."""
         doc = dataclasses.asdict(self)
         doc["profile"] = self.profile if isinstance(self.profile, str) else self.profile.to_dict()
+        doc["text_buckets"] = self.text_buckets if isinstance(self.text_buckets, str) else list(self.text_buckets)
         doc["version"] = SETTINGS_VERSION
         return doc
 

@@ -34,7 +34,7 @@ EXECUTION_FLAG_KEYS = ("threads", "interop_threads", "env")
 # hashed, the profile, and the shapes the forwards ran at.
 # Not the thread count: rows at T threads run only where proven equal to rows at 1.
 RESULT_FIELDS = ("model_id", "weights_sha256", "fingerprint", "profile", "precision", "device",
-                 "micro_batch", "batch_path")
+                 "micro_batch", "batch_path", "text_micro_batch", "text_buckets")
 _STACK_DISTS = ("open_clip_torch", "timm", "numpy", "safetensors", "pillow", "steadyclip")
 
 

@@ -2,14 +2,19 @@
 
 Two threads own the engine:
 
-- the *batch* thread takes image jobs (preprocessed pixels, or uploaded bytes) from its queue, gathers
-  them into one micro-batch (up to ``max_rows`` rows) and hands it to the engine
-  without waiting for the result (``engine.submit_pixels``), so while K replicas
-  compute, the next micro-batch is already being gathered. At most ``in_flight``
-  micro-batches run at once (one per replica); each request gets its own rows back.
-- the *call* thread runs everything else that touches the engine (text embeddings,
-  the zero-shot head, provenance), one call at a time, in order, never behind a
-  forward: a request's class embeddings are ready when its pixels are.
+- the *batch* thread takes row jobs (preprocessed pixels, uploaded image bytes, or texts) from its
+  queue, gathers jobs of one kind into one micro-batch (up to ``max_rows`` rows) and hands it to
+  the engine without waiting for the result (``engine.submit_pixels``, ``images_fn``,
+  ``texts_fn``), so while K replicas compute, the next micro-batch is already being gathered.
+  At most ``in_flight`` micro-batches run at once (one per replica); each request gets its own
+  rows back.
+- the *call* thread runs everything else that touches the engine (class embeddings, the
+  zero-shot head, token counts), one call at a time, in order, never behind a forward: a
+  request's class embeddings are ready when its pixels are.
+
+Admission: a job whose estimated wait (the rows queued ahead of it, at the measured time per
+micro-batch, spread over the replicas) exceeds ``timeout_s`` is refused at once with
+:class:`Overloaded` (the server's 429 + ``Retry-After``), never queued to time out later.
 
 Reproducibility does not depend on how rows are batched: the engine runs every
 forward at its fixed micro-batch shape (or has proved single rows bitwise equal to
@@ -54,12 +59,16 @@ class PixelEngine(Protocol):
 
 
 class Overloaded(Exception):
-    """The job queue is full; the caller should answer 429 with Retry-After."""
+    """The queue is full or its wait exceeds the timeout; the caller should answer 429 with Retry-After."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 @dataclass
 class _RowsJob:
-    kind: str  # "pixels": a (n, 3, H, W) tensor; "images": a list of n uploaded files' bytes
+    kind: str  # "pixels": a (n, 3, H, W) tensor; "images": n uploaded files' bytes; "texts": n strings
     items: Any
     rows: int
     future: Future[Any] = field(default_factory=Future)
@@ -101,11 +110,17 @@ class Batcher:
         max_queue: queued jobs beyond which :class:`Overloaded` is raised.
         in_flight: micro-batches running at once (normally the engine's replicas).
         images_fn: for :meth:`submit_images`: uploaded files' bytes -> a future of one row each
-            (the server decodes and embeds them in the replicas: ``rows.embed_uploads``).
+            (the server decodes and embeds them in the replicas: ``Engine.embed_uploads``).
+        texts_fn: for :meth:`submit_texts`: strings -> a future of their (n, D) embeddings
+            (the server embeds them in the replicas: ``Engine.submit_texts``).
+        timeout_s: a job expected to wait longer than this is refused (:class:`Overloaded`).
+        text_rows: rows of texts per micro-batch (normally the engine's rows at its shortest text bucket).
     """
 
     def __init__(self, engine: PixelEngine, *, max_rows: int, max_wait_s: float = 0.005, max_queue: int = 1024,
-                 in_flight: int = 1, images_fn: Callable[[list[bytes]], Future[list[Any]]] | None = None) -> None:
+                 in_flight: int = 1, images_fn: Callable[[list[bytes]], Future[list[Any]]] | None = None,
+                 texts_fn: Callable[[list[str]], Future[np.ndarray]] | None = None,
+                 timeout_s: float | None = None, text_rows: int | None = None) -> None:
         if max_rows < 1 or in_flight < 1:
             raise InputError(f"max_rows and in_flight must be >= 1, got {max_rows} and {in_flight}; give the engine's "
                              "micro-batch size and replica count")
@@ -114,6 +129,10 @@ class Batcher:
         self.max_wait_s = max_wait_s
         self.in_flight = in_flight
         self.images_fn = images_fn
+        self.texts_fn = texts_fn
+        self.text_rows = text_rows or max_rows
+        self.timeout_s = timeout_s
+        self._queued_rows = 0  # rows of the row jobs waiting in the queue
         self._held: _RowsJob | None = None  # a job of the other kind that ended the last gather
         self._pixels: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
         self._calls: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
@@ -121,6 +140,7 @@ class Batcher:
         self._lock = threading.Lock()
         self._running_rows = 0  # rows of the micro-batches in flight
         self._forward_s = 0.0  # moving average of a micro-batch's time, for the wait under load
+        self._kind_s: dict[str, float] = {}  # the same, per job kind (admission estimates)
         self._done: deque[tuple[float, int]] = deque()  # (when, rows) of recent micro-batches
         self._threads: list[threading.Thread] = []
         self.stats = BatchStats()
@@ -175,6 +195,14 @@ class Batcher:
         self._put(self._pixels, job)
         return job.future
 
+    def submit_texts(self, texts: list[str]) -> Future[np.ndarray]:
+        """Queue texts; the future yields their (n, D) embeddings (see ``texts_fn``)."""
+        if self.texts_fn is None or not texts:
+            raise InputError("submit_texts needs a texts_fn and at least one text")
+        job = _RowsJob("texts", list(texts), len(texts))
+        self._put(self._pixels, job)
+        return job.future
+
     def submit_call(self, fn: Callable[[], T]) -> Future[T]:
         """Run ``fn()`` on the engine's call thread (in order with other calls)."""
         job = _CallJob(fn)
@@ -184,10 +212,31 @@ class Batcher:
     def _put(self, q: queue.Queue[Any], job: _RowsJob | _CallJob) -> None:
         if not self.running:
             raise RuntimeError("the engine worker is not running (server starting up or shutting down)")
+        if isinstance(job, _RowsJob):
+            self._admit(job)
         try:
             q.put_nowait(job)
         except queue.Full:
             raise Overloaded(f"{q.maxsize} engine jobs already queued") from None
+        if isinstance(job, _RowsJob):
+            with self._lock:
+                self._queued_rows += job.rows
+
+    def expected_wait_s(self, kind: str, rows: int) -> float:
+        """How long ``rows`` more rows of ``kind`` would wait for their answer, at the measured pace."""
+        with self._lock:
+            per_batch = self._kind_s.get(kind, self._forward_s)
+            ahead = self._queued_rows + self._running_rows + rows
+        batches = -(-ahead // (self.text_rows if kind == "texts" else self.max_rows))  # ceil
+        return batches * per_batch / self.in_flight
+
+    def _admit(self, job: _RowsJob) -> None:
+        if self.timeout_s is None:
+            return
+        wait = self.expected_wait_s(job.kind, job.rows)
+        if wait > self.timeout_s:
+            raise Overloaded(f"the work queued ahead would take about {wait:.1f}s, over the {self.timeout_s:g}s "
+                             "request timeout", retry_after_s=max(1.0, wait - self.timeout_s))
 
     # ---- the call thread ----------------------------------------------------------------
     def _run_calls(self) -> None:
@@ -209,7 +258,7 @@ class Batcher:
                       self.in_flight, self.max_wait_s * 1e3)
         stop = False
         while not stop:
-            job, self._held = (self._held, None) if self._held is not None else (self._pixels.get(), None)
+            job, self._held = (self._held, None) if self._held is not None else (self._dequeued(self._pixels.get()), None)
             if job is _STOP:
                 break
             self._slots.acquire()  # a replica is free; rows keep queueing meanwhile
@@ -237,14 +286,14 @@ class Batcher:
     def _gather(self, first: _RowsJob) -> tuple[list[_RowsJob], bool]:
         """Collect jobs of ``first``'s kind behind it, up to ``max_rows`` rows or the wait deadline."""
         batch = [first]
-        rows = first.rows
+        rows, limit = first.rows, self.text_rows if first.kind == "texts" else self.max_rows
         # From when a replica became free: a job that waited for one has companions on their way
         # (the clients just answered), so it still gets its chance to fill the micro-batch.
         deadline = max(first.queued, time.monotonic() - self.max_wait_s) + self.wait_s()
-        while rows < self.max_rows:
+        while rows < limit:
             remaining = deadline - time.monotonic()
             try:
-                nxt = self._pixels.get(timeout=remaining) if remaining > 0 else self._pixels.get_nowait()
+                nxt = self._dequeued(self._pixels.get(timeout=remaining) if remaining > 0 else self._pixels.get_nowait())
             except queue.Empty:
                 break
             if nxt is _STOP:
@@ -255,6 +304,12 @@ class Batcher:
             batch.append(nxt)
             rows += nxt.rows
         return batch, False
+
+    def _dequeued(self, job: Any) -> Any:
+        if isinstance(job, _RowsJob):
+            with self._lock:
+                self._queued_rows -= job.rows
+        return job
 
     def _dispatch(self, batch: list[_RowsJob]) -> None:
         live = [j for j in batch if j.future.set_running_or_notify_cancel()]
@@ -276,6 +331,9 @@ class Batcher:
         if live[0].kind == "images":
             assert self.images_fn is not None
             return self.images_fn([data for j in live for data in j.items])
+        if live[0].kind == "texts":
+            assert self.texts_fn is not None
+            return self.texts_fn([text for j in live for text in j.items])
         pixels = torch.cat([j.items for j in live], dim=0)  # (sum n, 3, H, W)
         submit = getattr(self.engine, "submit_pixels", None)
         return submit(pixels) if submit is not None else completed(self.engine.embed_pixels, pixels)
@@ -293,6 +351,8 @@ class Batcher:
             with self._lock:
                 took = time.monotonic() - t0
                 self._forward_s = took if self._forward_s == 0 else 0.8 * self._forward_s + 0.2 * took
+                kind_s = self._kind_s.get(live[0].kind, 0.0)
+                self._kind_s[live[0].kind] = took if kind_s == 0 else 0.8 * kind_s + 0.2 * took
                 self._done.append((time.monotonic(), rows))
                 self.stats.batches += 1
                 self.stats.rows += rows
@@ -302,7 +362,7 @@ class Batcher:
             offset = 0
             for j in live:
                 part = emb[offset : offset + j.rows]
-                j.future.set_result(np.ascontiguousarray(part) if j.kind == "pixels" else part)
+                j.future.set_result(part if j.kind == "images" else np.ascontiguousarray(part))
                 offset += j.rows
         finally:
             with self._lock:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from starlette.concurrency import run_in_threadpool
 
+from steadyclip._util.futures import completed
 from steadyclip.engine.outcome import ImageOutcome, decode_input
 from steadyclip.engine.prompts import get_template_set
 from steadyclip.errors import InferenceStateError, IntegrityError, SteadyClipError
@@ -51,7 +52,9 @@ class Service:
         self.decode_in_replicas = replicas > 1 and hasattr(engine, "submit")
         self.batcher = Batcher(engine, max_rows=int(getattr(engine, "micro_batch", 8)), in_flight=replicas,
                                max_wait_s=settings.batch_wait_ms / 1000.0, max_queue=settings.max_queue,
-                               images_fn=lambda datas: engine.embed_uploads(datas, settings.max_pixels))
+                               images_fn=lambda datas: engine.embed_uploads(datas, settings.max_pixels),
+                               texts_fn=self._texts_fn(engine), timeout_s=settings.request_timeout_s,
+                               text_rows=_text_rows(engine))
         self.golden = golden_mod.Golden()
         self.provenance: dict[str, Any] | None = None
         self.started_at: float | None = None
@@ -59,6 +62,14 @@ class Service:
         self.overloads = 0  # requests refused with 429
         self.integrity_failures = 0  # requests or readiness probes refused because the model changed
         self.ready = False  # the last readiness probe's verdict
+
+    @staticmethod
+    def _texts_fn(engine: Engine) -> Callable[[list[str]], Future[np.ndarray]]:
+        """Texts to rows: in the replicas (``Engine.submit_texts``), or here for a stand-in engine."""
+        submit = getattr(engine, "submit_texts", None)
+        if submit is not None:
+            return submit  # type: ignore[no-any-return]
+        return lambda texts: completed(engine.embed_texts, texts)
 
     # ---- lifecycle ----------------------------------------------------------------------
     async def startup(self) -> None:
@@ -94,7 +105,7 @@ class Service:
         except Overloaded as e:
             self.overloads += 1
             raise ApiError(429, "Overloaded", f"the server is busy ({e}); retry after the Retry-After seconds",
-                           headers={"retry-after": "1"}) from e
+                           headers={"retry-after": str(max(1, round(e.retry_after_s)))}) from e
         except RuntimeError as e:
             raise ApiError(503, "NotReady", f"{e}; retry shortly") from e
 
@@ -190,8 +201,7 @@ class Service:
 
     async def embed(self, inp: EmbedInput) -> dict[str, Any]:
         """The ``embed --json`` document for one request."""
-        texts_fut = (self._submit(lambda: self.batcher.submit_call(lambda: self.engine.embed_texts(inp.texts)))
-                     if inp.texts else None)
+        texts_fut = self._submit(lambda: self.batcher.submit_texts(inp.texts)) if inp.texts else None
         doc: dict[str, Any] = {"images": [], "texts": [], "warnings": []}
         if inp.images:
             try:
@@ -205,7 +215,8 @@ class Service:
         if texts_fut is not None:
             temb = await self._await(texts_fut)
             doc["texts"] = [{"text": t, "embedding": _encode(e, inp.encoding)} for t, e in zip(inp.texts, temb)]
-        doc["provenance"] = await self._engine(lambda: self.engine.provenance.to_dict())
+        doc["provenance"] = self.provenance if self.provenance is not None else await self._engine(
+            lambda: self.engine.provenance.to_dict())
         if inp.encoding == "base64":
             doc["encoding"] = "base64 of little-endian float32"
         return doc
@@ -267,6 +278,12 @@ def _warnings(images: list[ImagePayload], outcomes: list[ImageOutcome]) -> list[
     """The decoders' warnings of a request's images, one entry per message (the documents' ``warnings``)."""
     return [{"index": i, "source": img.name, "message": m}
             for i, (img, o) in enumerate(zip(images, outcomes)) for m in o.warnings]
+
+
+def _text_rows(engine: Engine) -> int:
+    """Rows per text micro-batch: the engine's rows at its shortest bucket (most queries fit it)."""
+    shapes = getattr(engine, "text_shapes", None)
+    return int(shapes.rows[0]) if shapes is not None else int(getattr(engine, "text_micro_batch", 8))
 
 
 def _encode(vec: np.ndarray, encoding: str) -> Any:
