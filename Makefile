@@ -32,6 +32,8 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
 	# Every core: batch defaults vs an open_clip DataLoader loop, and the server at K=1/K=CPUs, 1 core vs all.
 	$(BIN)/python -m benchmarks.scale
+	# Texts: the server's /v1/embeddings texts/s at 4 and 16 clients vs the engine's model-only text rate.
+	$(BIN)/python -m benchmarks.texts
 
 # Debian's Chromium for the browser test (CI runs this before `make test`).
 browser:

@@ -156,6 +156,15 @@ def _batch_server(doc: dict[str, Any]) -> list[str]:
                 (f"An embeddings-only `run_batch` asks the text tower for the embedding width (`engine.embed_texts([\"a photo.\"])`, "
                 f"one text padded to a {b['text_micro_batch']}-row micro-batch): {b['dim_probe_s']:.2f} s per job, "
                 f"measured on its own. Without it the ratio would be {b['ratio_without_dim_probe']:.2f}."), ""]
+    t = doc.get("texts")
+    if t:
+        ref = t.get("openclip") or t["steadyclip_full"]
+        out += [f"## Texts, model-only ({t['arch']}, {t['texts']} short texts, `benchmarks.texts`)", ""]
+        out += _table(["contender", "texts/s", "x first row"], [
+            [name, f"{t[key]:.1f}", f"{t[key] / ref:.2f}x"] for key, name in (
+                ("openclip", "open_clip encode_text, 32 x 77 tokens"),
+                ("steadyclip_full", "steadyclip strict, text_buckets='full' (32 x 77)"),
+                ("steadyclip_buckets", "steadyclip strict, sequence-length buckets (default)")) if key in t]) + [""]
     s = doc.get("server")
     if s:
         lat = s["latency_ms"]

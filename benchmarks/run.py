@@ -241,6 +241,24 @@ class Run:
                    f"(ratio {r['ratio']:.2f}, {r['workers']} decoder process(es))")
         return r
 
+    def do_texts(self) -> dict[str, Any]:
+        """Text throughput beside images: open_clip's encode_text (32 x 77 tokens) vs steadyclip strict
+        (sequence-length buckets), model-only, one process each at the plan's threads."""
+        from benchmarks.texts import model_only
+
+        arch = "ViT-B-32" if "ViT-B-32" in self.plan.images else DEMO
+        a = self.arch(arch)
+        weights = "" if a.get("demo_weights") == "bundled" else a["weights"]
+        model = "steadyclip-demo" if arch == DEMO and not weights else arch
+        n = 64 if self.plan.quick else 256
+        kinds = ({} if arch == DEMO else {"openclip": "openclip"}) | {
+            "steadyclip_full": "steadyclip-full", "steadyclip_buckets": "steadyclip"}
+        r: dict[str, Any] = {"arch": arch, "texts": n,
+                             **{k: model_only(v, model, weights, self.plan.threads, n) for k, v in kinds.items()}}
+        self.h.log("texts model-only: " + ", ".join(f"{k} {v:.1f}/s" for k, v in r.items()
+                                                     if isinstance(v, float)))
+        return r
+
     def do_server(self) -> dict[str, Any]:
         from benchmarks.loadtest import run_loadtest, spawned_server
 
@@ -289,7 +307,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-hf", action="store_true", help="leave out the Hugging Face peer (no `transformers`)")
     p.add_argument("--server-requests", type=int, help="load-test requests (default 200)")
     p.add_argument("--only", help="comma-separated sections (gemm,contenders,profile,startup,textcache,"
-                                  "stability,batch,server); prep always runs")
+                                  "stability,batch,texts,server); prep always runs")
     p.add_argument("--out-dir", type=Path, help="where results go (default benchmarks/results; --quick/--only: a temp dir)")
     p.add_argument("--work-dir", type=Path, help="keep weights/images here (default: a temp dir, deleted)")
     return p.parse_args(argv)
@@ -354,6 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run.section("stability", run.do_stability)
         if want("batch"):
             run.section("batch", run.do_batch)
+        if want("texts"):
+            run.section("texts", run.do_texts)
         if want("server"):
             run.section("server", run.do_server)
         if want("gemm"):
