@@ -228,7 +228,7 @@
       ["profile", prov.profile + ", " + prov.precision + (prov.deterministic ? ", deterministic algorithms" : "")],
       ["device / threads", prov.device + " / " + prov.threads],
       ["image micro-batch", prov.micro_batch + " (" + prov.batch_path + ")"],
-      ["text micro-batch", prov.text_micro_batch + " (" + prov.text_batch_path + ")"],
+      ["text micro-batch", prov.text_micro_batch + " (" + prov.text_batch_path + "; " + prov.text_buckets + ")"],
       ["templates", (prov.template_set || "?") + " " + short(prov.template_sha256)],
       ["versions", Object.entries(prov.versions || {}).map(([k, v]) => k + " " + v).join(", ")],
     ];
