@@ -46,14 +46,9 @@ def add_agreement(contenders: dict[str, Any], out_dir: Path, arch: str) -> None:
         r["min_cosine_vs_baseline"] = float((emb * base).sum(axis=1).min())
 
 
-def gemm_runs(results: dict[str, Any]) -> dict[str, Any]:
-    """Every GEMM measurement of the run (start, in two environments, and end)."""
-    return {**results.get("gemm", {}), **results.get("gemm_end", {})}
-
-
 def _peak(results: dict[str, Any], dtype: str = "fp32") -> float | None:
     """The best GEMM rate seen in the run: noise only ever lowers a measurement, so the max is the peak."""
-    gemm = gemm_runs(results)
+    gemm = report_md.gemm_runs(results)
     if not gemm:
         return None
     return max(float(v[f"{dtype}_gflops"]) for v in gemm.values())

@@ -20,6 +20,11 @@ SHORT = {"openclip-readme": "(1) oc README", "openclip-best": "(2) oc best", "hf
          "openclip-bf16": "(6) oc bf16"}
 
 
+def gemm_runs(results: dict[str, Any]) -> dict[str, Any]:
+    """Every GEMM measurement of the run (start, in two environments, and end)."""
+    return {**results.get("gemm", {}), **results.get("gemm_end", {})}
+
+
 def _f(v: float | None, fmt: str = ".2f", suffix: str = "") -> str:
     return "-" if v is None else f"{v:{fmt}}{suffix}"
 
@@ -284,8 +289,6 @@ def _conv_note(p: dict[str, Any]) -> str:
 
 
 def _gemm(doc: dict[str, Any]) -> list[str]:
-    from benchmarks.report import gemm_runs
-
     g = gemm_runs(doc)
     if not g:
         return []
