@@ -12,6 +12,7 @@
     │   │   ├── ImageDecodeError        corrupt, truncated, unknown format
     │   │   ├── ImageTooLargeError      pixel cap exceeded (decompression bomb)
     │   │   └── ImageSourceError        missing file, wrong type
+    │   ├── TextInputError          a batch text that cannot be embedded (blank, not UTF-8, missing)
     │   ├── LabelError              empty, blank, duplicate, non-string labels
     │   └── TemplateError           bad prompt templates
     ├── NumericsError           NaN/Inf in embeddings, logits or weights
@@ -40,6 +41,7 @@ __all__ = [
     "ReplicaCrashError",
     "SteadyClipError",
     "TemplateError",
+    "TextInputError",
     "UnsafeCheckpointError",
     "WeightsError",
 ]
@@ -97,6 +99,10 @@ class ImageTooLargeError(ImageError):
 
 class ImageSourceError(ImageError):
     """The image source is missing or of an unsupported type."""
+
+
+class TextInputError(InputError):
+    """A text of a batch job cannot be embedded: blank, not valid UTF-8, or a missing cell."""
 
 
 class LabelError(InputError):

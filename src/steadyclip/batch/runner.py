@@ -11,13 +11,11 @@ listing, parts, journal and assembly are the same code.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -25,17 +23,19 @@ import pyarrow as pa
 
 from steadyclip._util.digest import sha256_array
 from steadyclip.batch import _prep
+from steadyclip.batch._job import (
+    MODEL_KEYS,
+    BatchProgress,
+    BatchSummary,
+    check_listing,
+    execution,
+    write_parts,
+)
 from steadyclip.batch.inputs import InputSource, ListingHasher, open_inputs
 from steadyclip.batch.local import LocalPipeline
 from steadyclip.batch.replicated import ReplicaPipeline
 from steadyclip.batch.table import Columns, build_table, make_schema
-from steadyclip.batch.writer import (
-    RESTART_ADVICE,
-    JobSpec,
-    PartStore,
-    StoreState,
-    read_metadata,
-)
+from steadyclip.batch.writer import JobSpec, PartStore, StoreState, read_metadata
 from steadyclip.engine.layout import usable_cpus
 from steadyclip.engine.outcome import ImageOutcome
 from steadyclip.engine.prompts import TemplateSet, get_template_set, validate_labels
@@ -51,48 +51,6 @@ __all__ = ["BatchProgress", "BatchSummary", "default_workers", "run_batch"]
 
 Backend = Literal["local", "ray"]
 DEFAULT_PART_SIZE = 1000
-
-
-@dataclass(frozen=True)
-class BatchProgress:
-    """Sent to the ``progress`` callback after each model step."""
-
-    done: int  # rows finished, resumed ones included
-    total: int
-    errors: int  # error rows so far, resumed ones included
-    resumed: int  # rows taken from an earlier, interrupted run
-
-
-@dataclass(frozen=True)
-class BatchSummary:
-    """What a batch job did. ``items_per_s`` counts only rows computed by this run."""
-
-    out: Path
-    total: int
-    ok: int
-    errors: int
-    resumed: int
-    processed: int
-    elapsed_s: float
-    model_s: float  # time inside model forwards (local backend)
-    wait_s: float  # time the model waited for decoded images (local backend)
-    backend: str
-    workers: int
-    threads: int
-    micro_batch: int
-    already_complete: bool
-    provenance: dict[str, Any] = field(default_factory=dict)
-    execution: dict[str, Any] = field(default_factory=dict)  # layout: replicas, CPUs, Ray nodes (speed only)
-
-    @property
-    def items_per_s(self) -> float:
-        return self.processed / self.elapsed_s if self.elapsed_s > 0 else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        doc = asdict(self)
-        doc["out"] = str(self.out)
-        doc["items_per_s"] = self.items_per_s
-        return doc
 
 
 def default_workers() -> int:
@@ -176,7 +134,7 @@ def run_batch(
     _logger.info("batch done: %d rows (%d ok, %d errors) in %.1fs -> %s", plan.n, ok, errors, elapsed, store.out)
     return BatchSummary(store.out, plan.n, ok, errors, state.done_rows, plan.n - state.done_rows, elapsed,
                         pipeline.model_s, pipeline.wait_s, backend, n_workers, engine.threads, engine.micro_batch,
-                        False, plan.provenance, _execution(engine, pipeline))
+                        False, plan.provenance, execution(engine, pipeline))
 
 
 @dataclass(frozen=True)
@@ -250,35 +208,17 @@ def _pipeline(engine: Engine, backend: str, dim: int, *, workers: int | None, st
 def _compute(plan: _Plan, store: PartStore, state: StoreState, pipeline: Any, engine: Engine,
              progress: Callable[[BatchProgress], None] | None) -> tuple[int, int]:
     """Compute the missing parts, check the listing did not change meanwhile, assemble; (ok, errors)."""
-    part_size = store.part_size
     hasher = ListingHasher()
-    pending = (it for it in hasher.watch(plan.source) if it.index // part_size not in state.done_parts)
-    counts = _Counts(done=state.done_rows, errors=state.done_errors)
-    with contextlib.closing(pipeline.run(pending, part_size)) as stream:
-        for k, rows in _parts(stream, part_size, counts, plan.n, state.done_rows, progress):
-            table = build_table(rows, plan.cols, plan.schema, engine=engine, class_emb=plan.class_emb,
-                                templates=plan.tset)
-            store.write_part(k, table)
-    if hasher.digest() != (plan.inputs_sha, plan.n):
-        raise BatchJobError(
-            f"the input listing of {plan.source.description!r} changed while the job ran; the finished parts "
-            f"may not match the inputs any more. Run again with {RESTART_ADVICE}."
-        )
+
+    def to_table(rows: list[ImageOutcome]) -> pa.Table:
+        return build_table(rows, plan.cols, plan.schema, engine=engine, class_emb=plan.class_emb, templates=plan.tset)
+
+    write_parts(store, state, pipeline, hasher.watch(plan.source), to_table, plan.n, progress)
+    check_listing(hasher.digest(), (plan.inputs_sha, plan.n), plan.source.description)
     metadata = {"format": "steadyclip-batch", "provenance": plan.provenance, "labels": list(plan.labels),
                 "templates": list(plan.tset.templates) if plan.tset is not None else None,
                 "columns": [f.name for f in plan.schema]}
     return store.assemble(plan.schema, metadata)
-
-
-def _execution(engine: Engine, pipeline: Any) -> dict[str, Any]:
-    """The job's layout (never written into the file: rows do not depend on it)."""
-    doc: dict[str, Any] = engine.execution.to_dict()
-    doc["pipeline"] = type(pipeline).__name__
-    doc["workers"] = getattr(pipeline, "workers", None)
-    nodes = getattr(pipeline, "nodes", None)
-    if nodes is not None:
-        doc["ray_nodes"] = sorted(nodes)
-    return doc
 
 
 def _embedding_dim(engine: Engine, class_emb: np.ndarray | None) -> int:
@@ -290,41 +230,13 @@ def _embedding_dim(engine: Engine, class_emb: np.ndarray | None) -> int:
 def _job_spec(inputs_sha: str, n: int, result: dict[str, Any], labels: list[str], tset: TemplateSet | None,
               cols: Columns, part_size: int, source: InputSource, class_emb: np.ndarray | None) -> JobSpec:
     """``result`` is ``identity.result_identity``: a resumed job must compute exactly like the first run."""
-    model_keys = ("model_id", "weights_sha256", "fingerprint")
     options = {
         "top_k": cols.top_k, "all_probs": cols.all_probs, "embeddings": cols.embedding_dim is not None,
-        "part_size": part_size, **{k: v for k, v in result.items() if k not in model_keys},
+        "part_size": part_size, **{k: v for k, v in result.items() if k not in MODEL_KEYS},
     }
-    return JobSpec(inputs_sha256=inputs_sha, n_inputs=n, model={k: result[k] for k in model_keys},
+    return JobSpec(inputs_sha256=inputs_sha, n_inputs=n, model={k: result[k] for k in MODEL_KEYS},
                    labels_sha256=identity.sha256_json(labels) if labels else None,
                    templates_sha256=tset.sha256 if tset is not None else None, options=options,
                    class_embeddings_sha256=sha256_array(class_emb)
                    if class_emb is not None else None,
                    description={"inputs": source.description, "kind": source.kind})
-
-
-@dataclass
-class _Counts:
-    done: int
-    errors: int
-
-
-def _parts(stream: Iterable[list[ImageOutcome]], part_size: int, counts: _Counts, total: int, resumed: int,
-           progress: Callable[[BatchProgress], None] | None) -> Iterator[tuple[int, list[ImageOutcome]]]:
-    """Group the ordered result stream into whole parts."""
-    current: list[ImageOutcome] = []
-    for batch in stream:
-        for r in batch:
-            current.append(r)
-            counts.done += 1
-            counts.errors += not r.ok
-            if (r.index + 1) % part_size == 0 or r.index + 1 == total:
-                k = r.index // part_size
-                if current[0].index != k * part_size:
-                    raise BatchJobError(f"internal error: part {k} starts at row {current[0].index}")
-                yield k, current
-                current = []
-        if progress is not None:
-            progress(BatchProgress(counts.done, total, counts.errors, resumed))
-    if current:
-        raise BatchJobError(f"internal error: the input stream ended inside a part at row {current[-1].index}")

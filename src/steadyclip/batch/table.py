@@ -27,7 +27,7 @@ from steadyclip.engine.prompts import TemplateSet
 if TYPE_CHECKING:
     from steadyclip.engine import Engine
 
-__all__ = ["Columns", "build_table", "make_schema"]
+__all__ = ["Columns", "build_table", "fixed_list", "make_schema"]
 
 METADATA_KEY = b"steadyclip"
 
@@ -92,15 +92,15 @@ def build_table(results: Sequence[ImageOutcome], cols: Columns, schema: pa.Schem
         data["top_labels"] = [top_labels.get(r.index) for r in results]
         data["top_probs"] = [top_probs.get(r.index) for r in results]
         if cols.all_probs:
-            data["probs"] = _fixed_list([probs.get(r.index) for r in results], len(cols.labels), pa.float64())
+            data["probs"] = fixed_list([probs.get(r.index) for r in results], len(cols.labels), pa.float64())
     if cols.embedding_dim is not None:
-        data["embedding"] = _fixed_list([r.embedding for r in results], cols.embedding_dim, pa.float32())
+        data["embedding"] = fixed_list([r.embedding for r in results], cols.embedding_dim, pa.float32())
     arrays = [data[f.name] if isinstance(data[f.name], pa.Array) else pa.array(data[f.name], type=f.type)
               for f in schema]
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def _fixed_list(rows: Sequence[Any], width: int, value_type: pa.DataType) -> pa.Array:
+def fixed_list(rows: Sequence[Any], width: int, value_type: pa.DataType) -> pa.Array:
     """A fixed-size list column from per-row vectors (None for a null row), values copied bitwise."""
     dtype = np.float32 if value_type == pa.float32() else np.float64
     flat = np.zeros((len(rows), width), dtype=dtype)

@@ -124,11 +124,17 @@ def read_labels_file(path: str | os.PathLike[str]) -> list[str]:
     return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
 
 
-def warn_truncation(tokenizer: Any, texts: Sequence[str], limit: int) -> None:
-    """Log a warning for each text longer than the model's token context (it will be truncated)."""
+def truncated(tokenizer: Any, texts: Sequence[str], limit: int) -> list[bool] | None:
+    """Which texts are longer than the model's token context (and so truncated); ``None`` when the
+    tokenizer cannot tell (it has no ``encode``, e.g. a Hugging Face one)."""
     encode = getattr(tokenizer, "encode", None)
     if encode is None:
-        return
-    for t in texts:
-        if len(encode(t)) + 2 > limit:  # + start and end tokens
+        return None
+    return [len(encode(t)) + 2 > limit for t in texts]  # + start and end tokens
+
+
+def warn_truncation(tokenizer: Any, texts: Sequence[str], limit: int) -> None:
+    """Log a warning for each text longer than the model's token context (it will be truncated)."""
+    for t, cut in zip(texts, truncated(tokenizer, texts, limit) or ()):
+        if cut:
             _logger.warning("text truncated to the model's %d-token context: %.60r", limit, t)
