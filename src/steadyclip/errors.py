@@ -13,7 +13,8 @@
     │   │   ├── ImageTooLargeError      pixel cap exceeded (decompression bomb)
     │   │   └── ImageSourceError        missing file, wrong type
     │   ├── LabelError              empty, blank, duplicate, non-string labels
-    │   └── TemplateError           bad prompt templates
+    │   ├── TemplateError           bad prompt templates
+    │   └── ResultFileError         not a steadyclip result, truncated, edited into nonsense (verify)
     ├── NumericsError           NaN/Inf in embeddings, logits or weights
     ├── CacheError              text-cache entry unusable (recomputed, never used)
     ├── BatchJobError           resume refused (changed inputs/model), bad manifest
@@ -38,6 +39,7 @@ __all__ = [
     "ModelSourceError",
     "NumericsError",
     "ReplicaCrashError",
+    "ResultFileError",
     "SteadyClipError",
     "TemplateError",
     "UnsafeCheckpointError",
@@ -105,6 +107,10 @@ class LabelError(InputError):
 
 class TemplateError(InputError):
     """A prompt template is malformed."""
+
+
+class ResultFileError(InputError):
+    """A file given to ``verify`` is not a readable steadyclip result."""
 
 
 class NumericsError(SteadyClipError):
