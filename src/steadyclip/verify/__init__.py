@@ -11,6 +11,7 @@ that made the file and this one (weights, profile, versions, torch build, CPU, l
 """
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,13 @@ import numpy as np
 
 from steadyclip.engine.probe import tolerance_for
 from steadyclip.errors import InputError
-from steadyclip.verify._compare import VERDICTS, FactDiff, RowVerdict, fact_differences, row_verdict
+from steadyclip.verify._compare import (
+    VERDICTS,
+    FactDiff,
+    RowVerdict,
+    fact_differences,
+    row_verdict,
+)
 from steadyclip.verify._recompute import build_engine, recompute
 from steadyclip.verify._source import ResultFile, read_result
 
@@ -71,7 +78,7 @@ def select_rows(n: int, sample: int | None, seed: int = 0) -> list[int]:
         raise InputError(f"sample must be an int >= 1 or None (every row), got {sample!r}")
     rng = np.random.default_rng(seed)
     edges = np.linspace(0, n, sample + 1).astype(int)
-    return [int(rng.integers(lo, hi)) for lo, hi in zip(edges[:-1], edges[1:])]
+    return [int(rng.integers(lo, hi)) for lo, hi in itertools.pairwise(edges)]
 
 
 def verify_results(

@@ -18,7 +18,12 @@ from steadyclip.batch.inputs import InputItem
 from steadyclip.engine import Engine
 from steadyclip.engine.prompts import get_template_set
 from steadyclip.engine.settings import EngineSettings
-from steadyclip.errors import IntegrityError, ModelSourceError, ResultFileError, SteadyClipError
+from steadyclip.errors import (
+    IntegrityError,
+    ModelSourceError,
+    ResultFileError,
+    SteadyClipError,
+)
 from steadyclip.model.loading import LoadedModel, load, source_from_lock
 from steadyclip.verify._compare import Recomputed
 from steadyclip.verify._source import ResultFile, StoredRow

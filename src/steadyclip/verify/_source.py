@@ -82,7 +82,7 @@ def _read_batch(p: Path) -> ResultFile:
 
     try:
         table = pq.read_table(p)
-    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+    except Exception as e:
         raise ResultFileError(f"{p} is not a readable Parquet file ({e}); truncated or damaged?") from e
     raw = (table.schema.metadata or {}).get(METADATA_KEY)
     if raw is None:
@@ -156,7 +156,7 @@ def _classify_doc(p: Path, doc: dict[str, Any], recipe: dict[str, Any]) -> Resul
 
 
 def _embed_doc(p: Path, doc: dict[str, Any], recipe: dict[str, Any]) -> ResultFile:
-    rows = []
+    rows: list[StoredRow] = []
     for r in doc.get("images") or []:
         rows.append(StoredRow(len(rows), "image", str(r["source"]), r.get("sha256"), None, None,
                               {"embedding": np.asarray(r["embedding"], dtype=np.float32)}))
