@@ -11,8 +11,8 @@ import steadyclip
 
 PUBLIC = [
     "Classification", "ClassifyReport", "EmbedReport", "Engine", "EngineSettings", "ExecutionRecord", "ImageFailure",
-    "LoadedModel", "ModelInfo", "Profile", "Provenance", "TextCache", "__version__",
-    "diagnose", "errors", "get_profile", "get_template_set", "load", "load_image",
+    "LoadedModel", "ModelInfo", "Profile", "Provenance", "TextCache", "VerifyReport", "__version__",
+    "diagnose", "errors", "get_profile", "get_template_set", "load", "load_image", "verify_results",
 ]
 
 

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
         ImageFailure,
         Provenance,
     )
+    from steadyclip.verify import VerifyReport, verify_results
 
 __version__ = "0.1.0"
 
@@ -60,12 +61,14 @@ _LAZY: dict[str, str] = {
     "get_profile": "steadyclip.numerics.determinism",
     "diagnose": "steadyclip.doctor",
     "errors": "steadyclip.errors",
+    "VerifyReport": "steadyclip.verify",
+    "verify_results": "steadyclip.verify",
 }
 
 __all__ = [
     "Classification", "ClassifyReport", "EmbedReport", "Engine", "EngineSettings", "ExecutionRecord", "ImageFailure",
-    "LoadedModel", "ModelInfo", "Profile", "Provenance", "TextCache", "__version__",
-    "diagnose", "errors", "get_profile", "get_template_set", "load", "load_image",
+    "LoadedModel", "ModelInfo", "Profile", "Provenance", "TextCache", "VerifyReport", "__version__",
+    "diagnose", "errors", "get_profile", "get_template_set", "load", "load_image", "verify_results",
 ]
 
 

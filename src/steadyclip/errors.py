@@ -14,7 +14,8 @@
     │   │   └── ImageSourceError        missing file, wrong type
     │   ├── TextInputError          a batch text that cannot be embedded (blank, not UTF-8, missing)
     │   ├── LabelError              empty, blank, duplicate, non-string labels
-    │   └── TemplateError           bad prompt templates
+    │   ├── TemplateError           bad prompt templates
+    │   └── ResultFileError         not a steadyclip result, truncated, edited into nonsense (verify)
     ├── NumericsError           NaN/Inf in embeddings, logits or weights
     ├── CacheError              text-cache entry unusable (recomputed, never used)
     ├── BatchJobError           resume refused (changed inputs/model), bad manifest
@@ -39,6 +40,7 @@ __all__ = [
     "ModelSourceError",
     "NumericsError",
     "ReplicaCrashError",
+    "ResultFileError",
     "SteadyClipError",
     "TemplateError",
     "TextInputError",
@@ -111,6 +113,10 @@ class LabelError(InputError):
 
 class TemplateError(InputError):
     """A prompt template is malformed."""
+
+
+class ResultFileError(InputError):
+    """A file given to ``verify`` is not a readable steadyclip result."""
 
 
 class NumericsError(SteadyClipError):

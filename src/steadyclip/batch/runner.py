@@ -39,6 +39,7 @@ from steadyclip.batch.writer import JobSpec, PartStore, StoreState, read_metadat
 from steadyclip.engine.layout import usable_cpus
 from steadyclip.engine.outcome import ImageOutcome
 from steadyclip.engine.prompts import TemplateSet, get_template_set, validate_labels
+from steadyclip.engine.recipe import recipe
 from steadyclip.errors import BatchJobError, InputError
 from steadyclip.numerics import identity
 
@@ -217,7 +218,7 @@ def _compute(plan: _Plan, store: PartStore, state: StoreState, pipeline: Any, en
     check_listing(hasher.digest(), (plan.inputs_sha, plan.n), plan.source.description)
     metadata = {"format": "steadyclip-batch", "provenance": plan.provenance, "labels": list(plan.labels),
                 "templates": list(plan.tset.templates) if plan.tset is not None else None,
-                "columns": [f.name for f in plan.schema]}
+                "columns": [f.name for f in plan.schema], "recipe": recipe(engine)}
     return store.assemble(plan.schema, metadata)
 
 

@@ -20,7 +20,7 @@ _COMMANDS: dict[str, str] = {
     "classify": "classify:classify",
     "embed": "classify:embed",
     "lock": "models:lock",
-    "verify": "models:verify",
+    "verify": "verify:verify",
     "convert": "models:convert",
     "info": "models:info",
     "doctor": "doctor:doctor",

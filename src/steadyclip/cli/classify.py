@@ -38,7 +38,13 @@ def classify(images: tuple[Path, ...], labels: str | None, labels_file: str | No
     report = engine.classify([str(p) for p in images], label_list, top_k=top_k, on_error="row",
                              templates=engine.loaded.default_templates if templates is None else templates)
     if as_json:
-        echo_json(report.to_dict() | {"execution": engine.execution.to_dict()})
+        from steadyclip.engine.recipe import file_sha256, recipe
+
+        doc = report.to_dict() | {"execution": engine.execution.to_dict(), "recipe": recipe(
+            engine, labels=label_list, templates=report.provenance.template_set, top_k=top_k)}
+        for row, path in zip(doc["results"], images):
+            row["sha256"] = file_sha256(path)  # what `steadyclip verify` checks the input against
+        echo_json(doc)
     else:
         _render(report)
     if report.errors:
@@ -75,16 +81,20 @@ def embed(images: tuple[Path, ...], texts: tuple[str, ...], model: str, pretrain
     """Print L2-normalised float32 embeddings of IMAGES and --text strings."""
     if not images and not texts:
         raise click.UsageError("give image paths and/or --text")
+    from steadyclip.engine.recipe import file_sha256, recipe
+
     engine = build_engine(model, pretrained, lock_path, settings)
     doc: dict[str, Any] = {"images": [], "texts": []}
     if images:
         emb = engine.embed_images(list(images))
-        doc["images"] = [{"source": str(p), "embedding": e.tolist()} for p, e in zip(images, emb)]
+        doc["images"] = [{"source": str(p), "sha256": file_sha256(p), "embedding": e.tolist()}
+                         for p, e in zip(images, emb)]
     if texts:
         emb = engine.embed_texts(list(texts))
         doc["texts"] = [{"text": t, "embedding": e.tolist()} for t, e in zip(texts, emb)]
     doc["provenance"] = engine.provenance.to_dict()
     doc["execution"] = engine.execution.to_dict()
+    doc["recipe"] = recipe(engine)  # settings and model source: what `steadyclip verify` recomputes with
     if as_json:
         echo_json(doc)
     else:

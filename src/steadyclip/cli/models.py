@@ -1,4 +1,4 @@
-"""Model commands: ``info``, ``lock``, ``verify``, ``convert``.
+"""Model commands: ``info``, ``lock``, ``convert``, and ``verify --lock`` (called by :mod:`.verify`).
 
 Exit codes: 0 ok, 1 error, 3 a check ran and failed (hash, lock mismatch).
 """
@@ -85,16 +85,8 @@ def lock(model: str, pretrained: str | None, allow_torchscript: bool, output: Pa
                    f"fingerprint {loaded.info.fingerprint}" + (" + behaviour probe" if probe else ""))
 
 
-@click.command()
-@click.argument("model", required=False, default=None)
-@pretrained_option
-@click.option("--lock", "lock_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Lockfile to verify against.")
-@torchscript_option
-@json_option
-@handle_errors
-def verify(model: str | None, pretrained: str | None, lock_path: Path, allow_torchscript: bool,
-           as_json: bool) -> None:
+def verify_lock(model: str | None, pretrained: str | None, lock_path: Path, allow_torchscript: bool,
+                as_json: bool) -> None:
     """Load the model a lockfile names (or MODEL) and check it matches the lock exactly.
 
     Exit 3 when anything differs, naming the field and both values.

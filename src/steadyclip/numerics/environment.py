@@ -145,6 +145,27 @@ def _mkl_cbwr_getter() -> Callable[[int], int] | None:
     return None
 
 
+def _cpu_identity() -> dict[str, str | None]:
+    """The CPU's vendor and model: with the capability, they decide strict's bits (MKL picks kernels per CPU)."""
+    import platform
+
+    facts: dict[str, str | None] = {"cpu_vendor": None, "cpu_model": None}
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("vendor_id", "CPU implementer") and facts["cpu_vendor"] is None:
+            facts["cpu_vendor"] = value.strip()
+        elif key in ("model name", "Model", "CPU part") and facts["cpu_model"] is None:
+            facts["cpu_model"] = value.strip()
+    if facts["cpu_model"] is None:
+        facts["cpu_model"] = platform.processor() or platform.machine() or None
+    return facts
+
+
 @functools.lru_cache(maxsize=1)
 def _build_info() -> dict[str, Any]:
     """Static facts about the torch build (cached: ``torch.__config__.show()`` is slow-ish)."""
@@ -163,6 +184,7 @@ def _build_info() -> dict[str, Any]:
         "mkl": mkl,
         "onednn": onednn,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        **_cpu_identity(),
         "parallel_backend": parallel,
         "cpu_count": os.cpu_count(),
     }
