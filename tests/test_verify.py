@@ -169,6 +169,35 @@ def test_embed_json_document_verifies_images_and_texts(job: tuple[Path, Path], t
     assert report.rows[1].source == "a red circle"
 
 
+def test_server_answers_verify_against_the_uploaded_files(job: tuple[Path, Path], tmp_path: Path) -> None:
+    """A /v1/classify and a base64 /v1/embed answer saved for an audit; the uploads kept in a folder."""
+    from fastapi.testclient import TestClient
+
+    from steadyclip.server import ServerSettings, create_app
+
+    _, folder = job
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    names = [p.name for p in sorted(folder.glob("shape*.png"))[:2]]
+    for name in names:
+        shutil.copy(folder / name, uploads / name)
+    files = [("images", (n, (uploads / n).read_bytes())) for n in names]
+    engine = Engine(load(), replicas=1, text_cache=None)
+    with TestClient(create_app(engine, settings=ServerSettings())) as client:
+        classified = client.post("/v1/classify", files=files, data={"labels": LABELS})
+        embedded = client.post("/v1/embed", files=[files[0]], data={"encoding": "base64"})
+    assert classified.status_code == embedded.status_code == 200
+    for name, resp in (("classify", classified), ("embed", embedded)):
+        saved = tmp_path / f"{name}.json"
+        saved.write_bytes(resp.content)
+        code, out, _ = run("verify", str(saved), "--images-root", str(uploads), "--json")
+        report = json.loads(out)
+        assert code == 0 and report["kind"] == name and report["totals"]["bitwise"] == report["checked"] >= 1, out
+    (uploads / names[0]).write_bytes((folder / names[1]).read_bytes())  # the kept upload is not the one sent
+    saved = tmp_path / "classify.json"
+    assert [r.verdict for r in verify_results(saved, images_root=uploads).rows] == ["input_changed", "bitwise"]
+
+
 # ---- bad input -------------------------------------------------------------------------------------
 def test_files_that_are_not_results_are_typed_errors(job: tuple[Path, Path], tmp_path: Path) -> None:
     out, _ = job

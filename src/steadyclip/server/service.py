@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -23,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from steadyclip._util.futures import completed
 from steadyclip.engine.outcome import ImageOutcome, decode_input
 from steadyclip.engine.prompts import get_template_set
+from steadyclip.engine.recipe import recipe
 from steadyclip.errors import InferenceStateError, IntegrityError, SteadyClipError
 from steadyclip.results import ClassifyReport
 from steadyclip.server import golden as golden_mod
@@ -196,8 +198,13 @@ class Service:
         names = [img.name for img in inp.images]
         results = await self._engine(
             lambda: self.engine.classify_embeddings(image_emb, classes, labels, tset, top_k=inp.top_k, sources=names))
-        # The document `steadyclip classify --json` prints (a bad upload failed the request before this).
-        return ClassifyReport(tuple(results), results[0].provenance).to_dict() | {"warnings": notes}
+        # The document `steadyclip classify --json` prints (a bad upload failed the request before this),
+        # with what `steadyclip verify` needs to recompute it: the recipe and each upload's SHA-256.
+        doc = ClassifyReport(tuple(results), results[0].provenance).to_dict() | {"warnings": notes, "recipe": recipe(
+            self.engine, labels=labels, templates=tset.name, top_k=inp.top_k)}
+        for row, img in zip(doc["results"], inp.images):
+            row["sha256"] = hashlib.sha256(img.data).hexdigest()
+        return doc
 
     async def embed(self, inp: EmbedInput) -> dict[str, Any]:
         """The ``embed --json`` document for one request."""
@@ -210,8 +217,8 @@ class Service:
                 if texts_fut is not None:
                     texts_fut.cancel()
                 raise
-            doc["images"] = [{"source": img.name, "embedding": _encode(e, inp.encoding)}
-                             for img, e in zip(inp.images, emb)]
+            doc["images"] = [{"source": img.name, "sha256": hashlib.sha256(img.data).hexdigest(),
+                              "embedding": _encode(e, inp.encoding)} for img, e in zip(inp.images, emb)]
         if texts_fut is not None:
             temb = await self._await(texts_fut)
             doc["texts"] = [{"text": t, "embedding": _encode(e, inp.encoding)} for t, e in zip(inp.texts, temb)]
@@ -219,6 +226,7 @@ class Service:
             lambda: self.engine.provenance.to_dict())
         if inp.encoding == "base64":
             doc["encoding"] = "base64 of little-endian float32"
+        doc["recipe"] = recipe(self.engine)  # settings and model source: what `steadyclip verify` recomputes with
         return doc
 
     async def self_check(self) -> tuple[bool, dict[str, Any]]:

@@ -1,7 +1,8 @@
 """Read a result file into one shape: what was computed, how, and the numbers stored per row.
 
 Formats: a batch Parquet file (``steadyclip batch``, local or Ray), the documents printed by
-``classify --json`` and ``embed --json``. Anything else, a truncated file, or a document edited
+``classify --json`` and ``embed --json``, and the server's ``/v1/classify`` and ``/v1/embed`` answers
+(the same documents; an upload's ``source`` is its file name, found under ``--images-root``). Anything else, a truncated file, or a document edited
 into nonsense is a :class:`~steadyclip.errors.ResultFileError` naming what is wrong.
 """
 from __future__ import annotations
@@ -155,14 +156,24 @@ def _classify_doc(p: Path, doc: dict[str, Any], recipe: dict[str, Any]) -> Resul
                       recipe.get("templates"), int(recipe["top_k"]), tuple(rows))
 
 
+def _vector(value: Any, encoding: str | None) -> np.ndarray:
+    """A stored embedding: a list of floats, or (a server's ``encoding="base64"``) little-endian float32 bytes."""
+    if isinstance(value, str) and (encoding or "").startswith("base64"):
+        import base64
+
+        return np.frombuffer(base64.b64decode(value, validate=True), dtype="<f4").astype(np.float32)
+    return np.asarray(value, dtype=np.float32)
+
+
 def _embed_doc(p: Path, doc: dict[str, Any], recipe: dict[str, Any]) -> ResultFile:
     rows: list[StoredRow] = []
+    enc = doc.get("encoding")
     for r in doc.get("images") or []:
         rows.append(StoredRow(len(rows), "image", str(r["source"]), r.get("sha256"), None, None,
-                              {"embedding": np.asarray(r["embedding"], dtype=np.float32)}))
+                              {"embedding": _vector(r["embedding"], enc)}))
     for r in doc.get("texts") or []:
         rows.append(StoredRow(len(rows), "text", str(r["text"]), None, None, None,
-                              {"embedding": np.asarray(r["embedding"], dtype=np.float32)}))
+                              {"embedding": _vector(r["embedding"], enc)}))
     return ResultFile(p, "embed", doc["provenance"], recipe["settings"], recipe["model"], (), None, 1, tuple(rows))
 
 
