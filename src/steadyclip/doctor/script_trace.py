@@ -119,9 +119,10 @@ class RunTrace:
     def probabilities(self) -> np.ndarray | None:
         """Zero-shot probabilities (images x classes) rebuilt from the last image and text embeddings.
 
-        Classes are the rows of the last ``encode_text`` call; a script that encodes each class's prompts
-        in a call of its own (benchmark style) gets one class per call, the mean of its normalised rows.
-        A single class is no distribution (softmax over one text is always 1): ``None``.
+        Classes are the rows of the ``encode_text`` calls (chunks of one label list are joined); a script
+        that encodes each class's prompts in a call of its own (benchmark style: equal-sized calls, other
+        texts each) gets one class per call, the mean of its normalised rows. A single class is no
+        distribution (softmax over one text is always 1): ``None``.
         """
         img = next((c for c in reversed(self.calls) if c.kind in ("encode_image", "forward") and c.outputs), None)
         if img is None:
@@ -134,27 +135,38 @@ class RunTrace:
             return None  # not a CLIP/SigLIP model: no zero-shot head to score with
         return zero_shot(ZeroShotHead(scale=scorer.logit_scale, bias=scorer.logit_bias), _unit(a), _unit(b))
 
+    def _text_calls(self) -> list[Call]:
+        return [c for c in self.calls if c.kind == "encode_text" and c.outputs and c.outputs[0] is not None
+                and c.outputs[0].ndim == 2]
+
+    def _per_class(self) -> bool:
+        """Several encode_text calls of equal size: one class each (its prompts/templates), benchmark style."""
+        texts = self._text_calls()
+        return (len(texts) > 1 and len({(c.outputs[0].shape if c.outputs[0] is not None else None)
+                                        for c in texts}) == 1
+                and len({c.texts for c in texts}) == len(texts))  # the same labels encoded again are one list
+
     def _classes(self, img: Call) -> tuple[np.ndarray | None, Call]:
-        texts = [c for c in self.calls if c.kind == "encode_text" and c.outputs and c.outputs[0] is not None]
-        last = texts[-1] if texts else None
-        if last is None:
+        texts = self._text_calls()
+        if not texts:
             return (img.outputs[1] if len(img.outputs) > 1 else None), img
-        out = last.outputs[0]
-        if out is not None and out.ndim == 2 and out.shape[0] == 1 and len(texts) > 1:
-            rows = [t.outputs[0] for t in texts]
-            if len({r.shape[1] for r in rows if r is not None and r.ndim == 2}) == 1:
-                return np.stack([_unit(r).mean(axis=0) for r in rows if r is not None]), last
-        return out, last
+        rows = [c.outputs[0] for c in texts if c.outputs[0] is not None]
+        if self._per_class():
+            return np.stack([_unit(r).mean(axis=0) for r in rows]), texts[-1]
+        if len({r.shape[1] for r in rows}) == 1 and len({c.texts for c in texts}) == len(texts):
+            return np.concatenate(rows), texts[-1]  # chunks of one label list
+        return rows[-1], texts[-1]
 
     def labels(self) -> tuple[str, ...] | None:
-        txt = next((c for c in reversed(self.calls) if c.texts), None)
-        if txt is None or txt.texts is None:
-            return None
+        texts = self._text_calls()
+        if self._per_class():  # one class per encode_text call: its first prompt names it
+            return tuple(c.texts[0] if c.texts else f"text call {i + 1}" for i, c in enumerate(texts))
+        names = [t for c in texts for t in (c.texts or ())]
         probs = self.probabilities()
-        if probs is not None and len(txt.texts) != probs.shape[1]:  # one class per encode_text call
-            per_call = [c.texts[0] for c in self.calls if c.kind == "encode_text" and c.texts]
-            return tuple(per_call) if len(per_call) == probs.shape[1] else None
-        return txt.texts
+        if probs is not None and len(names) == probs.shape[1]:
+            return tuple(names)
+        txt = next((c for c in reversed(self.calls) if c.texts), None)
+        return txt.texts if txt is not None else None
 
 
 def _unit(a: np.ndarray) -> np.ndarray:
