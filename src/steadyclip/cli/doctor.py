@@ -127,7 +127,7 @@ def _doctor_script(script: Path, args: tuple[str, ...], runs: int, as_json: bool
 
             from steadyclip.doctor.script_report import render_failure
 
-            render_failure(e, Console(soft_wrap=True, stderr=True))
+            render_failure(e, Console(stderr=True))
         raise
     if html_path is not None:
         from steadyclip.doctor.script_report import to_html

@@ -67,14 +67,14 @@ class ScriptError(InputError):
     def __init__(self, message: str, run: ScriptRun, causes: tuple[Cause, ...] = (), script: str = "",
                  args: Sequence[str] = ()) -> None:
         super().__init__(message)
-        self.run, self.causes, self.script, self.args = run, causes, script, tuple(args)
+        self.run, self.causes, self.script, self.script_args = run, causes, script, tuple(args)
 
     def to_dict(self) -> dict[str, Any]:
         """The same document as a diagnosis, with ``verdict: "error"``: ``--json`` prints one for every outcome."""
         return {"verdict": "error", "error": str(self), "causes": [c.to_dict() for c in self.causes],
                 "advice": [], "runs": [], "checks": [], "labels": [], "images": [],
                 "environment": jsonable({"script": self.script}),
-                "script": {"path": self.script, "args": list(self.args), "kept_fixes": [],
+                "script": {"path": self.script, "args": list(self.script_args), "kept_fixes": [],
                            "processes": [self.run.to_dict()]},
                 "timing": {"processes": self.run.index + 1, "failed_run": self.run.index + 1}}
 

@@ -66,7 +66,8 @@ class Evidence:
     risky_flag_calls: tuple[Call, ...]
     stable: bool
     nonfinite_calls: tuple[Call, ...] = ()
-    mismatched_models: tuple[int, ...] = ()  # built with another activation than their pretrained tag's
+    mismatched_models: tuple[int, ...] = ()  # built otherwise than their pretrained tag expects (open_clip said)
+    fixable_configs: tuple[int, ...] = ()  # ... and the observer can rebuild them as the tag expects
 
 
 def _is_random(ops: Sequence[str]) -> bool:
@@ -98,14 +99,16 @@ def gather(runs: Sequence[RunTrace]) -> Evidence:
         autocast_calls=tuple(c for c in first.calls if any(v for v in c.autocast.values())),
         risky_flag_calls=tuple(risky), stable=len({r.signature for r in runs}) == 1,
         nonfinite_calls=tuple(c for c in first.calls if not all(c.finite)),
-        mismatched_models=tuple(k for k, m in first.models.items() if m.quick_gelu and m.quick_gelu["mismatch"]),
+        mismatched_models=tuple(k for k, m in first.models.items() if (m.quick_gelu and m.quick_gelu["mismatch"])
+                                or any("mismatch" in w.lower() for w in m.warnings)),
+        fixable_configs=tuple(k for k, m in first.models.items() if m.quick_gelu and m.quick_gelu["mismatch"]),
     )
 
 
 def candidates(ev: Evidence) -> list[str]:
     """The interventions worth trying, in the order of the observer's ``FIXES`` (root causes first)."""
     out = []
-    if ev.mismatched_models:
+    if ev.fixable_configs:
         out.append("config")
     if ev.weights_differ:
         out.append("pin_weights")

@@ -20,15 +20,15 @@ FIX_UNREADABLE = """\
 # the weights file is truncated or damaged: delete it (in a Hugging Face cache, the blob it links to as well)
 #   rm FILES
 # and fetch it again (run once online, without HF_HUB_OFFLINE=1), then pin its hash so a bad copy is refused:
-#   steadyclip lock ARCH --pretrained TAG_OR_FILE -o steadyclip.lock
-model = steadyclip.load(ARCH, pretrained=TAG_OR_FILE, lock="steadyclip.lock")   # checks size and SHA-256"""
+#   steadyclip lock LOCK_ARGS -o steadyclip.lock
+model = steadyclip.load(LOAD_ARGS, lock="steadyclip.lock")   # checks size and SHA-256"""
 
 FIX_MISSING = """\
 # the weights were never downloaded into this cache (HF_HOME=HFHOME, HF_HUB_OFFLINE=OFFLINE): fetch them once,
 # online, into the same cache:
 #   huggingface-cli download REPO FILE
 # (or run your script once without HF_HUB_OFFLINE=1), then pin them:
-#   steadyclip lock ARCH --pretrained TAG -o steadyclip.lock"""
+#   steadyclip lock LOCK_ARGS -o steadyclip.lock"""
 
 
 def _model_attempt(trace: RunTrace) -> dict[str, Any]:
@@ -55,13 +55,31 @@ def _unreadable(f: dict[str, Any], attempt: dict[str, Any]) -> Cause:
         summary += "; a file that does not parse is truncated or damaged"
     files = " ".join(str(x) for x in (f.get("path"), f.get("blob")) if x)
     arch, pretrained = attempt.get("arch"), attempt.get("pretrained")
-    fix = (FIX_UNREADABLE.replace("FILES", files).replace("ARCH", repr(arch) if arch else "ARCH")
-           .replace("TAG_OR_FILE", repr(pretrained) if pretrained else "TAG_OR_FILE"))
+    fix = FIX_UNREADABLE.replace("FILES", files).replace("LOCK_ARGS", _lock_args(arch, pretrained)) \
+        .replace("LOAD_ARGS", _load_args(arch, pretrained))
     evidence = {"file": f.get("path"), "size": size, "sha256": sha, "expected_sha256": expected,
                 "error": err, "via": f.get("via"), "arch": arch, "pretrained": pretrained}
     where = Where.of(attempt.get("where") or f.get("where"))
     return Cause("weights_unreadable", None, "problem", summary, evidence,
                  located(fix, where, "the weights are read here"))
+
+
+def _hub(arch: Any) -> bool:
+    return isinstance(arch, str) and arch.startswith(("hf-hub:", "local-dir:"))
+
+
+def _lock_args(arch: Any, pretrained: Any) -> str:
+    """``steadyclip lock``'s arguments for this model (a hub name carries its own weights: no --pretrained)."""
+    name = str(arch) if arch else "ARCH"
+    if _hub(arch):
+        return name
+    return f"{name} --pretrained {pretrained if pretrained else 'TAG_OR_FILE'}"
+
+
+def _load_args(arch: Any, pretrained: Any) -> str:
+    if _hub(arch):
+        return repr(arch)
+    return f"{arch!r}, pretrained={pretrained!r}" if arch and pretrained else "ARCH, pretrained=TAG_OR_FILE"
 
 
 def _missing(d: dict[str, Any], attempt: dict[str, Any]) -> Cause:
@@ -72,8 +90,7 @@ def _missing(d: dict[str, Any], attempt: dict[str, Any]) -> Cause:
                f"are not in the cache (HF_HOME={d.get('hf_home')}, HF_HUB_OFFLINE={d.get('offline')}): "
                f"{err.get('type')}: {str(err.get('message'))[:300]}")
     fix = (FIX_MISSING.replace("HFHOME", str(d.get("hf_home"))).replace("OFFLINE", str(d.get("offline")))
-           .replace("REPO", str(repo)).replace("FILE", str(file)).replace("ARCH", repr(arch) if arch else "ARCH")
-           .replace("TAG", repr(pretrained) if pretrained else "TAG"))
+           .replace("REPO", str(repo)).replace("FILE", str(file)).replace("LOCK_ARGS", _lock_args(arch, pretrained)))
     evidence = {"repo": repo, "filename": file, "hf_home": d.get("hf_home"), "offline": d.get("offline"),
                 "error": err, "arch": arch, "pretrained": pretrained}
     return Cause("weights_missing", None, "problem", summary, evidence,

@@ -33,6 +33,11 @@ FIX_QUICKGELU = """\
 # quick_gelu=CFG_QG: every activation is slightly off, the same way every run - the answers are wrong, not random
 model, _, preprocess = open_clip.create_model_and_transforms(FIXED_ARGS)"""
 
+FIX_CONFIG = """\
+# build the model exactly as its pretrained tag expects (open_clip's warning above names the setting); the
+# tag's own config is in open_clip.get_pretrained_cfg(ARCH, TAG), the model's in open_clip.get_model_config(ARCH)
+model, _, preprocess = open_clip.create_model_and_transforms(ARCH_AS_THE_TAG_EXPECTS, pretrained=TAG)"""
+
 FIX_NAN_WEIGHTS = """\
 # the weights file holds NaN/Inf: its bytes are damaged (it still parses, so nothing failed while loading).
 # delete it and fetch it again, then pin its hash so a damaged copy is refused next time:
@@ -102,7 +107,10 @@ def non_finite(first: RunTrace, calls: Sequence[Call]) -> Cause:
         summary = (f"{len(calls)} call(s) returned NaN/Inf (first: {c.site}): {bad['count']} of the model's "
                    f"{bad['tensors']} weight tensors hold NaN/Inf (first: {bad['names'][:1]}), loaded from {file}; "
                    "the file is damaged")
-        fix = FIX_NAN_WEIGHTS.replace("FILE", file).replace("ARCH", str(rec.arch if rec else "ARCH"))
+        arch, src = (rec.arch, rec.pretrained or file) if rec is not None else ("ARCH", file)
+        fix = (FIX_NAN_WEIGHTS.replace("rm FILE", f"rm {file}").replace("load(ARCH", f"load({arch!r}")
+               .replace("pretrained=TAG_OR_FILE", f"pretrained={src!r}").replace("TAG_OR_FILE", str(src))
+               .replace("ARCH", str(arch)))
         note = "the weights loaded for this model are damaged"
     else:
         summary = (f"{len(calls)} call(s) returned NaN/Inf (first: {c.site}) though the weights are finite: "
@@ -112,22 +120,29 @@ def non_finite(first: RunTrace, calls: Sequence[Call]) -> Cause:
 
 
 def config_mismatch(first: RunTrace, k: int, m: Measured | None) -> Cause:
-    """A model built with another activation than its pretrained tag's: consistently wrong, proven by rebuilding."""
+    """A model built otherwise than its pretrained tag expects: consistently wrong, proven by rebuilding it."""
     rec = first.models[k]
     qg = rec.quick_gelu or {}
+    warned = [w for w in rec.warnings if "mismatch" in w.lower()]
+    if not qg.get("mismatch"):  # a mismatch open_clip warns about that the observer cannot rebuild away
+        return Cause("config_mismatch", None, "problem",
+                     f"{rec.where}: open_clip warned while building {rec.arch!r} with pretrained={rec.pretrained!r}: "
+                     f"{warned[0] if warned else '?'}; a model built otherwise than its weights were trained is "
+                     "wrong in every run", {"at": str(rec.where), "open_clip_warning": warned},
+                     located(FIX_CONFIG, rec.where, "model created here"))
     alt = qg.get("model_name_fix")
     args = f"{alt!r}, pretrained={rec.pretrained!r}" if alt else \
         f"{rec.arch!r}, pretrained={rec.pretrained!r}, force_quick_gelu=True"
     fix = (FIX_QUICKGELU.replace("TAG_QG", str(qg.get("tag"))).replace("CFG_QG", str(qg.get("config")))
            .replace("TAG", repr(rec.pretrained)).replace("ARCH", repr(rec.arch)).replace("FIXED_ARGS", args))
-    warned = [w for w in rec.warnings if "mismatch" in w.lower()]
     summary = (f"{rec.where}: {rec.arch!r} is built with quick_gelu={qg.get('config')}, but the pretrained tag "
                f"{rec.pretrained!r} was trained with quick_gelu={qg.get('tag')}")
     if m is not None and m.needed:
         summary += (f"; rebuilding it as {alt or 'force_quick_gelu=True'} moves your outputs by up to "
                     f"{_fmt(m.severity)}: the results are wrong in every run")
     elif m is not None:
-        summary += f"; rebuilding it moved no output by more than the tolerance here (measured {_fmt(m.severity)})"
+        summary = (f"advice: {summary}; rebuilding it moved no output by more than the tolerance here "
+                   f"(measured {_fmt(m.severity)})")
     evidence = {"at": str(rec.where), "quick_gelu": qg, "open_clip_warning": warned[:1],
                 "output_change": m.output_change if m else None, "probability_change": m.prob_change if m else None,
                 "effect_of_fix": m.severity if m else None}
