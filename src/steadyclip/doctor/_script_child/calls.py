@@ -164,7 +164,8 @@ def _apply_fixes(obs: Observer, model: torch.nn.Module, k: int) -> dict[str, Any
     done: dict[str, Any] = {}
     if "pin_weights" in obs.fixes and k not in obs.pinned:
         obs.pinned.add(k)
-        done["pin_weights"] = _pin(obs, model, k)
+        # created from the seeded RNG and never loaded into: the same weights already, nothing to save
+        done["pin_weights"] = "seeded" if k in obs.seeded and k not in obs.loaded else _pin(obs, model, k)
     if "eval" in obs.fixes and model.training:
         model.eval()
         done["eval"] = True

@@ -60,6 +60,8 @@ class Observer:
         self.used: dict[str, int] = {}  # transform roles applied since the last encode_image
         self.texts: list[str] | None = None
         self.pinned: set[int] = set()
+        self.seeded: set[int] = set()  # created from a seeded RNG (pin_weights): random init the same every run
+        self.loaded: set[int] = set()  # had a state dict loaded into them
         self.seq = 0
         self.local = threading.local()
         self.t0 = time.perf_counter()
@@ -129,6 +131,7 @@ def _wrap_factory(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
         qg = loads.quick_gelu(arch, pretrained, kwargs)
         if "config" in obs.fixes:
             args, kwargs = loads.apply_config_fix(qg, args, kwargs)
+        rng = _seed_rng() if "pin_weights" in obs.fixes else None
         try:
             with loads.captured_warnings() as caught:
                 out = fn(*args, **kwargs)
@@ -138,8 +141,12 @@ def _wrap_factory(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
             raise
         finally:
             obs.depth("create", -1)
+            if rng is not None:
+                sys.modules["torch"].set_rng_state(rng)
         model = out[0] if isinstance(out, tuple) else out
         k = obs.index(model)
+        if rng is not None:
+            obs.seeded.add(k)
         obs.emit("model", model=k, fn=name, arch=arch, pretrained=pretrained, cls=type(model).__name__,
                  where=where, warnings=caught, quick_gelu=qg)
         if isinstance(out, tuple) and len(out) >= 2:
@@ -147,6 +154,18 @@ def _wrap_factory(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
         return out
 
     return wrapper
+
+
+def _seed_rng() -> Any:
+    """pin_weights for random init: the same RNG state for creation in every run, the script's own after.
+
+    Saving and reloading the state dict would pin it too, at the cost of writing the whole model to disk
+    in every pinned run (hundreds of MB for ViT-B-32); the RNG state costs nothing.
+    """
+    torch = sys.modules["torch"]
+    state = torch.get_rng_state()
+    torch.manual_seed(SEED)
+    return state
 
 
 def _record_transforms(obs: Observer, k: int, out: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -193,6 +212,8 @@ def _wrap_load_state_dict(fn: Callable[..., Any]) -> Callable[..., Any]:
         obs = _OBS
         assert obs is not None
         out = fn(self, state_dict, *args, **kwargs)
+        if obs.depth("pin", 0) == 0:
+            obs.loaded.add(obs.index(self))
         if obs.depth("create", 0) == 0 and obs.depth("pin", 0) == 0:  # inside a factory: load_checkpoint reports
             path = obs.loaded_files.get(id(state_dict))
             missing = list(getattr(out, "missing_keys", []) or [])
