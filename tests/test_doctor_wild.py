@@ -1,8 +1,9 @@
 """`steadyclip doctor --script` on scripts written the ways people write them (issue 22).
 
 Scripts in ``tests/doctor_scripts/``: a benchmark CLI that encodes each class in
-its own ``encode_text`` call, a feature comparison that never encodes text,
-open_clip's README example with a tag, a file or an ``hf-hub:`` name. Weights are
+its own ``encode_text`` call, a feature comparison that never encodes text, an
+evaluation loop over a DataLoader with the model's own logit scale, open_clip's
+README example with a tag, a file or an ``hf-hub:`` name. Weights are
 random (real or tiny open_clip architectures) and tags resolve offline from a
 Hugging Face cache laid out as huggingface_hub lays one out.
 """
@@ -109,8 +110,8 @@ def test_eval_that_changes_nothing_is_advice_not_a_cause_exit_0(files: dict[str,
 
 def test_nan_outputs_from_garbled_weights_are_wrong_exit_3(files: dict[str, Path]) -> None:
     """Point 4: the file still parses, every probability is nan, every run: the weights file is the cause."""
-    r, doc = doctor("zero_shot_pretrained.py", DEMO_ARCH, "--config", str(files["demo_cfg"]),
-                    "--pretrained", str(files["garbled"]))
+    r, doc = doctor("dataloader_eval.py", "--config", str(files["demo_cfg"]), "--model", DEMO_ARCH,
+                    "--weights", str(files["garbled"]))
     assert r.exit_code == 3
     assert "nan" in doc["script"]["processes"][0]["stdout"]
     top = doc["causes"][0]

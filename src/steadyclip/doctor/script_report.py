@@ -74,6 +74,10 @@ def script_html(sd: ScriptDiagnosis) -> str:
         out.append(f"<details{' open' if p.index == 0 else ''}><summary>{escape(_label(p, runs))}, exit "
                    f"{p.returncode}, {p.seconds:.1f} s</summary><pre>{escape(p.stdout)}</pre>"
                    + (f"<pre>{escape(p.stderr)}</pre>" if p.stderr else "") + "</details>")
+    if sd.diagnosis.advice:
+        out.append("<h2>Advice (measured: changes none of your outputs here, so not a cause)</h2><ul>")
+        out.extend(f"<li><b>{escape(c.id)}</b>: {escape(c.summary)}</li>" for c in sd.diagnosis.advice)
+        out.append("</ul>")
     return "".join(out)
 
 
