@@ -178,3 +178,16 @@ def test_openai_weights_in_a_gelu_model_are_a_config_mismatch(
     assert top["evidence"]["output_change"] > 1e-3
     assert "config" in doc["script"]["kept_fixes"]
     assert_timing(doc)
+
+
+@pytest.mark.parametrize(("body", "error"), [
+    ("import json\njson.loads('{not json')\n", "ScriptError"),
+    ("print('no model here')\n", "InputError"),
+], ids=["crash", "no-open-clip-call"])
+def test_json_is_one_document_for_every_outcome(tmp_path: Path, body: str, error: str) -> None:
+    script = tmp_path / "plain.py"
+    script.write_text(body)
+    r = CliRunner().invoke(cli, ["doctor", "--script", str(script), "--runs", "2", "--json"], catch_exceptions=False)
+    assert r.exit_code == 1
+    doc = json.loads(r.stdout)
+    assert doc["verdict"] == "error" and doc["error"].startswith(error) and doc["causes"] == []

@@ -111,7 +111,8 @@ def _check_target(demo: bool, model: str | None, images: tuple[Path, ...]) -> No
 
 
 def _doctor_script(script: Path, args: tuple[str, ...], runs: int, as_json: bool, html_path: Path | None) -> None:
-    from steadyclip.doctor.script import ScriptError, diagnose_script
+    from steadyclip.doctor.script import ScriptError, diagnose_script, error_document
+    from steadyclip.errors import SteadyClipError
 
     if runs < 2:
         raise click.UsageError("--runs must be at least 2 with --script: runs are compared with each other")
@@ -128,6 +129,10 @@ def _doctor_script(script: Path, args: tuple[str, ...], runs: int, as_json: bool
             from steadyclip.doctor.script_report import render_failure
 
             render_failure(e, Console(stderr=True))
+        raise
+    except SteadyClipError as e:  # nothing to diagnose (no open_clip call, a timeout): still one document
+        if as_json:
+            echo_json(error_document(e, script, args))
         raise
     if html_path is not None:
         from steadyclip.doctor.script_report import to_html

@@ -51,7 +51,7 @@ from steadyclip.doctor.script_failure import diagnose_failure
 from steadyclip.doctor.script_trace import RunTrace, first_divergence, read_trace
 from steadyclip.errors import InputError
 
-__all__ = ["ScriptDiagnosis", "ScriptError", "ScriptRun", "diagnose_script"]
+__all__ = ["ScriptDiagnosis", "ScriptError", "ScriptRun", "diagnose_script", "error_document"]
 
 _BOOT = Path(observer.__file__).with_name("boot.py")
 _ABLATION_RUNS = 2
@@ -71,12 +71,19 @@ class ScriptError(InputError):
 
     def to_dict(self) -> dict[str, Any]:
         """The same document as a diagnosis, with ``verdict: "error"``: ``--json`` prints one for every outcome."""
-        return {"verdict": "error", "error": str(self), "causes": [c.to_dict() for c in self.causes],
-                "advice": [], "runs": [], "checks": [], "labels": [], "images": [],
-                "environment": jsonable({"script": self.script}),
-                "script": {"path": self.script, "args": list(self.script_args), "kept_fixes": [],
-                           "processes": [self.run.to_dict()]},
-                "timing": {"processes": self.run.index + 1, "failed_run": self.run.index + 1}}
+        doc = error_document(self, self.script, self.script_args)
+        doc["causes"] = [c.to_dict() for c in self.causes]
+        doc["script"]["processes"] = [self.run.to_dict()]
+        doc["timing"] = {"processes": self.run.index + 1, "failed_run": self.run.index + 1}
+        return doc
+
+
+def error_document(e: BaseException, script: str | os.PathLike[str], args: Sequence[str]) -> dict[str, Any]:
+    """A diagnosis document for a run that ended in an error (the schema's keys, ``verdict: "error"``)."""
+    return {"verdict": "error", "error": f"{type(e).__name__}: {e}", "causes": [], "advice": [], "runs": [],
+            "checks": [], "labels": [], "images": [], "environment": jsonable({"script": os.fspath(script)}),
+            "script": {"path": os.fspath(script), "args": list(args), "kept_fixes": [], "processes": []},
+            "timing": {}}
 
 
 @dataclass(frozen=True)
