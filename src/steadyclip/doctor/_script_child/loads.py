@@ -66,7 +66,12 @@ def captured_warnings() -> Iterator[list[str]]:
 
     def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
         caught.append(f"{getattr(category, '__name__', 'Warning')}: {message}")
-        shown(message, category, filename, lineno, file, line)
+        if shown is getattr(warnings, "_showwarning_orig", None):
+            # what warnings does when nobody hooked it: a script's own catch_warnings(record=True) still records it
+            msg = warnings.WarningMessage(message, category, filename, lineno, file, line)
+            warnings._showwarnmsg_impl(msg)  # type: ignore[attr-defined]
+        else:
+            shown(message, category, filename, lineno, file, line)
 
     def keep(record: logging.LogRecord) -> bool:
         if record.levelno >= logging.WARNING:
