@@ -2,7 +2,8 @@
 
 Thin: parses, calls :mod:`steadyclip.doctor` (which builds the model the way a user's
 script does, :mod:`steadyclip.doctor.loaders`) and renders. Exit codes: 0 stable,
-3 unstable, 1 error, 2 usage.
+3 unstable or wrong, 1 error (with ``--script``: the script itself failed; ``--json`` still prints one
+document, ``verdict: "error"``), 2 usage.
 """
 from __future__ import annotations
 
@@ -110,15 +111,28 @@ def _check_target(demo: bool, model: str | None, images: tuple[Path, ...]) -> No
 
 
 def _doctor_script(script: Path, args: tuple[str, ...], runs: int, as_json: bool, html_path: Path | None) -> None:
-    from steadyclip.doctor.script import ScriptError, diagnose_script
+    from steadyclip.doctor.script import ScriptError, diagnose_script, error_document
+    from steadyclip.errors import SteadyClipError
 
     if runs < 2:
         raise click.UsageError("--runs must be at least 2 with --script: runs are compared with each other")
     try:
         sd = diagnose_script(script, args, runs=runs)
-    except ScriptError as e:  # the script's own failure: everything it printed, then why we stopped
+    except ScriptError as e:  # the script's own failure: everything it printed, what it means, then why we stopped
         click.echo(e.run.stdout, nl=False, err=as_json)
         click.echo(e.run.stderr, nl=False, err=True)
+        if as_json:  # one JSON document for every outcome, a crash included
+            echo_json(e.to_dict())
+        else:
+            from rich.console import Console
+
+            from steadyclip.doctor.script_report import render_failure
+
+            render_failure(e, Console(stderr=True))
+        raise
+    except SteadyClipError as e:  # nothing to diagnose (no open_clip call, a timeout): still one document
+        if as_json:
+            echo_json(error_document(e, script, args))
         raise
     if html_path is not None:
         from steadyclip.doctor.script_report import to_html

@@ -87,7 +87,8 @@ def render(d: Diagnosis, console: Console | None = None, *, show_runs: bool = Tr
     console = console or Console(soft_wrap=True)
     if show_runs and d.runs:
         for i in range(min(len(d.images), 2)):
-            console.print(runs_table(d, image=i))
+            if _top_labels(d, i, 3):  # NaN everywhere: a table without a column says nothing
+                console.print(runs_table(d, image=i))
         errs = {r.error for r in d.runs if r.error}
         for e in errs:
             console.print(f"[red]as-is forward failed:[/red] {e}", highlight=False)

@@ -139,6 +139,7 @@ class Diagnosis:
         checks: every check that ran, passed or was skipped, with why.
         labels: the label of each probability column.
         images: a display name for each image row.
+        advice: good practice that was measured to change nothing here (``diagnose_script``): not a cause.
     """
 
     verdict: Literal["stable", "unstable"]
@@ -148,6 +149,7 @@ class Diagnosis:
     checks: tuple[CheckStatus, ...] = ()
     labels: tuple[str, ...] = ()
     images: tuple[str, ...] = ()
+    advice: tuple[Cause, ...] = ()
 
     @property
     def stable(self) -> bool:
@@ -176,6 +178,7 @@ class Diagnosis:
             "checks": [c.to_dict() for c in self.checks],
             "labels": list(self.labels),
             "images": list(self.images),
+            "advice": [c.to_dict() for c in self.advice],
         }
 
 

@@ -6,10 +6,15 @@
 
 The script runs ``runs`` times in fresh processes of the same Python with the
 observer of ``_script_child`` injected (the file is never edited). Every
-suspected cause the observer saw is then removed at once (``runs`` more
-processes); if several were, each is put back in turn (two processes each) to
-prove which ones matter. Only causes whose removal changes the output are
-problems - except random weights, which are wrong even when the runs agree.
+suspected cause the observer saw is then removed at once; each removal is put
+back in turn (one process, a second only when the first moved nothing) to
+prove which ones matter.
+
+The verdict: exit 0 = the runs agree and nothing makes the results wrong; 3 =
+the runs disagree or the results are wrong (random or non-finite weights, train
+mode, a config that does not match the weights), each cause proven by an
+intervention whose effect is measured on the outputs the script produced; a
+crash is a :class:`ScriptError` carrying what could be diagnosed about it.
 """
 from __future__ import annotations
 
@@ -26,10 +31,11 @@ from typing import Any
 
 from steadyclip.doctor._script_child import observer
 from steadyclip.doctor.result import (
-    PROB_TOL,
+    Cause,
     CheckStatus,
     Diagnosis,
     Run,
+    jsonable,
     rank_causes,
     verdict_of,
 )
@@ -39,25 +45,45 @@ from steadyclip.doctor.script_causes import (
     build_causes,
     candidates,
     gather,
-    max_change,
-    spread_of,
+    measure,
 )
+from steadyclip.doctor.script_failure import diagnose_failure
 from steadyclip.doctor.script_trace import RunTrace, first_divergence, read_trace
 from steadyclip.errors import InputError
 
-__all__ = ["ScriptDiagnosis", "ScriptError", "ScriptRun", "diagnose_script"]
+__all__ = ["ScriptDiagnosis", "ScriptError", "ScriptRun", "diagnose_script", "error_document"]
 
 _BOOT = Path(observer.__file__).with_name("boot.py")
 _ABLATION_RUNS = 2
 BUDGET_MARGIN = 0.15
+# Wrong whatever else is found: nothing measured on random, NaN or mismatched weights means much, so first.
+_ROOTS = ("random_init", "non_finite", "config_mismatch", "weights_changed")
 
 
 class ScriptError(InputError):
-    """The user's script itself failed (non-zero exit); ``run`` holds its output and traceback."""
+    """The user's script itself failed (non-zero exit): ``run`` holds its output and traceback, ``causes`` what
+    the observer's records explain about it (which weights file was bad, and how to fix it)."""
 
-    def __init__(self, message: str, run: ScriptRun) -> None:
+    def __init__(self, message: str, run: ScriptRun, causes: tuple[Cause, ...] = (), script: str = "",
+                 args: Sequence[str] = ()) -> None:
         super().__init__(message)
-        self.run = run
+        self.run, self.causes, self.script, self.script_args = run, causes, script, tuple(args)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The same document as a diagnosis, with ``verdict: "error"``: ``--json`` prints one for every outcome."""
+        doc = error_document(self, self.script, self.script_args)
+        doc["causes"] = [c.to_dict() for c in self.causes]
+        doc["script"]["processes"] = [self.run.to_dict()]
+        doc["timing"] = {"processes": self.run.index + 1, "failed_run": self.run.index + 1}
+        return doc
+
+
+def error_document(e: BaseException, script: str | os.PathLike[str], args: Sequence[str]) -> dict[str, Any]:
+    """A diagnosis document for a run that ended in an error (the schema's keys, ``verdict: "error"``)."""
+    return {"verdict": "error", "error": f"{type(e).__name__}: {e}", "causes": [], "advice": [], "runs": [],
+            "checks": [], "labels": [], "images": [], "environment": jsonable({"script": os.fspath(script)}),
+            "script": {"path": os.fspath(script), "args": list(args), "kept_fixes": [], "processes": []},
+            "timing": {}}
 
 
 @dataclass(frozen=True)
@@ -126,11 +152,14 @@ class _Runner:
         seconds = time.perf_counter() - t0
         rec = ScriptRun(n, tuple(sorted(fixes)), proc.returncode, seconds, proc.stdout, proc.stderr)
         self.runs.append(rec)
+        out = read_trace(trace, returncode=proc.returncode, stdout=proc.stdout, stderr=proc.stderr, seconds=seconds)
         if proc.returncode != 0:
             what = "as-is" if not fixes else f"with the fixes {', '.join(sorted(fixes))}"
+            causes = diagnose_failure(out)
+            hint = f"; {causes[0].id}: {causes[0].summary}" if causes else ""
             raise ScriptError(f"{self.script.name} failed (exit {proc.returncode}, run {n + 1}, {what}); its own "
-                              "output and traceback are shown above", rec)
-        return read_trace(trace, returncode=proc.returncode, stdout=proc.stdout, stderr=proc.stderr, seconds=seconds)
+                              f"output and traceback are shown above{hint}", rec, causes, str(self.script), self.args)
+        return out
 
 
 def _child_env() -> dict[str, str]:
@@ -168,12 +197,17 @@ def diagnose_script(script: str | os.PathLike[str], args: Sequence[str] = (), *,
                              "model; doctor --script sees models created through open_clip's create_model* functions")
         ev = gather(as_is)
         kept, fixed, measured = _intervene(runner, as_is, ev)
-    causes = rank_causes(build_causes(as_is[0], ev, measured, fixed))
+    problems, advice = build_causes(as_is[0], ev, measured, fixed)
+    causes = _roots_first(rank_causes(problems))
     wall = time.perf_counter() - t0
-    d = _diagnosis(as_is, fixed, causes, ev, kept, path, wall)
+    d = _diagnosis(as_is, fixed, causes, ev, kept, path, wall, tuple(advice))
     timing = _timing(runner.runs, runs, wall)
     d.environment["timing"] = timing
     return ScriptDiagnosis(str(path), tuple(args), d, tuple(runner.runs), tuple(kept), timing)
+
+
+def _roots_first(causes: tuple[Cause, ...]) -> tuple[Cause, ...]:
+    return tuple(sorted(causes, key=lambda c: _ROOTS.index(c.id) if c.id in _ROOTS else len(_ROOTS)))
 
 
 def _intervene(runner: _Runner, as_is: list[RunTrace], ev: Evidence,
@@ -184,7 +218,8 @@ def _intervene(runner: _Runner, as_is: list[RunTrace], ev: Evidence,
         return [], as_is, []
     if not fixes:
         fixes = ["seed"]
-    n = len(as_is)
+    # runs that agreed as-is need two fixed runs to show they still agree, not one per as-is run
+    n = len(as_is) if not ev.stable else min(2, len(as_is))
     cache: dict[frozenset[str], list[RunTrace]] = {frozenset(): as_is}
     fixed = [runner.run(fixes) for _ in range(n)]
     if len({r.signature for r in fixed}) > 1 and "seed" not in fixes:
@@ -195,15 +230,11 @@ def _intervene(runner: _Runner, as_is: list[RunTrace], ev: Evidence,
     for fix in fixes:
         rest = frozenset(fixes) - {fix}
         if rest not in cache:
-            cache[rest] = [runner.run(sorted(rest)) for _ in range(_ABLATION_RUNS)]
-        without = cache[rest]
-        spread = spread_of(without)
-        change = max_change(without, fixed[:1])
-        unstable = len({r.signature for r in without}) > 1
-        moved = (change is not None and change > PROB_TOL) or (change is None and
-                                                                without[0].signature != fixed[0].signature)
-        measured.append(Measured(fix, unstable or moved, max(x for x in (spread, change, 0.0) if x is not None),
-                                 spread, len(without)))
+            cache[rest] = [runner.run(sorted(rest))]
+            m = measure(fix, cache[rest], fixed)
+            if not m.needed:  # moved nothing once: a second run shows whether it moves run to run
+                cache[rest].extend(runner.run(sorted(rest)) for _ in range(_ABLATION_RUNS - 1))
+        measured.append(measure(fix, cache[rest], fixed))
     kept = [m.fix for m in measured if m.needed]
     return kept, fixed, measured
 
@@ -213,8 +244,8 @@ def _rows(r: RunTrace) -> tuple[tuple[float, ...], ...]:
     return () if p is None else tuple(tuple(float(x) for x in row) for row in p)
 
 
-def _diagnosis(as_is: list[RunTrace], fixed: list[RunTrace], causes: tuple[Any, ...], ev: Evidence,
-               kept: list[str], path: Path, wall: float) -> Diagnosis:
+def _diagnosis(as_is: list[RunTrace], fixed: list[RunTrace], causes: tuple[Cause, ...], ev: Evidence,
+               kept: list[str], path: Path, wall: float, advice: tuple[Cause, ...]) -> Diagnosis:
     first = as_is[0]
     probs = first.probabilities()
     labels = first.labels() or (tuple(f"text {j + 1}" for j in range(probs.shape[1])) if probs is not None else ())
@@ -231,7 +262,11 @@ def _diagnosis(as_is: list[RunTrace], fixed: list[RunTrace], causes: tuple[Any, 
         checks.append(CheckStatus("fixed_runs_agree", "ok" if stable_fixed else "problem",
                                   f"with {', '.join(kept) or 'no fix'}: "
                                   + ("every output identical" if stable_fixed else "outputs still change")))
+    ids = {c.id for c in causes}
     for cid, ok, detail in (("random_init", not ev.random_models, "every model ran with loaded weights"),
+                            ("non_finite", not ev.nonfinite_calls, "every output is finite"),
+                            ("config_mismatch", "config_mismatch" not in ids,
+                             "every model is built as its pretrained tag expects"),
                             ("train_mode", not ev.training_calls, "every call ran in eval mode"),
                             ("preprocess_random", not ev.random_transform_calls, "no random transform made inputs"),
                             ("precision_drift", not ev.autocast_calls, "no call ran under autocast")):
@@ -247,13 +282,28 @@ def _diagnosis(as_is: list[RunTrace], fixed: list[RunTrace], causes: tuple[Any, 
                           "weights": [{"path": ld.get("path"), "sha256": ld.get("sha256"), "via": ld.get("via")}
                                       for ld in m.loads]} for k, m in first.models.items()},
            "seconds": round(wall, 3)}
-    return Diagnosis(verdict_of(causes), causes, runs, env, tuple(checks), tuple(labels), images)
+    return Diagnosis(verdict_of(causes), causes, runs, env, tuple(checks), tuple(labels), images, advice)
 
 
 def _timing(processes: list[ScriptRun], runs: int, wall: float) -> dict[str, Any]:
-    """Wall time against (processes x the script's own time): what the doctor costs beyond running the script."""
+    """Wall time against (processes x the script's own time): what the doctor costs beyond running the script.
+
+    When it is over budget, ``over_budget_because`` says where the time went: interventions that take longer
+    than the script as-is (pinning writes and reads the whole state dict), or the doctor's own work.
+    """
     own = statistics.median(p.seconds for p in processes[:runs])
     budget = len(processes) * own * (1 + BUDGET_MARGIN)
-    return {"wall_seconds": round(wall, 3), "script_seconds": round(own, 3), "processes": len(processes),
-            "runs": runs, "interventions": len(processes) - runs, "budget_seconds": round(budget, 3),
-            "ratio": round(wall / (len(processes) * own), 3), "within_budget": wall <= budget}
+    out: dict[str, Any] = {
+        "wall_seconds": round(wall, 3), "script_seconds": round(own, 3), "processes": len(processes), "runs": runs,
+        "interventions": len(processes) - runs, "budget_seconds": round(budget, 3),
+        "ratio": round(wall / (len(processes) * own), 3), "within_budget": wall <= budget}
+    if wall > budget:
+        slow = sorted((p for p in processes[runs:] if p.seconds > own * (1 + BUDGET_MARGIN)),
+                      key=lambda p: -p.seconds)
+        overhead = wall - sum(p.seconds for p in processes)
+        why = [f"run with {', '.join(p.fixes) or 'no fix'} took {p.seconds:.1f} s vs {own:.1f} s as-is"
+               for p in slow[:3]]
+        if overhead > own * BUDGET_MARGIN:
+            why.append(f"the doctor's own work between runs (reading traces, comparing outputs): {overhead:.1f} s")
+        out["over_budget_because"] = why or ["the script's own time varies from run to run"]
+    return out

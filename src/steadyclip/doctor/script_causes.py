@@ -3,6 +3,12 @@
 The cause ids, fixes and result types are ``diagnose``'s own; only the
 locations differ: every cause points at the line of the user's file that
 created the model or made the call.
+
+The rule: a fix is a *cause* only when, without it, the runs disagree or the
+outputs the script produced (every call's features, and the probabilities when
+the doctor can rebuild them) move by more than ``EFFECT_TOL``. A fix that moves
+nothing is *advice*. Some results are wrong without any intervention: random
+weights and NaN/Inf outputs are causes even when every run agrees.
 """
 from __future__ import annotations
 
@@ -10,24 +16,33 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from steadyclip.doctor import (
     checks_mode,
     checks_numerics,
     checks_preprocess,
     checks_weights,
 )
-from steadyclip.doctor.result import Cause, Level
+from steadyclip.doctor.result import NUMERIC_TOL, Cause
 from steadyclip.doctor.script_trace import (
     Call,
     RunTrace,
     Where,
+    change_between,
     first_divergence,
-    prob_spread,
+)
+from steadyclip.doctor.script_weights import (
+    config_mismatch,
+    located,
+    model_where,
+    non_finite,
+    random_init,
 )
 
-__all__ = ["Evidence", "build_causes", "candidates", "gather", "max_change"]
+__all__ = ["EFFECT_TOL", "Evidence", "Measured", "build_causes", "candidates", "gather", "measure"]
+
+# Below this, a fix only changed which kernels ran (eval's attention fast path, a batch shape): ~1e-7..1e-5
+# on CPU (DESIGN.md). Above it the change shows in the 4th decimal people print: the results were wrong.
+EFFECT_TOL = NUMERIC_TOL
 
 FIX_SEED = """\
 # something else in your script draws random numbers before the model runs: seed them at the top
@@ -50,6 +65,9 @@ class Evidence:
     autocast_calls: tuple[Call, ...]
     risky_flag_calls: tuple[Call, ...]
     stable: bool
+    nonfinite_calls: tuple[Call, ...] = ()
+    mismatched_models: tuple[int, ...] = ()  # built otherwise than their pretrained tag expects (open_clip said)
+    fixable_configs: tuple[int, ...] = ()  # ... and the observer can rebuild them as the tag expects
 
 
 def _is_random(ops: Sequence[str]) -> bool:
@@ -80,12 +98,18 @@ def gather(runs: Sequence[RunTrace]) -> Evidence:
         random_transform_calls=tuple(random_tf),
         autocast_calls=tuple(c for c in first.calls if any(v for v in c.autocast.values())),
         risky_flag_calls=tuple(risky), stable=len({r.signature for r in runs}) == 1,
+        nonfinite_calls=tuple(c for c in first.calls if not all(c.finite)),
+        mismatched_models=tuple(k for k, m in first.models.items() if (m.quick_gelu and m.quick_gelu["mismatch"])
+                                or any("mismatch" in w.lower() for w in m.warnings)),
+        fixable_configs=tuple(k for k, m in first.models.items() if m.quick_gelu and m.quick_gelu["mismatch"]),
     )
 
 
 def candidates(ev: Evidence) -> list[str]:
     """The interventions worth trying, in the order of the observer's ``FIXES`` (root causes first)."""
     out = []
+    if ev.fixable_configs:
+        out.append("config")
     if ev.weights_differ:
         out.append("pin_weights")
     if ev.training_calls:
@@ -99,141 +123,116 @@ def candidates(ev: Evidence) -> list[str]:
     return out
 
 
-def max_change(a: Sequence[RunTrace], b: Sequence[RunTrace]) -> float | None:
-    """How far the probabilities of one configuration are from another's (run by run, then the largest)."""
-    pa, pb = [r.probabilities() for r in a], [r.probabilities() for r in b]
-    best = 0.0
-    for x in pa:
-        for y in pb:
-            if x is None or y is None:
-                return None
-            if x.shape != y.shape:
-                return 1.0
-            best = max(best, float(np.abs(x - y).max()))
-    return best
-
-
-def _located(fix: str, where: Where | None, note: str) -> str:
-    if where is None or where.file is None:
-        return fix
-    return f"# {where}: {note}\n#   {where.code}\n{fix}"
-
-
 @dataclass(frozen=True)
 class Measured:
-    """One kept intervention: the runs without it (everything else fixed) against the runs with all fixes."""
+    """One intervention: the runs without it (everything else fixed) against the runs with all fixes."""
 
     fix: str
     needed: bool
-    severity: float | None
-    spread_without: float | None
+    severity: float | None  # the larger of the output change and the spread without the fix
+    spread_without: float | None  # how far the runs without it disagree with each other
     runs_without: int
+    output_change: float | None = None  # features etc., rows at unit length
+    prob_change: float | None = None  # the probabilities the doctor rebuilt, when it could
+    runs_disagree: bool = False
+
+
+def measure(fix: str, without: Sequence[RunTrace], fixed: Sequence[RunTrace]) -> Measured:
+    """Is ``fix`` needed: without it the runs disagree, or the outputs move by more than ``EFFECT_TOL``."""
+    disagree = len({r.signature for r in without}) > 1
+    out, prob = change_between(without[:1], fixed[:1])
+    spread = max((x for x in change_between(without[:1], without[1:]) if x is not None), default=0.0) \
+        if disagree else 0.0
+    moved = max((x for x in (out, prob) if x is not None), default=None)
+    needed = disagree or (moved is not None and moved > EFFECT_TOL)
+    sev = max((x for x in (moved, spread) if x is not None), default=None)
+    return Measured(fix, needed, sev, spread, len(without), out, prob, disagree)
 
 
 def build_causes(first: RunTrace, ev: Evidence, measured: Sequence[Measured],
-                 fixed_runs: Sequence[RunTrace]) -> list[Cause]:
-    causes: list[Cause] = []
+                 fixed_runs: Sequence[RunTrace]) -> tuple[list[Cause], list[Cause]]:
+    """(causes, advice): each measured fix is one or the other; results wrong by themselves are causes."""
+    out: list[Cause] = []
     by_fix = {m.fix: m for m in measured}
     for k in ev.random_models:
-        causes.append(_random_init(first, k, by_fix.get("pin_weights")))
+        out.append(random_init(first, k, by_fix.get("pin_weights")))
+    if ev.nonfinite_calls:
+        out.append(non_finite(first, ev.nonfinite_calls))
+    for k in ev.mismatched_models:
+        out.append(config_mismatch(first, k, by_fix.get("config")))
     pin = by_fix.get("pin_weights")
     if pin is not None and [k for k in ev.weights_differ if k not in ev.random_models]:
-        causes.append(_cause("weights_changed", pin, "the weights differ between runs of your script at the first "
-                             "call", {"models": list(ev.weights_differ)}, checks_weights.FIX_WEIGHTS_CHANGED,
-                             _model_where(first, ev.weights_differ[0]), "the model whose weights change"))
+        out.append(_cause("weights_changed", pin, "the weights differ between runs of your script at the first "
+                          "call", {"models": list(ev.weights_differ)}, checks_weights.FIX_WEIGHTS_CHANGED,
+                          model_where(first, ev.weights_differ[0]), "the model whose weights change"))
     if "eval" in by_fix:
-        causes.extend(_train_mode(first, ev, by_fix["eval"]))
+        out.append(_train_mode(first, ev, by_fix["eval"]))
     if "eval_transform" in by_fix:
         c = ev.random_transform_calls[0]
         ops = first.models[c.model].transforms.get("train", [])
-        causes.append(_cause(
+        out.append(_cause(
             "preprocess_random", by_fix["eval_transform"],
             "your images go through open_clip's *training* transform (random crops): the pixels differ every run",
             {"train_transform": ops, "used_at": str(c.where), "calls": len(ev.random_transform_calls)},
-            checks_preprocess.FIX_RANDOM, _model_where(first, c.model),
+            checks_preprocess.FIX_RANDOM, model_where(first, c.model),
             "this returns (model, preprocess_train, preprocess_eval): the train one is used"))
     if "no_autocast" in by_fix:
         c = ev.autocast_calls[0]
-        causes.append(_cause(
+        out.append(_cause(
             "precision_drift", by_fix["no_autocast"],
             f"the model runs under autocast ({c.autocast}): lower precision moves the results away from float32",
             {"autocast": c.autocast, "calls_under_autocast": len(ev.autocast_calls), "first_at": str(c.where)},
             checks_numerics.FIX_PRECISION.replace("DEVICE", repr(c.device)), c.where, "called under autocast"))
     if "strict_flags" in by_fix:
         c = ev.risky_flag_calls[0]
-        causes.append(_cause("nondeterministic_flags", by_fix["strict_flags"],
-                             "CUDA numerics flags allow TF32 / autotuned / non-deterministic kernels",
-                             {"flags": c.flags, "first_at": str(c.where)}, checks_numerics.FIX_FLAGS, c.where,
-                             "the first call with these flags"))
+        out.append(_cause("nondeterministic_flags", by_fix["strict_flags"],
+                          "CUDA numerics flags allow TF32 / autotuned / non-deterministic kernels",
+                          {"flags": c.flags, "first_at": str(c.where)}, checks_numerics.FIX_FLAGS, c.where,
+                          "the first call with these flags"))
     if "seed" in by_fix:
         div = first_divergence([first, *fixed_runs[:1]])
-        causes.append(_cause("unseeded_randomness", by_fix["seed"],
-                             "the outputs change until the random number generators are seeded: your script draws "
-                             "random numbers the observer cannot attribute to a layer or transform",
-                             {"first_divergence": div}, FIX_SEED, None, ""))
-    return causes
+        out.append(_cause("unseeded_randomness", by_fix["seed"],
+                          "the outputs change until the random number generators are seeded: your script draws "
+                          "random numbers the observer cannot attribute to a layer or transform",
+                          {"first_divergence": div}, FIX_SEED, None, ""))
+    return [c for c in out if c.level == "problem"], [c for c in out if c.level != "problem"]
 
 
 def _cause(cid: str, m: Measured, summary: str, evidence: dict[str, Any], fix: str, where: Where | None,
            note: str) -> Cause:
-    level: Level = "problem" if m.needed else "info"
-    if m.needed:
-        summary += f"; fixing it moves probabilities by up to {_fmt(m.severity)}"
+    """A cause when the fix was needed (why: the runs disagree, or the outputs were wrong); else advice."""
+    if m.needed and m.runs_disagree:
+        summary += f"; without the fix the runs disagree (by up to {_fmt(m.spread_without)})"
+    elif m.needed:
+        summary += (f"; the runs agree, but the results are wrong: the fix moves your outputs by up to "
+                    f"{_fmt(m.severity)}")
     else:
-        summary += "; removing it changed no output here"
-    ev = {"at": str(where) if where else None, **evidence, "spread_without_this_fix": m.spread_without,
-          "effect_of_fix": m.severity}
-    return Cause(cid, m.severity, level, summary, ev, _located(fix, where, note))
+        summary = (f"advice: {summary}; fixing it changed none of your outputs by more than {EFFECT_TOL:g} here "
+                   f"(measured {_fmt(m.severity)}), so it is not why your results differ")
+    ev = {"at": str(where) if where else None, **evidence, "runs_disagree_without_fix": m.runs_disagree,
+          "output_change": m.output_change, "probability_change": m.prob_change,
+          "spread_without_this_fix": m.spread_without, "effect_of_fix": m.severity}
+    return Cause(cid, m.severity, "problem" if m.needed else "info", summary, ev, located(fix, where, note))
 
 
 def _fmt(x: float | None) -> str:
-    return "n/a (no probabilities)" if x is None else f"{x:.3g}"
+    return "n/a" if x is None else f"{x:.3g}"
 
 
-def _model_where(first: RunTrace, k: int) -> Where | None:
-    rec = first.models.get(k)
-    return rec.where if rec is not None else None
-
-
-def _random_init(first: RunTrace, k: int, pin: Measured | None) -> Cause:
-    rec = first.models.get(k)
-    where = rec.where if rec is not None else None
-    arch = rec.arch if rec is not None else None
-    pretrained = rec.pretrained if rec is not None else None
-    summary = (f"{where}: model created here without pretrained weights ({arch!r}, pretrained={pretrained!r}) and "
-               "no weights were loaded before it ran: its weights are random")
-    summary += (", new ones in every process" if pin is not None and pin.needed else
-                " (the runs agree, but the answers are still those of an untrained model)")
-    evidence = {"at": str(where), "arch": arch, "pretrained": pretrained, "weights_loaded": False,
-                "spread_without_pinning": pin.spread_without if pin else None}
-    fix = checks_weights.FIX_RANDOM_INIT.replace("ARCH", repr(arch) if arch else "ARCH")
-    return Cause("random_init", pin.severity if pin is not None else None, "problem", summary, evidence,
-                 _located(fix, where, "model created here without pretrained weights"))
-
-
-def _train_mode(first: RunTrace, ev: Evidence, m: Measured) -> list[Cause]:
+def _train_mode(first: RunTrace, ev: Evidence, m: Measured) -> Cause:
+    """One cause for everything ``model.eval()`` removes: dropout, DropPath, batch statistics, mutated buffers."""
     c = ev.training_calls[0]
-    where = _model_where(first, c.model) or c.where
+    where = model_where(first, c.model) or c.where
     layers = [lay for call in ev.training_calls for lay in call.layers]
     kinds = sorted({lay["kind"] for lay in layers})
-    out = [_cause("train_mode", m, f"{len(ev.training_calls)} call(s) ran the model in train mode "
-                  f"(first: {c.site}); open_clip returns models in train mode",
-                  {"calls_in_train_mode": len(ev.training_calls), "first_call": str(c.where)},
-                  checks_mode.FIX_EVAL, where, "model created here; call model.eval() after it")]
-    if layers and m.needed:
-        # batch statistics are not random: with fixed weights they move nothing run to run, only the answer
-        out.append(Cause("stochastic_layers", m.spread_without or m.severity, "problem",
-                         f"{c.layer_count} random or batch-dependent layer(s) active at {c.site} "
-                         f"({', '.join(kinds)})",
-                         {"layers": layers[:20], "count": c.layer_count, "at": str(c.where)},
-                         _located(checks_mode.FIX_EVAL, where, "model created here; call model.eval() after it")))
-    if ev.buffers_changed and m.needed:
-        out.append(Cause("buffers_mutated", m.severity, "problem",
-                         "train-mode forwards overwrote the model's BatchNorm statistics between calls",
-                         {"models": list(ev.buffers_changed), "at": str(c.where)},
-                         _located(checks_mode.FIX_BUFFERS, where, "model created here")))
-    return out
-
-
-def spread_of(runs: Sequence[RunTrace]) -> float | None:
-    return prob_spread(runs) if len({r.signature for r in runs}) > 1 else 0.0
+    summary = (f"{len(ev.training_calls)} call(s) ran the model in train mode (first: {c.site}); open_clip returns "
+               "models in train mode")
+    if kinds:
+        summary += f", with {c.layer_count} random or batch-dependent layer(s) active ({', '.join(kinds)})"
+    fix = checks_mode.FIX_EVAL
+    if ev.buffers_changed:
+        summary += "; its forwards overwrote the BatchNorm statistics between calls"
+        fix = checks_mode.FIX_EVAL + "\n" + checks_mode.FIX_BUFFERS
+    evidence = {"calls_in_train_mode": len(ev.training_calls), "first_call": str(c.where), "layer_kinds": kinds,
+                "layers": layers[:20], "layer_count": c.layer_count, "buffers_mutated": list(ev.buffers_changed)}
+    return _cause("train_mode", m, summary, evidence, fix, where, "model created here; call model.eval() after it")

@@ -5,12 +5,14 @@ from html import escape
 
 from rich.console import Console
 from rich.panel import Panel
+from rich.table import Table
 from rich.text import Text
 
+from steadyclip.doctor.report import format_severity
 from steadyclip.doctor.report import render as render_diagnosis
-from steadyclip.doctor.script import ScriptDiagnosis, ScriptRun
+from steadyclip.doctor.script import ScriptDiagnosis, ScriptError, ScriptRun
 
-__all__ = ["render", "script_html", "to_html"]
+__all__ = ["render", "render_failure", "script_html", "to_html"]
 
 _TAIL = 12  # lines of each run's output shown; --json has all of it
 
@@ -39,10 +41,29 @@ def render(sd: ScriptDiagnosis, console: Console | None = None) -> None:
         console.print(Panel(body, title=f"your script printed ({_label(p, runs)})", title_align="left",
                             border_style=colour))
     render_diagnosis(sd.diagnosis, console)
+    if sd.diagnosis.advice:
+        table = Table(title="advice (measured: changes none of your outputs here, so not a cause)",
+                      title_justify="left")
+        table.add_column("id")
+        table.add_column("effect", justify="right")
+        table.add_column("finding")
+        for c in sd.diagnosis.advice:
+            table.add_row(c.id, format_severity(c.severity), c.summary)
+        console.print(table)
     t = sd.timing
     console.print(f"[dim]{t['processes']} run(s) of {sd.script} ({t['runs']} as-is, {t['interventions']} to prove "
                   f"the causes) in {t['wall_seconds']:.1f} s; {t['ratio']:.2f}x the script's own "
                   f"{t['script_seconds']:.1f} s per run[/dim]", highlight=False)
+    for why in t.get("over_budget_because", ()):
+        console.print(f"[dim]over the time budget: {why}[/dim]", highlight=False)
+
+
+def render_failure(e: ScriptError, console: Console) -> None:
+    """After the script's own traceback: what the observer's records say went wrong, and the fix."""
+    from steadyclip.doctor.report import _cause_panel
+
+    for rank, c in enumerate(e.causes, start=1):
+        console.print(_cause_panel(rank, c))
 
 
 def script_html(sd: ScriptDiagnosis) -> str:
@@ -53,6 +74,10 @@ def script_html(sd: ScriptDiagnosis) -> str:
         out.append(f"<details{' open' if p.index == 0 else ''}><summary>{escape(_label(p, runs))}, exit "
                    f"{p.returncode}, {p.seconds:.1f} s</summary><pre>{escape(p.stdout)}</pre>"
                    + (f"<pre>{escape(p.stderr)}</pre>" if p.stderr else "") + "</details>")
+    if sd.diagnosis.advice:
+        out.append("<h2>Advice (measured: changes none of your outputs here, so not a cause)</h2><ul>")
+        out.extend(f"<li><b>{escape(c.id)}</b>: {escape(c.summary)}</li>" for c in sd.diagnosis.advice)
+        out.append("</ul>")
     return "".join(out)
 
 

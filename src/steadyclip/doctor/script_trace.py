@@ -22,7 +22,8 @@ from steadyclip.doctor.harness import zero_shot
 from steadyclip.errors import InputError
 from steadyclip.numerics.head import ZeroShotHead
 
-__all__ = ["Call", "ModelRecord", "RunTrace", "Where", "first_divergence", "prob_spread", "read_trace"]
+__all__ = ["Call", "ModelRecord", "RunTrace", "Where", "change_between", "first_divergence", "output_change",
+           "prob_spread", "read_trace"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,8 @@ class Call:
     logit_bias: float | None  # SigLIP's; None for CLIP
     transforms_used: dict[str, int]
     texts: tuple[str, ...] | None
+    finite: tuple[bool, ...] = ()
+    nonfinite_weights: dict[str, Any] | None = None  # asked only when an output was NaN/Inf
 
     @property
     def site(self) -> str:
@@ -85,6 +88,8 @@ class ModelRecord:
     where: Where | None
     loads: tuple[dict[str, Any], ...] = ()
     transforms: dict[str, list[str]] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()  # what open_clip warned while building it
+    quick_gelu: dict[str, Any] | None = None  # the activation built vs the one its pretrained tag needs
 
     @property
     def weights_loaded(self) -> bool:
@@ -103,6 +108,8 @@ class RunTrace:
     models: dict[int, ModelRecord]
     calls: tuple[Call, ...]
     versions: dict[str, Any]
+    downloads: tuple[dict[str, Any], ...] = ()
+    failures: tuple[dict[str, Any], ...] = ()  # create_failed / weights_failed / file_failed, in order
 
     @property
     def signature(self) -> tuple[str, ...]:
@@ -110,32 +117,73 @@ class RunTrace:
         return tuple(d for c in self.calls for d in c.digests)
 
     def probabilities(self) -> np.ndarray | None:
-        """Zero-shot probabilities (images x texts) from the last image and text embeddings the script computed."""
+        """Zero-shot probabilities (images x classes) rebuilt from the last image and text embeddings.
+
+        Classes are the rows of the ``encode_text`` calls (chunks of one label list are joined); a script
+        that encodes each class's prompts in a call of its own (benchmark style: equal-sized calls, other
+        texts each) gets one class per call, the mean of its normalised rows. A single class is no
+        distribution (softmax over one text is always 1): ``None``.
+        """
         img = next((c for c in reversed(self.calls) if c.kind in ("encode_image", "forward") and c.outputs), None)
-        txt = next((c for c in reversed(self.calls) if c.kind == "encode_text" and c.outputs), None)
         if img is None:
             return None
         a = img.outputs[0]
-        b = txt.outputs[0] if txt is not None else (img.outputs[1] if len(img.outputs) > 1 else None)
-        if a is None or b is None or a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        b, scorer = self._classes(img)
+        if a is None or b is None or a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or b.shape[0] < 2:
             return None
-        scorer = txt or img
         if scorer.logit_scale is None:
             return None  # not a CLIP/SigLIP model: no zero-shot head to score with
-        a64, b64 = a.astype(np.float64), b.astype(np.float64)
-        a64 /= np.linalg.norm(a64, axis=1, keepdims=True) + 1e-12
-        b64 /= np.linalg.norm(b64, axis=1, keepdims=True) + 1e-12
-        return zero_shot(ZeroShotHead(scale=scorer.logit_scale, bias=scorer.logit_bias), a64, b64)  # (N, C)
+        return zero_shot(ZeroShotHead(scale=scorer.logit_scale, bias=scorer.logit_bias), _unit(a), _unit(b))
+
+    def _text_calls(self) -> list[Call]:
+        return [c for c in self.calls if c.kind == "encode_text" and c.outputs and c.outputs[0] is not None
+                and c.outputs[0].ndim == 2]
+
+    def _per_class(self) -> bool:
+        """Several encode_text calls of equal size: one class each (its prompts/templates), benchmark style."""
+        texts = self._text_calls()
+        return (len(texts) > 1 and len({(c.outputs[0].shape if c.outputs[0] is not None else None)
+                                        for c in texts}) == 1
+                and len({c.texts for c in texts}) == len(texts))  # the same labels encoded again are one list
+
+    def _classes(self, img: Call) -> tuple[np.ndarray | None, Call]:
+        texts = self._text_calls()
+        if not texts:
+            return (img.outputs[1] if len(img.outputs) > 1 else None), img
+        rows = [c.outputs[0] for c in texts if c.outputs[0] is not None]
+        if self._per_class():
+            return np.stack([_unit(r).mean(axis=0) for r in rows]), texts[-1]
+        if len({r.shape[1] for r in rows}) == 1 and len({c.texts for c in texts}) == len(texts):
+            return np.concatenate(rows), texts[-1]  # chunks of one label list
+        return rows[-1], texts[-1]
 
     def labels(self) -> tuple[str, ...] | None:
+        texts = self._text_calls()
+        if self._per_class():  # one class per encode_text call: its first prompt names it
+            return tuple(c.texts[0] if c.texts else f"text call {i + 1}" for i, c in enumerate(texts))
+        names = [t for c in texts for t in (c.texts or ())]
+        probs = self.probabilities()
+        if probs is not None and len(names) == probs.shape[1]:
+            return tuple(names)
         txt = next((c for c in reversed(self.calls) if c.texts), None)
         return txt.texts if txt is not None else None
+
+
+def _unit(a: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (float64): what CLIP compares, and what a change is measured on."""
+    x: np.ndarray = a.astype(np.float64)
+    if x.ndim == 0:
+        return np.asarray(x / (abs(x) + 1e-12))
+    return np.asarray(x / (np.linalg.norm(x, axis=-1, keepdims=True) + 1e-12))
 
 
 def _array(o: dict[str, Any]) -> np.ndarray | None:
     if not o.get("data"):
         return None
-    return np.frombuffer(base64.b64decode(o["data"]), dtype=np.float32).reshape(o["shape"])
+    shape = list(o["shape"])
+    if o.get("rows_sent") is not None and shape:
+        shape[0] = int(o["rows_sent"])  # a large output: its first rows only
+    return np.frombuffer(base64.b64decode(o["data"]), dtype=np.float32).reshape(shape)
 
 
 def _call(e: dict[str, Any]) -> Call:
@@ -148,7 +196,8 @@ def _call(e: dict[str, Any]) -> Call:
         weights=str(e.get("weights_pinned") or e.get("weights")), device=str(e.get("device", "cpu")),
         digests=tuple(str(o["digest"]) for o in outs), outputs=tuple(_array(o) for o in outs),
         logit_scale=e.get("logit_scale"), logit_bias=e.get("logit_bias"), transforms_used=dict(e.get("transforms_used") or {}),
-        texts=tuple(texts) if texts else None,
+        texts=tuple(texts) if texts else None, finite=tuple(bool(o.get("finite", True)) for o in outs),
+        nonfinite_weights=e.get("nonfinite_weights"),
     )
 
 
@@ -159,6 +208,8 @@ def read_trace(path: Path, *, returncode: int, stdout: str, stderr: str, seconds
     transforms: dict[int, dict[str, list[str]]] = {}
     calls: list[Call] = []
     versions: dict[str, Any] = {}
+    downloads: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
     fixes: tuple[str, ...] = ()
     lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
     for line in lines:
@@ -179,12 +230,19 @@ def read_trace(path: Path, *, returncode: int, stdout: str, stderr: str, seconds
             transforms[int(e["model"])] = {k: v for k, v in e.items() if k in ("train", "eval")}
         elif kind == "call":
             calls.append(_call(e))
+        elif kind == "download":
+            downloads.append(e)
+        elif kind in ("create_failed", "weights_failed", "file_failed"):
+            failures.append(e)
     indices = set(models) | set(loads) | {c.model for c in calls}
     records = {k: ModelRecord(k, models.get(k, {}).get("fn"), models.get(k, {}).get("arch"),
                               models.get(k, {}).get("pretrained"),
                               Where.of(models[k]["where"]) if k in models else None,
-                              tuple(loads.get(k, ())), transforms.get(k, {})) for k in sorted(indices)}
-    return RunTrace(fixes, returncode, stdout, stderr, seconds, records, tuple(calls), versions)
+                              tuple(loads.get(k, ())), transforms.get(k, {}),
+                              tuple(models.get(k, {}).get("warnings") or ()), models.get(k, {}).get("quick_gelu"))
+               for k in sorted(indices)}
+    return RunTrace(fixes, returncode, stdout, stderr, seconds, records, tuple(calls), versions, tuple(downloads),
+                    tuple(failures))
 
 
 def first_divergence(runs: Sequence[RunTrace]) -> dict[str, Any] | None:
@@ -216,3 +274,61 @@ def prob_spread(runs: Sequence[RunTrace]) -> float | None:
         return math.inf
     stack = np.stack([p for p in probs if p is not None])
     return float((stack.max(axis=0) - stack.min(axis=0)).max())
+
+
+def _value_change(x: np.ndarray, y: np.ndarray) -> float:
+    """Largest change of any value, rows at unit length; NaN against a number is an infinite change."""
+    if x.shape != y.shape:
+        return math.inf
+    ux, uy = _unit(x), _unit(y)
+    d = np.abs(ux - uy)
+    both = np.isnan(ux) & np.isnan(uy)
+    d = np.where(both, 0.0, np.where(np.isnan(d), math.inf, d))
+    return float(d.max()) if d.size else 0.0
+
+
+def output_change(a: RunTrace, b: RunTrace) -> float | None:
+    """How far two runs' outputs are apart: every call the script made, every output, rows at unit length.
+
+    This is measured on what the script really produced (features included), not only on the
+    probabilities the doctor rebuilds. ``inf``: the runs made different calls or shapes;
+    ``None``: the outputs differ but none of them travelled with its values (nothing to measure).
+    """
+    if len(a.calls) != len(b.calls):
+        return math.inf
+    best, unmeasured = 0.0, False
+    for ca, cb in zip(a.calls, b.calls, strict=True):
+        if ca.kind != cb.kind or len(ca.outputs) != len(cb.outputs):
+            return math.inf
+        for da, db, xa, xb in zip(ca.digests, cb.digests, ca.outputs, cb.outputs, strict=True):
+            if da == db:
+                continue
+            if xa is None or xb is None:
+                unmeasured = True
+                continue
+            best = max(best, _value_change(xa, xb))
+    if best == 0.0 and unmeasured:
+        return None
+    return best
+
+
+def change_between(a: Sequence[RunTrace], b: Sequence[RunTrace]) -> tuple[float | None, float | None]:
+    """(largest output change, largest probability change) between any run of ``a`` and any run of ``b``."""
+    out: float | None = None
+    prob: float | None = None
+    for x in a:
+        for y in b:
+            c = output_change(x, y)
+            if c is not None:
+                out = c if out is None else max(out, c)
+            px, py = x.probabilities(), y.probabilities()
+            if px is not None and py is not None:
+                p = math.inf if px.shape != py.shape else _value_change_raw(px, py)
+                prob = p if prob is None else max(prob, p)
+    return out, prob
+
+
+def _value_change_raw(x: np.ndarray, y: np.ndarray) -> float:
+    d = np.abs(x - y)
+    d = np.where(np.isnan(x) & np.isnan(y), 0.0, np.where(np.isnan(d), math.inf, d))
+    return float(d.max()) if d.size else 0.0

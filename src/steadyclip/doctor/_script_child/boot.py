@@ -3,7 +3,9 @@
 The script sees what ``python my_script.py ARGS`` would give it: ``__name__ ==
 "__main__"``, ``sys.argv == ["my_script.py", *ARGS]``, its own folder as
 ``sys.path[0]``. Its traceback is printed as Python would print it, minus the
-frames of this launcher, and the exit status is the script's own.
+frames of this launcher and of the observer's wrappers (they only pass the call
+on; left in, they read as if steadyclip had caused the crash), and the exit
+status is the script's own.
 """
 import sys
 
@@ -27,6 +29,32 @@ def _observer() -> Any:
     return mod
 
 
+_HERE = os.path.dirname(os.path.realpath(__file__))
+
+
+def _hide_ours(te: traceback.TracebackException, seen: set[int]) -> int:
+    """Drop the observer's frames from this exception and the ones chained to it; how many were dropped."""
+    if id(te) in seen:
+        return 0
+    seen.add(id(te))
+    keep = [f for f in te.stack if os.path.dirname(os.path.realpath(f.filename)) != _HERE]
+    hidden = len(te.stack) - len(keep)
+    te.stack = traceback.StackSummary.from_list(keep)
+    for other in (te.__cause__, te.__context__, *(getattr(te, "exceptions", None) or ())):
+        if other is not None:
+            hidden += _hide_ours(other, seen)
+    return hidden
+
+
+def _print_traceback(e: BaseException, tb: Any) -> None:
+    te = traceback.TracebackException(type(e), e, tb)
+    hidden = _hide_ours(te, set())
+    sys.stderr.write("".join(te.format()))
+    if hidden:
+        sys.stderr.write(f"[steadyclip doctor: {hidden} frame(s) of its observer hidden from this traceback; it "
+                         "only records the call and passes it on unchanged]\n")
+
+
 def main() -> int:
     if len(sys.argv) < 2:
         sys.stderr.write("usage: python boot.py SCRIPT [ARGS...]\n")
@@ -47,7 +75,7 @@ def main() -> int:
         tb = e.__traceback__
         while tb is not None and os.path.realpath(tb.tb_frame.f_code.co_filename) != os.path.realpath(script):
             tb = tb.tb_next  # drop this launcher's and runpy's frames
-        traceback.print_exception(type(e), e, tb or e.__traceback__)
+        _print_traceback(e, tb or e.__traceback__)
         code = 1
     finally:
         sys.stdout.flush()

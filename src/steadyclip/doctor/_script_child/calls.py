@@ -77,15 +77,29 @@ def _tensors(out: Any) -> list[torch.Tensor]:
 
 
 def describe_output(out: Any) -> list[dict[str, Any]]:
+    """Shape, digest, finiteness, and the values: whole, or the first rows when large (enough to measure a fix)."""
     rows = []
     for t in _tensors(out):
         arr = t.detach().to("cpu", torch.float32).contiguous().numpy()
+        part = arr
+        if arr.size > _MAX_DATA and arr.ndim >= 1 and arr.shape[0] > 1:
+            per_row = max(1, arr.size // arr.shape[0])
+            part = arr[: max(1, _MAX_DATA // per_row)]
         rows.append({
             "shape": list(arr.shape),
             "digest": hashlib.sha256(arr.tobytes()).hexdigest()[:32],
-            "data": base64.b64encode(arr.tobytes()).decode("ascii") if arr.size <= _MAX_DATA else None,
+            "finite": bool(torch.isfinite(t.detach()).all()) if t.is_floating_point() else True,
+            "data": base64.b64encode(part.tobytes()).decode("ascii") if part.size <= _MAX_DATA else None,
+            "rows_sent": int(part.shape[0]) if part.ndim >= 1 else None,
         })
     return rows
+
+
+def nonfinite_weights(model: torch.nn.Module) -> dict[str, Any]:
+    """Which parameters/buffers hold NaN or Inf (asked only after an output was non-finite)."""
+    bad = [name for name, t in model.state_dict().items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    return {"count": len(bad), "names": bad[:_LIST], "tensors": len(model.state_dict())}
 
 
 def flags() -> dict[str, Any]:
@@ -150,7 +164,8 @@ def _apply_fixes(obs: Observer, model: torch.nn.Module, k: int) -> dict[str, Any
     done: dict[str, Any] = {}
     if "pin_weights" in obs.fixes and k not in obs.pinned:
         obs.pinned.add(k)
-        done["pin_weights"] = _pin(obs, model, k)
+        # created from the seeded RNG and never loaded into: the same weights already, nothing to save
+        done["pin_weights"] = "seeded" if k in obs.seeded and k not in obs.loaded else _pin(obs, model, k)
     if "eval" in obs.fixes and model.training:
         model.eval()
         done["eval"] = True
@@ -197,7 +212,10 @@ def _wrap_call(fn: Callable[..., Any], kind: str, obs: Observer) -> Callable[...
             with _no_autocast() if "no_autocast" in obs.fixes else contextlib.nullcontext():
                 out = fn(self, *args, **kwargs)
             obs.seq += 1
-            obs.emit("call", seq=obs.seq, outputs=describe_output(out), **rec)
+            outputs = describe_output(out)
+            if not all(o["finite"] for o in outputs):
+                rec["nonfinite_weights"] = nonfinite_weights(self)
+            obs.emit("call", seq=obs.seq, outputs=outputs, **rec)
             return out
         finally:
             obs.depth("call", -1)

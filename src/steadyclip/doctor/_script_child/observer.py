@@ -12,14 +12,15 @@ Interventions (``FIXES_ENV``, comma-separated) each remove one suspected cause:
 ``eval`` (eval() before every call), ``eval_transform`` (the factory's training
 transform replaced by its eval transform), ``no_autocast``, ``pin_weights``
 (the same state dict before the first call of every run), ``strict_flags``
-(deterministic torch/cuDNN flags) and ``seed`` (torch/random/numpy seeded).
+(deterministic torch/cuDNN flags), ``seed`` (torch/random/numpy seeded) and
+``config`` (a model built with the activation its pretrained tag was trained
+with: the ``-quickgelu`` name open_clip warns about).
 
 Only the standard library is imported here; see the package docstring for why.
 """
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -38,7 +39,7 @@ from typing import Any
 TRACE_ENV = "STEADYCLIP_DOCTOR_TRACE"
 FIXES_ENV = "STEADYCLIP_DOCTOR_FIXES"
 PIN_DIR_ENV = "STEADYCLIP_DOCTOR_PIN_DIR"
-FIXES = ("pin_weights", "eval", "eval_transform", "no_autocast", "strict_flags", "seed")
+FIXES = ("config", "pin_weights", "eval", "eval_transform", "no_autocast", "strict_flags", "seed")
 SEED = 0
 _MAX_DATA = 1 << 16  # outputs up to this many values travel whole (the parent computes probabilities from them)
 _LIST = 20
@@ -59,6 +60,8 @@ class Observer:
         self.used: dict[str, int] = {}  # transform roles applied since the last encode_image
         self.texts: list[str] | None = None
         self.pinned: set[int] = set()
+        self.seeded: set[int] = set()  # created from a seeded RNG (pin_weights): random init the same every run
+        self.loaded: set[int] = set()  # had a state dict loaded into them
         self.seq = 0
         self.local = threading.local()
         self.t0 = time.perf_counter()
@@ -100,17 +103,6 @@ class Observer:
 _OBS: Observer | None = None
 
 
-def _sha256(path: str) -> str | None:
-    try:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
-    except OSError:
-        return None
-
-
 def _transform_ops(t: Any) -> list[str]:
     out: list[str] = []
     for op in getattr(t, "transforms", None) or [t]:
@@ -127,24 +119,53 @@ def _wrap_factory(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         obs = _OBS
         assert obs is not None
-        outer = obs.depth("create", 1) == 1
-        try:
-            out = fn(*args, **kwargs)
-        finally:
-            obs.depth("create", -1)
-        if not outer:
-            return out
-        model = out[0] if isinstance(out, tuple) else out
-        k = obs.index(model)
+        if obs.depth("create", 1) > 1:  # create_model_and_transforms calls create_model: one model, one record
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                obs.depth("create", -1)
+        loads = _load_sibling("loads")
         pretrained = kwargs.get("pretrained", args[1] if len(args) > 1 else None)
         arch = kwargs.get("model_name", args[0] if args else None)
+        where = obs.where()
+        qg = loads.quick_gelu(arch, pretrained, kwargs)
+        if "config" in obs.fixes:
+            args, kwargs = loads.apply_config_fix(qg, args, kwargs)
+        rng = _seed_rng() if "pin_weights" in obs.fixes else None
+        try:
+            with loads.captured_warnings() as caught:
+                out = fn(*args, **kwargs)
+        except BaseException as e:
+            obs.emit("create_failed", fn=name, arch=arch, pretrained=pretrained, where=where,
+                     error=loads.error_of(e), warnings=caught, quick_gelu=qg)
+            raise
+        finally:
+            obs.depth("create", -1)
+            if rng is not None:
+                sys.modules["torch"].set_rng_state(rng)
+        model = out[0] if isinstance(out, tuple) else out
+        k = obs.index(model)
+        if rng is not None:
+            obs.seeded.add(k)
         obs.emit("model", model=k, fn=name, arch=arch, pretrained=pretrained, cls=type(model).__name__,
-                 where=obs.where())
+                 where=where, warnings=caught, quick_gelu=qg)
         if isinstance(out, tuple) and len(out) >= 2:
             out = _record_transforms(obs, k, out)
         return out
 
     return wrapper
+
+
+def _seed_rng() -> Any:
+    """pin_weights for random init: the same RNG state for creation in every run, the script's own after.
+
+    Saving and reloading the state dict would pin it too, at the cost of writing the whole model to disk
+    in every pinned run (hundreds of MB for ViT-B-32); the RNG state costs nothing.
+    """
+    torch = sys.modules["torch"]
+    state = torch.get_rng_state()
+    torch.manual_seed(SEED)
+    return state
 
 
 def _record_transforms(obs: Observer, k: int, out: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -161,27 +182,20 @@ def _record_transforms(obs: Observer, k: int, out: tuple[Any, ...]) -> tuple[Any
     return out
 
 
-def _wrap_load_checkpoint(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(fn)
-    def wrapper(model: Any, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
-        obs = _OBS
-        assert obs is not None
-        out = fn(model, checkpoint_path, *args, **kwargs)
-        path = os.fspath(checkpoint_path)
-        obs.emit("weights", model=obs.index(model), via="open_clip.load_checkpoint", path=os.path.abspath(path),
-                 sha256=_sha256(path), where=obs.where())
-        return out
-
-    return wrapper
-
-
 def _wrap_file_loader(fn: Callable[..., Any]) -> Callable[..., Any]:
     """torch.load / safetensors load_file: remember which file a state dict came from."""
 
     @functools.wraps(fn)
     def wrapper(f: Any, *args: Any, **kwargs: Any) -> Any:
-        out = fn(f, *args, **kwargs)
         obs = _OBS
+        try:
+            out = fn(f, *args, **kwargs)
+        except BaseException as e:
+            if obs is not None and isinstance(f, (str, os.PathLike)):  # the file the script crashed on
+                loads = _load_sibling("loads")
+                obs.emit("file_failed", via=getattr(fn, "__name__", "load"), error=loads.error_of(e),
+                         where=obs.where(), **loads.describe_file(os.fspath(f)))
+            raise
         if obs is not None and isinstance(f, (str, os.PathLike)) and isinstance(out, dict):
             obs.loaded_files[id(out)] = os.path.abspath(os.fspath(f))
             inner = out.get("state_dict")
@@ -198,11 +212,13 @@ def _wrap_load_state_dict(fn: Callable[..., Any]) -> Callable[..., Any]:
         obs = _OBS
         assert obs is not None
         out = fn(self, state_dict, *args, **kwargs)
+        if obs.depth("pin", 0) == 0:
+            obs.loaded.add(obs.index(self))
         if obs.depth("create", 0) == 0 and obs.depth("pin", 0) == 0:  # inside a factory: load_checkpoint reports
             path = obs.loaded_files.get(id(state_dict))
             missing = list(getattr(out, "missing_keys", []) or [])
-            obs.emit("weights", model=obs.index(self), via="load_state_dict", path=path,
-                     sha256=_sha256(path) if path else None, missing_keys=len(missing), where=obs.where())
+            obs.emit("weights", model=obs.index(self), via="load_state_dict", missing_keys=len(missing),
+                     where=obs.where(), **_load_sibling("loads").describe_file(path))
         return out
 
     return wrapper
@@ -242,9 +258,13 @@ def _patch_open_clip(mod: ModuleType) -> None:
         wrapped = _wrap_factory(getattr(factory, name), name)
         setattr(factory, name, wrapped)
         setattr(mod, name, wrapped)
-    loader = _wrap_load_checkpoint(factory.load_checkpoint)
+    obs = _OBS
+    assert obs is not None
+    loads = _load_sibling("loads")
+    loader = loads.wrap_load_checkpoint(factory.load_checkpoint, obs)
     factory.load_checkpoint = loader  # type: ignore[attr-defined]
     mod.load_checkpoint = loader  # type: ignore[attr-defined]
+    loads.patch_downloads(obs)
     mod.tokenize = _wrap_tokenizer(mod.tokenize)  # type: ignore[attr-defined]
     for cls_name in ("SimpleTokenizer", "HFTokenizer", "SigLipTokenizer"):
         cls = getattr(sys.modules["open_clip.tokenizer"], cls_name, None)
@@ -255,8 +275,6 @@ def _patch_open_clip(mod: ModuleType) -> None:
     )
 
     transforms.Compose.__call__ = _wrap_transform_call(transforms.Compose.__call__)
-    obs = _OBS
-    assert obs is not None
     _load_sibling("calls").patch_model_classes(obs, _wrap_load_state_dict)
     obs.emit("import", module="open_clip", version=getattr(mod, "__version__", None),
              torch=sys.modules["torch"].__version__)
