@@ -31,7 +31,7 @@ from _doctor_models import (
 from click.testing import CliRunner, Result
 
 from steadyclip.cli import cli
-from steadyclip.registry import DEMO_ARCH
+from steadyclip.model.registry import DEMO_ARCH
 
 SCRIPTS = Path(__file__).parent / "doctor_scripts"
 DEMO_CFG = Path(__file__).parents[1] / "src" / "steadyclip" / "demo" / "steadyclip-shapes.json"
