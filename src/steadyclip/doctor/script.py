@@ -41,14 +41,18 @@ from steadyclip.doctor.result import (
 )
 from steadyclip.doctor.script_causes import (
     Evidence,
-    Measured,
     build_causes,
     candidates,
     gather,
     measure,
 )
 from steadyclip.doctor.script_failure import diagnose_failure
-from steadyclip.doctor.script_trace import RunTrace, first_divergence, read_trace
+from steadyclip.doctor.script_trace import (
+    Measured,
+    RunTrace,
+    first_divergence,
+    read_trace,
+)
 from steadyclip.errors import InputError
 
 __all__ = ["ScriptDiagnosis", "ScriptError", "ScriptRun", "diagnose_script", "error_document"]

@@ -25,6 +25,7 @@ from steadyclip.doctor import (
 from steadyclip.doctor.result import NUMERIC_TOL, Cause
 from steadyclip.doctor.script_trace import (
     Call,
+    Measured,
     RunTrace,
     Where,
     change_between,
@@ -121,20 +122,6 @@ def candidates(ev: Evidence) -> list[str]:
     if ev.risky_flag_calls:
         out.append("strict_flags")
     return out
-
-
-@dataclass(frozen=True)
-class Measured:
-    """One intervention: the runs without it (everything else fixed) against the runs with all fixes."""
-
-    fix: str
-    needed: bool
-    severity: float | None  # the larger of the output change and the spread without the fix
-    spread_without: float | None  # how far the runs without it disagree with each other
-    runs_without: int
-    output_change: float | None = None  # features etc., rows at unit length
-    prob_change: float | None = None  # the probabilities the doctor rebuilt, when it could
-    runs_disagree: bool = False
 
 
 def measure(fix: str, without: Sequence[RunTrace], fixed: Sequence[RunTrace]) -> Measured:

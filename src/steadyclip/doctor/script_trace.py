@@ -332,3 +332,17 @@ def _value_change_raw(x: np.ndarray, y: np.ndarray) -> float:
     d = np.abs(x - y)
     d = np.where(np.isnan(x) & np.isnan(y), 0.0, np.where(np.isnan(d), math.inf, d))
     return float(d.max()) if d.size else 0.0
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One intervention: the runs without it (everything else fixed) against the runs with all fixes."""
+
+    fix: str
+    needed: bool
+    severity: float | None  # the larger of the output change and the spread without the fix
+    spread_without: float | None  # how far the runs without it disagree with each other
+    runs_without: int
+    output_change: float | None = None  # features etc., rows at unit length
+    prob_change: float | None = None  # the probabilities the doctor rebuilt, when it could
+    runs_disagree: bool = False

@@ -8,14 +8,11 @@ model was made (``hf-hub:`` names ignore ``pretrained=``, so their fix differs).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from steadyclip.doctor import checks_weights
 from steadyclip.doctor.result import Cause, Level
-from steadyclip.doctor.script_trace import Call, RunTrace, Where
-
-if TYPE_CHECKING:
-    from steadyclip.doctor.script_causes import Measured
+from steadyclip.doctor.script_trace import Call, Measured, RunTrace, Where
 
 __all__ = ["config_mismatch", "located", "model_where", "non_finite", "random_init"]
 
