@@ -110,3 +110,48 @@ def test_two_node_cluster_uses_both_nodes_and_writes_the_local_rows(engine: Engi
         cluster.shutdown()
     assert len(summary.execution["ray_nodes"]) == 2, "one actor per CPU: both nodes must have computed rows"
     assert remote.read_bytes() == local.read_bytes()
+
+
+def test_ray_text_job_equals_local_text_job_bitwise(engine: Engine, tmp_path: Path) -> None:
+    """Texts on Ray actors: the local job's rows and embeddings, bit for bit; error rows never leave the driver."""
+    from steadyclip.batch import run_text_batch
+
+    texts = Engine(engine.loaded, micro_batch=4, text_micro_batch=2, text_cache=None)  # Ray batches of 8 texts
+    lines = [b"", b"a red circle", b"a blue square", b"\xff\xfe not utf-8", *[f"text {i}".encode() for i in range(9)],
+             " ".join(["a red circle next to a blue square"] * 12).encode(), b"   ", b"last", b"\xc3"]
+    src = tmp_path / "q.txt"
+    src.write_bytes(b"".join(line + b"\n" for line in lines))
+    local, remote = tmp_path / "local.parquet", tmp_path / "ray.parquet"
+    a = run_text_batch(src, texts, out=local, part_size=5)
+    b = run_text_batch(src, texts, out=remote, part_size=5, backend="ray", workers=2)
+    assert not ray.is_initialized(), "a local Ray started by the job must be shut down by it"
+    assert (b.backend, b.workers, b.inputs) == ("ray", 2, "texts")
+    assert (a.total, a.ok, a.errors) == (b.total, b.ok, b.errors) == (len(lines), len(lines) - 4, 4)
+    got, want = pq.read_table(remote), pq.read_table(local)
+    assert got.column("status").to_pylist()[:4] == ["error", "ok", "ok", "error"]
+    assert got.column("truncated").to_pylist()[13] is True
+    assert got.equals(want)
+    assert remote.read_bytes() == local.read_bytes()
+
+
+
+def test_cli_texts_on_ray(demo_arch_checkpoint: Path, tmp_path: Path) -> None:
+    """`steadyclip batch --texts --engine ray --workers 1` writes the local text job's file."""
+    from click.testing import CliRunner
+    from test_batch import model_source
+
+    from steadyclip.batch import run_text_batch
+    from steadyclip.cli import cli
+
+    source, pretrained = model_source(demo_arch_checkpoint)
+    model = ["--model", source] + (["--pretrained", pretrained] if pretrained else [])
+    src = tmp_path / "q.txt"
+    src.write_text("a red circle\n\na blue square\n", encoding="utf-8")
+    ref = tmp_path / "ref.parquet"
+    run_text_batch(src, Engine(load(source, pretrained=pretrained), text_cache=None), out=ref)
+    out = tmp_path / "cli.parquet"
+    result = CliRunner().invoke(cli, ["batch", str(src), "--texts", "--engine", "ray", "--workers", "1", "--out",
+                                      str(out), "--json", "--no-progress", *model], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert '"backend": "ray"' in result.stdout
+    assert out.read_bytes() == ref.read_bytes()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -241,6 +242,39 @@ def test_cli_texts_and_text_column(demo_arch_checkpoint: Path, tmp_path: Path) -
     assert a.column("embedding").equals(b.column("embedding"))
     usage = CliRunner().invoke(cli, ["batch", str(txt), "--texts", "--labels", "a,b", "--out", str(out)])
     assert usage.exit_code == 2 and "--labels/--labels-file do(es) not apply to a text job" in usage.output
+    local_only = CliRunner().invoke(cli, ["batch", str(txt), "--texts", "--workers", "2", "--out", str(out)])
+    assert local_only.exit_code == 2 and "--workers apply to --engine ray" in local_only.output
     missing = CliRunner().invoke(cli, ["batch", str(tmp_path / "c.parquet"), "--texts", "--out",
                                        str(tmp_path / "x.parquet"), "--replicas", "1", *model])
     assert missing.exit_code == 1 and "BatchJobError" in missing.stderr and "no column 'text'" in missing.stderr
+
+
+def test_ray_text_pipeline_keeps_error_rows_on_the_driver_in_order(solo: Engine, tmp_path: Path) -> None:
+    """Only embeddable texts are sent; error rows slot back in order around each returned batch (no Ray here)."""
+    from steadyclip.batch.ray_texts import RayTextPipeline
+    from steadyclip.batch.text_job import text_rows
+
+    src = tmp_path / "q.txt"
+    src.write_bytes(b"\n\xff\nalpha\n\nbeta\ngamma\n  \ndelta\n\xc3\n")
+    items = list(open_texts(src))
+    sent: list[list[str]] = []
+
+    def stream(rows: list[dict[str, object]], actor: type, kwargs: dict[str, object]) -> Iterator[dict[str, np.ndarray]]:
+        for k in range(0, len(rows), 3):  # Ray batches of 3, as actors would return them
+            batch = rows[k:k + 3]
+            sent.append([str(r["text"]) for r in batch])
+            texts = [str(r["text"]) for r in batch]
+            yield {"index": np.array([r["index"] for r in batch]), "embedding": solo.embed_texts(texts)}
+
+    pipeline = RayTextPipeline(solo, lambda chunk, emb: text_rows(solo, chunk, emb), actors=1)
+    pipeline.stream = stream  # type: ignore[method-assign]
+    chunks = list(pipeline.run(iter(items), part_size=4))
+    rows = [r for c in chunks for r in c]
+    assert sent == [["alpha", "beta", "gamma"], ["delta"]]
+    assert [r.index for r in rows] == list(range(len(items)))
+    assert [r.ok for r in rows] == [False, False, True, False, True, True, False, True, False]
+    for r in rows:
+        if r.ok:
+            assert r.embedding.tobytes() == solo.embed_texts([str(r.text)])[0].tobytes()
+    only_errors = RayTextPipeline(solo, lambda chunk, emb: text_rows(solo, chunk, emb), actors=1)
+    assert [r.ok for c in only_errors.run(iter(items[:2]), 4) for r in c] == [False, False]  # Ray never started

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["RayPipeline", "engine_spec", "require_ray"]
+__all__ = ["RayPipeline", "engine_spec", "require_ray", "verified_engine"]
 
 def require_ray() -> Any:
     """Import ray, or say how to install it."""
@@ -65,27 +65,34 @@ def engine_spec(engine: Engine) -> dict[str, Any]:
 
 ACTOR_START_TIMEOUT_S = 600  # every model actor must be up before work starts; then a clear error
 
+def verified_engine(spec: dict[str, Any], expected: dict[str, Any]) -> tuple[Engine, str]:
+    """In an actor: rebuild the driver's engine from ``spec``; refuse unless its result identity is ``expected``.
+
+    Returns the engine and this actor's Ray node id."""
+    import ray
+
+    from steadyclip.engine import Engine
+    from steadyclip.engine.settings import EngineSettings
+    from steadyclip.model.loading import load
+
+    loaded = load(spec["source"], pretrained=spec["pretrained"], guard=spec["guard"])
+    engine = Engine(loaded, EngineSettings.from_dict(spec["settings"]), text_cache=None)
+    actual = identity.result_identity(engine.provenance.to_dict(), engine.numerics_basis())
+    diffs = [f"{k}: driver {v!r}, actor {actual.get(k)!r}" for k, v in expected.items() if actual.get(k) != v]
+    if diffs:
+        raise IntegrityError(
+            "a Ray actor's model or settings differ from the driver's, its results would not be the same: "
+            + "; ".join(diffs) + " (numerics covers the software versions, numerics flags and CPU). Make the "
+            "same weights and steadyclip/torch/open_clip versions available on every node."
+        )
+    return engine, str(ray.get_runtime_context().get_node_id())
+
+
 class _EmbedActor:
     """A Ray actor: its own verified engine; decodes and embeds batches of inputs."""
 
     def __init__(self, spec: dict[str, Any], expected: dict[str, Any], dim: int, max_file_bytes: int) -> None:
-        from steadyclip.engine import Engine
-        from steadyclip.engine.settings import EngineSettings
-        from steadyclip.model.loading import load
-
-        loaded = load(spec["source"], pretrained=spec["pretrained"], guard=spec["guard"])
-        self.engine = Engine(loaded, EngineSettings.from_dict(spec["settings"]), text_cache=None)
-        import ray
-
-        self.node = ray.get_runtime_context().get_node_id()
-        actual = identity.result_identity(self.engine.provenance.to_dict(), self.engine.numerics_basis())
-        diffs = [f"{k}: driver {v!r}, actor {actual.get(k)!r}" for k, v in expected.items() if actual.get(k) != v]
-        if diffs:
-            raise IntegrityError(
-                "a Ray actor's model or settings differ from the driver's, its results would not be the same: "
-                + "; ".join(diffs) + " (numerics covers the software versions, numerics flags and CPU). Make the "
-                "same weights and steadyclip/torch/open_clip versions available on every node."
-            )
+        self.engine, self.node = verified_engine(spec, expected)
         self.dim = dim
         self.max_file_bytes = max_file_bytes
 
@@ -129,6 +136,7 @@ class RayPipeline:
         self.batch_size = batch_size or 4 * engine.micro_batch
         self.verbose = verbose
         self.nodes: set[str] = set()  # Ray nodes whose actors computed rows
+        self.workers = actors or 0  # model actors (the pool's size once a run has started them)
         self.spec = engine_spec(engine)  # what actors rebuild; they verify it against the driver's provenance
         self.model_s = 0.0  # not measured: the model runs in the actors
         self.wait_s = 0.0
@@ -142,7 +150,8 @@ class RayPipeline:
             ray.init(address=self.address, include_dashboard=False, log_to_driver=self.verbose, **quiet)
         else:
             want = (self.actors or usable_cpus() // self.engine.threads) * self.engine.threads
-            ray.init(num_cpus=max(2, want), include_dashboard=False, log_to_driver=self.verbose,
+            # address="local": a new instance, never one found on this machine (another job's, a `ray start`).
+            ray.init(address="local", num_cpus=max(2, want), include_dashboard=False, log_to_driver=self.verbose,
                      object_store_memory=256 * 1024 * 1024, **quiet)
         return True
 
@@ -156,6 +165,15 @@ class RayPipeline:
     def run(self, items: Iterator[InputItem], part_size: int) -> Iterator[list[ImageOutcome]]:
         """Ordered results for ``items``, one Ray batch at a time."""
         rows = [{"index": it.index, "path": it.path, "location": it.location} for it in items]
+        kwargs = {"dim": self.dim, "max_file_bytes": self.max_file_bytes}
+        for batch in self.stream(rows, _EmbedActor, kwargs):
+            yield _results(batch)
+
+    def stream(self, rows: list[dict[str, Any]], actor: type, kwargs: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
+        """``rows`` through a pool of ``actor(spec=, expected=, **kwargs)``: their output batches, in input order.
+
+        Starts (and stops) a local Ray, or joins ``address``; maps Ray's failures to steadyclip errors.
+        Every output batch must carry a ``node`` column (the actor's Ray node id)."""
         if not rows:
             return
         ray = require_ray()
@@ -169,18 +187,17 @@ class RayPipeline:
         ctx.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
         try:
             expected = identity.result_identity(self.engine.provenance.to_dict(), self.engine.numerics_basis())
+            self.workers = self._actor_count(ray)
             ds = ray.data.from_items(rows).map_batches(
-                _EmbedActor,
-                fn_constructor_kwargs={"spec": self.spec, "expected": expected, "dim": self.dim,
-                                       "max_file_bytes": self.max_file_bytes},
+                actor, fn_constructor_kwargs={"spec": self.spec, "expected": expected, **kwargs},
                 batch_size=self.batch_size, batch_format="numpy",
                 # One batch in flight per actor: the next goes to an idle actor (on any node), not a queue.
-                compute=ray.data.ActorPoolStrategy(size=self._actor_count(ray), max_tasks_in_flight_per_actor=1),
+                compute=ray.data.ActorPoolStrategy(size=self.workers, max_tasks_in_flight_per_actor=1),
                 num_cpus=self.engine.threads,
             )
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 self.nodes.update(str(n) for n in batch["node"])
-                yield _results(batch)
+                yield batch
         except SteadyClipError:
             raise
         except ray.exceptions.GetTimeoutError as e:

@@ -22,6 +22,7 @@ Columns (in order):
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -53,10 +54,11 @@ from steadyclip.batch.text_inputs import (
 )
 from steadyclip.batch.writer import JobSpec, PartStore, kill_point, read_metadata
 from steadyclip.engine.prompts import truncated
-from steadyclip.errors import BatchJobError
+from steadyclip.errors import BatchJobError, InputError
 from steadyclip.numerics import identity
 
 if TYPE_CHECKING:
+    from steadyclip.batch.ray_texts import RayTextPipeline
     from steadyclip.engine import Engine
 
 _logger = logging.getLogger(__name__)
@@ -122,13 +124,18 @@ class TextPipeline:
         emb = fut.result()
         self.wait_s += time.perf_counter() - t
         kill_point("embedded")
-        good = [it for it in chunk if it.error is None and it.text is not None]
-        loaded = self.engine.loaded
-        known = truncated(loaded.tokenizer, [str(it.text) for it in good], loaded.info.context_length)
-        cut: Sequence[bool | None] = known if known is not None else [None] * len(good)
-        rows = {it.index: (emb[i], cut[i]) for i, it in enumerate(good)}
-        return [TextOutcome(it.index, it.text, it.sha256, *rows[it.index]) if it.index in rows
-                else TextOutcome(it.index, it.text, it.sha256, error_message=it.error) for it in chunk]
+        return text_rows(self.engine, chunk, emb)
+
+
+def text_rows(engine: Engine, chunk: list[TextItem], emb: np.ndarray) -> list[TextOutcome]:
+    """``chunk``'s rows in order, given ``emb`` (K, D): the embeddings of its K embeddable texts, in order."""
+    good = [it for it in chunk if it.error is None and it.text is not None]
+    loaded = engine.loaded
+    known = truncated(loaded.tokenizer, [str(it.text) for it in good], loaded.info.context_length)
+    cut: Sequence[bool | None] = known if known is not None else [None] * len(good)
+    rows = {it.index: (emb[i], cut[i]) for i, it in enumerate(good)}
+    return [TextOutcome(it.index, it.text, it.sha256, *rows[it.index]) if it.index in rows
+            else TextOutcome(it.index, it.text, it.sha256, error_message=it.error) for it in chunk]
 
 
 def text_schema(dim: int) -> pa.Schema:
@@ -172,6 +179,10 @@ def run_text_batch(
     part_size: int = DEFAULT_PART_SIZE,
     restart: bool = False,
     progress: Callable[[BatchProgress], None] | None = None,
+    backend: str = "local",
+    address: str | None = None,
+    workers: int | None = None,
+    verbose: bool = False,
 ) -> BatchSummary:
     """Embed every text of a text file (one per line) or of a CSV/Parquet column into one Parquet file.
 
@@ -188,10 +199,16 @@ def run_text_batch(
         part_size: rows per part file (the resume granularity).
         restart: discard an unfinished or finished earlier job at ``out`` instead of refusing.
         progress: called with a :class:`BatchProgress` after each chunk.
+        backend: ``"local"`` (this engine's replicas) or ``"ray"`` (Ray Data actors, each a verified
+            copy of this engine; the same rows, bit for bit).
+        address: the Ray cluster (ray only; default: start a local Ray and stop it afterwards).
+        workers: model actors (ray only; default: one per ``engine.threads`` CPUs of the cluster).
+        verbose: let Ray's own logs through (they are quiet by default).
     Returns:
         A :class:`BatchSummary` (``inputs="texts"``).
     Raises:
         BatchJobError: a missing file or column, no texts at all, or a resume that would mix two jobs.
+        InputError: an unknown ``backend``, or ``workers``/``address`` without ``backend="ray"``.
 
     Example:
         >>> engine = steadyclip.Engine(steadyclip.load())
@@ -199,6 +216,7 @@ def run_text_batch(
         3
     """
     t0 = time.perf_counter()
+    _check_backend(backend, address, workers)
     source = open_texts(inputs, column=text_column)
     inputs_sha, n = source.fingerprint()
     if n == 0:
@@ -214,9 +232,9 @@ def run_text_batch(
             meta = read_metadata(store.out)
             _logger.info("%s already holds this job; nothing to do", store.out)
             return BatchSummary(store.out, n, meta["ok"], meta["errors"], n, 0, time.perf_counter() - t0, 0.0, 0.0,
-                                "local", engine.replicas, engine.threads, engine.text_micro_batch, True, provenance,
+                                backend, workers or engine.replicas, engine.threads, engine.text_micro_batch, True, provenance,
                                 inputs="texts")
-        pipeline = TextPipeline(engine)
+        pipeline = _pipeline(engine, backend, address, workers, verbose)
         hasher = TextListingHasher()
         write_parts(store, state, pipeline, hasher.watch(source), lambda rows: text_table(rows, schema), n,
                     progress)
@@ -227,8 +245,26 @@ def run_text_batch(
     elapsed = time.perf_counter() - t0
     _logger.info("text batch done: %d rows (%d ok, %d errors) in %.1fs -> %s", n, ok, errors, elapsed, store.out)
     return BatchSummary(store.out, n, ok, errors, state.done_rows, n - state.done_rows, elapsed, pipeline.model_s,
-                        pipeline.wait_s, "local", pipeline.workers, engine.threads, engine.text_micro_batch, False,
+                        pipeline.wait_s, backend, pipeline.workers, engine.threads, engine.text_micro_batch, False,
                         provenance, execution(engine, pipeline), inputs="texts")
+
+
+def _check_backend(backend: str, address: str | None, workers: int | None) -> None:
+    if backend not in ("local", "ray"):
+        raise InputError(f"backend must be 'local' or 'ray', got {backend!r}")
+    if backend == "local" and (address is not None or workers is not None):
+        raise InputError("address and workers apply to backend='ray'; a local text job runs on the engine's "
+                         "replicas (EngineSettings.replicas / --replicas)")
+
+
+def _pipeline(engine: Engine, backend: str, address: str | None, workers: int | None,
+              verbose: bool) -> TextPipeline | RayTextPipeline:
+    if backend == "ray":
+        from steadyclip.batch.ray_texts import RayTextPipeline
+
+        return RayTextPipeline(engine, functools.partial(text_rows, engine), address=address, actors=workers,
+                               verbose=verbose)
+    return TextPipeline(engine)
 
 
 def _job_spec(engine: Engine, provenance: dict[str, Any], inputs_sha: str, n: int, source: TextSource,

@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 @click.option("--address", default=None, help="Ray cluster address (default: start a local Ray).")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Local: decoder processes feeding one model process (0 = a thread) instead of the default, "
-                   "engine replicas that each decode and embed. Ray: model actors (default: one per cluster CPU).")
+                   "engine replicas that each decode and embed (images only). Ray: model actors (default: one "
+                   "per --threads CPUs of the cluster), for images and texts.")
 @click.option("--part-size", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Rows per part file: how much work a kill can lose.")
 @click.option("--restart", is_flag=True, help="Discard an earlier run's parts or output at --out and start over.")
@@ -64,13 +65,15 @@ def batch(input_spec: str, labels: str | None, labels_file: str | None, template
     non-UTF-8 text is an 'error' row (TextInputError), not skipped. A text longer than the model's
     context is truncated, with a warning, and flagged in the 'truncated' column.
     Columns: index, text, text_sha256, status, error_type, error_message,
-    truncated, embedding.
+    truncated, embedding. Text jobs run on this engine's replicas, or with
+    --engine ray on Ray Data actors (--address, --workers): the same rows, bit
+    for bit.
     """
     from steadyclip.batch import run_batch, run_text_batch
 
     text_job = texts or text_column is not None
     if text_job:
-        _check_text_options(labels or labels_file, templates, all_probs, backend, workers)
+        _check_text_options(labels or labels_file, templates, all_probs, backend, address, workers)
     wants_labels = not text_job and bool(labels or labels_file or not embeddings)
     label_list = read_labels(labels, labels_file) if wants_labels else None
     engine = build_engine(model, pretrained, lock_path, settings)
@@ -81,7 +84,8 @@ def batch(input_spec: str, labels: str | None, labels_file: str | None, template
     try:
         if text_job:
             summary = run_text_batch(input_spec, engine, out=out, text_column=text_column, part_size=part_size,
-                                     restart=restart, progress=bar)
+                                     restart=restart, progress=bar, backend=backend, address=address,
+                                     workers=workers, verbose=verbose)
         else:
             summary = run_batch(input_spec, engine, out=out, labels=label_list, templates=templates, top_k=top_k,
                                 all_probs=all_probs, embeddings=embeddings,
@@ -109,14 +113,19 @@ def batch(input_spec: str, labels: str | None, labels_file: str | None, template
 
 
 def _check_text_options(labels: str | None, templates: str | None, all_probs: bool, backend: str,
-                        workers: int | None) -> None:
+                        address: str | None, workers: int | None) -> None:
     """A text job embeds; refuse the image-only options rather than ignore them."""
     given = [name for name, on in (("--labels/--labels-file", labels), ("--templates", templates),
-                                   ("--all-probs", all_probs), ("--engine ray", backend == "ray"),
-                                   ("--workers", workers is not None)) if on]
+                                   ("--all-probs", all_probs)) if on]
     if given:
         raise click.UsageError(f"{', '.join(given)} do(es) not apply to a text job (--texts/--text-column): it "
-                               "writes embeddings, on this engine's replicas (--replicas)")
+                               "writes embeddings")
+    local = [name for name, on in (("--address", address), ("--workers", workers is not None)) if on]
+    if backend == "local" and local:
+        raise click.UsageError(f"{', '.join(local)} apply to --engine ray; a local text job runs on this "
+                               "engine's replicas (--replicas)")
+    if workers == 0:
+        raise click.UsageError("--workers counts model actors for a text job: give 1 or more (or leave it out)")
 
 
 class _ProgressBar:
