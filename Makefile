@@ -21,11 +21,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/steadyclip classify examples/*.png --labels-file examples/labels.txt
 
+# Test files spread over up to 4 processes (xdist, a file per worker: module fixtures stay shared);
+# many tests run subprocesses on one core, so 2 workers on 2 vCPUs keep both busy.
+TEST_PROCS := -n auto --maxprocesses 4 --dist loadfile
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(TEST_PROCS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q $(TEST_PROCS) -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[bench]"

@@ -30,7 +30,8 @@ def model_record(engine: Engine) -> dict[str, Any]:
 def recipe(engine: Engine, *, labels: Sequence[str] | None = None, templates: str | None = None,
            top_k: int | None = None) -> dict[str, Any]:
     """The recipe section of a result document (see the module docstring)."""
-    doc: dict[str, Any] = {"version": RECIPE_VERSION, "settings": engine.settings.to_dict(),
+    # the replica count is layout, never identity: a file made on 1 core and on 64 must be the same bytes
+    doc: dict[str, Any] = {"version": RECIPE_VERSION, "settings": engine.settings.replace(replicas=None).to_dict(),
                            "model": model_record(engine)}
     if labels is not None:
         doc |= {"labels": list(labels), "templates": templates, "top_k": top_k}
