@@ -81,7 +81,7 @@ def fact_differences(then: Mapping[str, Any], now: Mapping[str, Any], *, then_re
     diffs = [FactDiff(k, a.get(k, (None, kind))[0], b.get(k, (None, kind))[0], kind)
              for k, (_, kind) in sorted({**a, **b}.items())
              if a.get(k, (None,))[0] != b.get(k, (None,))[0]]
-    if then_replicas != now_replicas:
+    if then_replicas is not None and then_replicas != now_replicas:  # recipes no longer record it
         diffs.append(FactDiff("replicas", then_replicas, now_replicas, "execution"))
     return sorted(diffs, key=lambda d: (d.kind != "numerics", d.fact))
 
