@@ -95,6 +95,11 @@ def build_table(results: Sequence[ImageOutcome], cols: Columns, schema: pa.Schem
             data["probs"] = fixed_list([probs.get(r.index) for r in results], len(cols.labels), pa.float64())
     if cols.embedding_dim is not None:
         data["embedding"] = fixed_list([r.embedding for r in results], cols.embedding_dim, pa.float32())
+    return table_from_columns(data, schema)
+
+
+def table_from_columns(data: dict[str, Any], schema: pa.Schema) -> pa.Table:
+    """A part's table from its columns (Python lists, or Arrow arrays already built), in the schema's order."""
     arrays = [data[f.name] if isinstance(data[f.name], pa.Array) else pa.array(data[f.name], type=f.type)
               for f in schema]
     return pa.Table.from_arrays(arrays, schema=schema)

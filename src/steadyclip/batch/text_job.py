@@ -45,7 +45,7 @@ from steadyclip.batch._job import (
     execution,
     write_parts,
 )
-from steadyclip.batch.table import fixed_list
+from steadyclip.batch.table import fixed_list, table_from_columns
 from steadyclip.batch.text_inputs import (
     TextItem,
     TextListingHasher,
@@ -165,9 +165,7 @@ def text_table(rows: Sequence[TextOutcome], schema: pa.Schema) -> pa.Table:
         "truncated": [r.truncated for r in rows],
         "embedding": fixed_list([r.embedding for r in rows], dim, pa.float32()),
     }
-    arrays = [data[f.name] if isinstance(data[f.name], pa.Array) else pa.array(data[f.name], type=f.type)
-              for f in schema]
-    return pa.Table.from_arrays(arrays, schema=schema)
+    return table_from_columns(data, schema)
 
 
 def run_text_batch(
