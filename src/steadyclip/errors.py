@@ -5,7 +5,8 @@
     ├── WeightsError            missing/unexpected keys, shape mismatch, unsafe file
     │   └── UnsafeCheckpointError   pickle needing code, TorchScript not allowed
     ├── IntegrityError          hash/fingerprint/lock mismatch, in-memory tampering
-    │   └── LockMismatchError       a lockfile field differs (carries field, expected, actual)
+    │   ├── LockMismatchError       a lockfile field differs (carries field, expected, actual)
+    │   └── PortableProofError      portable probe rows differ from the golden digests of this stack
     ├── InferenceStateError     model in train mode under a strict guard
     ├── InputError              bad user input
     │   ├── ImageError              base for images
@@ -21,6 +22,7 @@
     ├── BatchJobError           resume refused (changed inputs/model), bad manifest
     ├── ReplicaCrashError       a task killed engine replicas twice (crashing decoder, out of memory)
     └── DeviceError             device or precision not available (never a silent fallback)
+        └── PortableSetupError      this process's numerics were fixed before portable could pin them
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ __all__ = [
     "LockMismatchError",
     "ModelSourceError",
     "NumericsError",
+    "PortableProofError",
+    "PortableSetupError",
     "ReplicaCrashError",
     "ResultFileError",
     "SteadyClipError",
@@ -77,6 +81,10 @@ class LockMismatchError(IntegrityError):
         self.field = field
         self.expected = expected
         self.actual = actual
+
+
+class PortableProofError(IntegrityError):
+    """A portable engine's probe rows differ from the golden digests made on another CPU with this stack."""
 
 
 class InferenceStateError(SteadyClipError):
@@ -137,3 +145,7 @@ class DeviceError(SteadyClipError):
 
 class ReplicaCrashError(SteadyClipError):
     """An engine replica process died running a task, twice; its inputs hold the culprit."""
+
+
+class PortableSetupError(DeviceError):
+    """This process cannot compute portable rows (its numerics were fixed before steadyclip could pin them)."""

@@ -172,7 +172,7 @@ def _plan(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], eng
     class_emb = engine.class_embeddings(clean, tset) if tset is not None else None
     dim = _embedding_dim(engine, class_emb)
     cols = Columns(labels=tuple(clean), top_k=top_k, all_probs=all_probs, embedding_dim=dim if embeddings else None)
-    provenance = engine.provenance.to_dict()
+    provenance = identity.file_provenance(engine.provenance.to_dict())
     if tset is not None:
         provenance |= {"template_set": tset.name, "template_sha256": tset.sha256}
     job = _job_spec(inputs_sha, n, identity.result_identity(provenance, engine.numerics_basis()), clean, tset, cols,

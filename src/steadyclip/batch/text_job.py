@@ -221,7 +221,7 @@ def run_text_batch(
         raise BatchJobError(f"no texts in {source.description!r}: the file is empty; give one text per line "
                             "(or rows in the text column)")
     schema = text_schema(int(engine.embedding_dim))
-    provenance = engine.provenance.to_dict()
+    provenance = identity.file_provenance(engine.provenance.to_dict())
     job = _job_spec(engine, provenance, inputs_sha, n, source, part_size)
     store = PartStore(out, job, part_size=part_size)
     with store.locked():

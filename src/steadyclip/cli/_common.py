@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CHECK_FAILED = 0, 1, 2, 3
-PROFILE_HELP = ("strict: fp32, bitwise reproducible. fast: bf16 weights (fp16/bf16 on CUDA), drift vs strict "
+PROFILE_HELP = ("strict: fp32, bitwise reproducible on this machine. portable: fp32, the same bits on every "
+                "x86-64 CPU with AVX (CPU only; about half strict's speed). fast: bf16 weights (fp16/bf16 on CUDA), drift vs strict "
                 "measured and recorded; on CPU only with native bf16 (AMX/AVX512-BF16), else refused - "
                 "STEADYCLIP_ASSUME_NATIVE_BF16=1 forces emulated bf16 (slow).")
 DEMO = "steadyclip-demo"
@@ -40,8 +41,19 @@ lock_option = click.option(
     help="Refuse to run unless the model matches this lockfile.")
 torchscript_option = click.option(
     "--allow-torchscript", is_flag=True, help="Allow TorchScript archives (loading one runs its code).")
+
+
+def _profile_chosen(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if value == "portable":
+        from steadyclip.cli._portable import arrange_portable_process
+
+        arrange_portable_process()  # execs this command again with the variables portable needs
+    return value
+
+
 profile_option = click.option(
-    "--profile", type=click.Choice(["strict", "fast"]), default="strict", show_default=True, help=PROFILE_HELP)
+    "--profile", type=click.Choice(["strict", "portable", "fast"]), default="strict", show_default=True,
+    help=PROFILE_HELP, callback=_profile_chosen)
 micro_batch_option = click.option(
     "--micro-batch", type=click.IntRange(min=1), default=8, show_default=True,
     help="Rows per image forward (concurrent work shares micro-batches; results do not depend on it).")

@@ -50,6 +50,10 @@ class ForwardCore:
         self.settings = settings
         self.device = next(loaded.model.parameters()).device
         self.profile = determinism.resolve_profile(settings.profile, self.device.type, settings.onednn)
+        if self.profile.name == "portable":
+            from steadyclip.numerics.portable import check_ready
+
+            check_ready()  # refuse now, not at the first forward
         # fast: a reduced-precision copy cast once (steadyclip.engine.precision); None = run loaded.model (fp32)
         self.cast = precision.prepare(loaded, self.profile, self.device.type,
                                       allow_emulated_bf16=settings.allow_emulated_bf16)
@@ -90,6 +94,9 @@ class ForwardCore:
         size = self.size(kind)
         if kind == "image":
             h, w = self.loaded.info.preprocess.size
+            if self.profile.name == "portable":  # integer draws: the same pixels on every CPU (randn uses libm)
+                levels = np.random.default_rng(PROBE_SEED).integers(0, 256, size=(size, 3, h, w))
+                return torch.from_numpy(levels.astype(np.float32) / 64.0 - 2.0).to(self.device)
             gen = torch.Generator().manual_seed(PROBE_SEED)
             return torch.randn((size, 3, h, w), generator=gen).to(self.device)
         tokens: torch.Tensor = self.loaded.tokenizer([f"a photo of probe number {i}." for i in range(size)])

@@ -20,6 +20,7 @@ import torch
 from steadyclip._util.digest import sha256_json
 from steadyclip._util.futures import completed, mapped
 from steadyclip.engine import _rows as rows
+from steadyclip.engine import portable_proof
 from steadyclip.engine._core import ForwardCore
 from steadyclip.engine._fast import fast_record
 from steadyclip.engine._replicas import ReplicaSet
@@ -157,6 +158,8 @@ class Engine:
             with core.lock:
                 paths = core.batch_path("image"), core.batch_path("text")
                 flags = identity.numerics_flags(core.flags())
+                if self.profile.name == "portable":  # refuses here when this CPU computes other bits
+                    flags["portable_proof"] = portable_proof.prove(core)
             info = self.loaded.info
             self._provenance = Provenance(
                 model_id=info.model_id, arch=info.arch, weights_sha256=info.weights_sha256,

@@ -88,6 +88,11 @@ def run_probe(engine: Engine) -> dict[str, Any]:
     rp = engine.provenance.reduced_precision
     if rp is not None:
         doc["drift_vs_strict"] = rp["drift_vs_strict"]
+    if engine.profile.name == "portable":  # golden digests for other machines (engine.portable_proof)
+        from steadyclip.engine.portable_proof import stack_key
+        from steadyclip.numerics.cpuid import cpu_facts
+
+        doc["portable_stack"], doc["cpu"] = stack_key(engine._core), cpu_facts()
     return doc
 
 

@@ -82,6 +82,7 @@ class LoadedModel:
         self.info = info
         self.guard: Guard = guard
         self._digests = dict(tensor_digests) if tensor_digests is not None else None
+        self.locked_probe: dict[str, Any] | None = None  # the probe section of the lock it was loaded with
         self._lock_in_inference_state()
         self._buffers_fp = integrity.buffers_fingerprint(model)
 
@@ -208,6 +209,7 @@ def load(
     loaded = _lock_in(model, resolved, guard)
     if lock_doc is not None:
         lockfile.compare_lock(lock_doc, loaded.info)
+        loaded.locked_probe = lock_doc.get("probe")
     _logger.info("loaded %s (sha256 %s, fingerprint %s) in %.2fs", loaded.info.model_id,
                  loaded.info.weights_sha256[:12], loaded.info.fingerprint[:12], time.perf_counter() - t0)
     return loaded

@@ -119,14 +119,36 @@ def applied(profile: Profile, device: str | torch.device = "cpu", *, threads: in
         if kind == "cuda" and profile.deterministic_algorithms:
             _ensure_cublas_config()  # before the snapshot below starts CUDA
         cuda = [torch.cuda.current_device() if index is None else index] if kind == "cuda" else []
-        with restoring(cuda_devices=cuda):
+        with restoring(cuda_devices=cuda), _pinned_kernels(profile, threads) as pinned:
             _apply(profile, cuda, threads)
             flags = current_flags(device)
+            flags["pinned_kernels"] = pinned
             flags["profile"] = profile.to_dict()
             flags["guarantee"] = profile.guarantee
             flags["autocast_dtype"] = None  # never: fast casts its weights once (steadyclip.engine.precision)
             flags["compute_dtype"] = str(profile.compute_dtype or torch.float32).removeprefix("torch.")
             yield flags
+
+
+@contextlib.contextmanager
+def _pinned_kernels(profile: Profile, threads: int) -> Iterator[dict[str, Any] | None]:
+    """portable: every GEMM on the pinned OpenBLAS kernels at ``threads``, attention as its math;
+    yields the kernel facts (for the numerics key). Other profiles: nothing, ``None``."""
+    if profile.name != "portable":
+        yield None
+        return
+    from steadyclip.numerics import portable
+
+    portable.check_ready()
+    before = portable.set_blas_threads(threads)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # the fused kernel is not portable; its parts are
+    try:
+        with portable.PortableOps():  # type: ignore[no-untyped-call]
+            yield portable.blas_facts()
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        portable.set_blas_threads(before)
 
 
 @contextlib.contextmanager

@@ -2,8 +2,17 @@
 from __future__ import annotations
 
 import os
+import sys
 
 _STATE: dict[str, str | None] = {}
+
+# The portable profile's half that only works from a process's start (numerics/portable.py has
+# the rest): torch dispatches its baseline kernels, numpy's OpenBLAS loads its SandyBridge
+# (AVX, no FMA) kernel table on every CPU, MKL (which portable never asks for a GEMM) its
+# CPU-independent branch.
+PORTABLE_CORETYPE = "SandyBridge"
+PORTABLE_ENV = {"ATEN_CPU_CAPABILITY": "default", "OPENBLAS_CORETYPE": PORTABLE_CORETYPE,
+                "MKL_CBWR": "COMPATIBLE"}
 
 
 def early_init() -> None:
@@ -14,8 +23,6 @@ def early_init() -> None:
     """
     if _STATE:
         return
-    import sys
-
     user = os.environ.get("MKL_CBWR")
     _STATE["user_value"] = user
     _STATE["torch_imported_before"] = "yes" if "torch" in sys.modules else "no"
@@ -30,3 +37,15 @@ def early_init() -> None:
 def early_state() -> dict[str, str | None]:
     """What ``early_init`` found and set (for provenance and ``doctor``)."""
     return dict(_STATE)
+
+
+def portable_env_problems(env: dict[str, str] | None = None) -> list[str]:
+    """What in ``env`` (default: this process's) keeps the portable profile from running, in words."""
+    env = dict(os.environ) if env is None else env
+    return [f"{key}={env.get(key)!r} (needs {value!r})" for key, value in PORTABLE_ENV.items()
+            if env.get(key, "").lower() != value.lower()]
+
+
+def portable_environ(base: dict[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default: this process's environment) with the portable profile's variables set."""
+    return {**(dict(os.environ) if base is None else base), **PORTABLE_ENV}

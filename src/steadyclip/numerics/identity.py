@@ -21,13 +21,14 @@ from typing import Any
 
 from steadyclip._util.digest import sha256_json
 
-__all__ = ["EXECUTION_FLAG_KEYS", "NUMERICS_FLAG_KEYS", "RESULT_FIELDS", "execution_flags", "numerics_flags",
+__all__ = ["EXECUTION_FLAG_KEYS", "NUMERICS_FLAG_KEYS", "RESULT_FIELDS", "execution_flags", "file_provenance",
+           "numerics_flags",
            "numerics_key", "result_identity", "sha256_json", "software_stack"]
 
 # Flags (from determinism.current_flags) that can change a forward's bits.
 NUMERICS_FLAG_KEYS = ("onednn_enabled", "mkl_cbwr", "mkl_cbwr_effective", "float32_matmul_precision",
                       "fp32_precision", "deterministic_algorithms", "cudnn_deterministic", "cudnn_benchmark",
-                      "cuda_matmul_allow_tf32", "cudnn_allow_tf32")
+                      "cuda_matmul_allow_tf32", "cudnn_allow_tf32", "pinned_kernels")
 # Flags that describe how the work was spread over the machine, never what it computed.
 EXECUTION_FLAG_KEYS = ("threads", "interop_threads", "env")
 # Provenance fields that decide a result's rows besides the numerics key: the weights as named and
@@ -80,6 +81,20 @@ def numerics_key(*, fingerprint: str, config_hash: str | None, profile: dict[str
         "cpu": (flags.get("build") or {}).get("cpu_capability"),
     }
     return sha256_json(basis)
+
+
+# Facts of the machine a run happened on, in a provenance's flags["build"].
+MACHINE_BUILD_KEYS = ("cpu_vendor", "cpu_model", "cpu_count")
+
+
+def file_provenance(provenance: dict[str, Any]) -> dict[str, Any]:
+    """The provenance a result file records. portable: without the machine's facts (CPU, cores, the
+    thread count that ran), so the same job on any CPU writes a byte-identical file; others: as is."""
+    if provenance.get("profile") != "portable":
+        return provenance
+    flags = dict(provenance.get("flags") or {})
+    flags["build"] = {k: v for k, v in (flags.get("build") or {}).items() if k not in MACHINE_BUILD_KEYS}
+    return {**provenance, "threads": None, "flags": flags}
 
 
 def result_identity(provenance: Mapping[str, Any], numerics: str) -> dict[str, Any]:

@@ -14,6 +14,10 @@ Profiles:
             cuDNN deterministic and fixed threads, so bitwise the same across processes
             at a fixed shape and thread count - but not equal to strict; the drift from
             strict is measured, not assumed (:mod:`steadyclip.numerics.drift`).
+    portable
+            fp32 on the CPU with every kernel pinned to one CPU-independent choice
+            (:mod:`steadyclip.numerics.portable`): strict's promise on any x86-64 CPU with AVX,
+            given the same software stack. Not bitwise equal to strict (other GEMM kernels).
 
 A profile only describes; :func:`steadyclip.numerics.determinism.applied` sets its flags.
 """
@@ -32,11 +36,13 @@ __all__ = ["PROFILES", "Profile", "check_supported", "get_profile", "resolve_pro
 
 _logger = logging.getLogger(__name__)
 
-PROFILES = ("strict", "fast")
+PROFILES = ("strict", "fast", "portable")
 _PRECISIONS = ("fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _GUARANTEES = {
     "strict": "bitwise identical for the same input and batch shape on this machine and software stack",
+    "portable": "bitwise identical for the same input and batch shape on every x86-64 CPU with AVX "
+                "(Intel, AMD, Hygon) with this software stack",
     "fast": "bitwise identical across processes at a fixed batch shape and thread count on this machine; "
             "reduced-precision weights, not bitwise equal to strict (drift measured)",
 }
@@ -46,7 +52,7 @@ _GUARANTEES = {
 class Profile:
     """How numerics are pinned for a run. Build with :func:`get_profile`."""
 
-    name: str  # "strict" | "fast"
+    name: str  # "strict" | "fast" | "portable"
     precision: str  # "fp32" | "bf16" | "fp16": the dtype of the weights and inputs a forward runs in
     tf32: bool  # TF32 tensor cores for fp32 matmul/conv on CUDA (never on CPU oneDNN)
     deterministic_algorithms: bool  # torch.use_deterministic_algorithms
@@ -64,9 +70,12 @@ class Profile:
         if not self.deterministic_algorithms or self.cudnn_benchmark:
             raise InputError(f"every steadyclip profile is deterministic run to run (deterministic algorithms on, "
                              f"cuDNN benchmark off); got {self}")
-        if self.name == "strict" and (self.precision != "fp32" or self.tf32):
-            raise InputError(f"a strict profile is fp32 without TF32, got {self}; "
+        if self.name in ("strict", "portable") and (self.precision != "fp32" or self.tf32):
+            raise InputError(f"a {self.name} profile is fp32 without TF32, got {self}; "
                              "use get_profile('fast', ...) for reduced precision")
+        if self.name == "portable" and self.onednn:
+            raise InputError("the portable profile never runs oneDNN (its kernels are chosen per CPU); "
+                             "leave onednn unset")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise InputError(f"seed must be an int, got {self.seed!r}")
 
@@ -116,15 +125,15 @@ def get_profile(
     if name not in PROFILES:
         raise InputError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")
     kind, _ = _device(device)
-    if name == "strict":
+    if name in ("strict", "portable"):
         if precision not in (None, "fp32"):
-            raise InputError(f"the strict profile is fp32 only, got precision={precision!r}; use profile 'fast'")
+            raise InputError(f"the {name} profile is fp32 only, got precision={precision!r}; use profile 'fast'")
         chosen = "fp32"
     else:
         chosen = precision or ("bf16" if kind != "cuda" or _cuda_bf16() else "fp16")
     profile = Profile(name=name, precision=chosen,
                       tf32=name == "fast", deterministic_algorithms=True, cudnn_benchmark=False, seed=seed,
-                      onednn=(name != "strict") if onednn is None else bool(onednn))
+                      onednn=(name == "fast") if onednn is None else bool(onednn))
     check_supported(profile, device)
     return profile
 
@@ -144,6 +153,9 @@ def resolve_profile(profile: str | Profile, device: str, onednn: bool | None) ->
 def check_supported(profile: Profile, device: str | torch.device) -> None:
     """Raise DeviceError when ``device`` cannot run ``profile`` (no CUDA, no such device, no bf16)."""
     kind, index = _device(device)
+    if profile.name == "portable" and kind != "cpu":
+        raise DeviceError(f"the portable profile computes on the CPU only (GPU kernels are not the same on "
+                          f"every card); got device {str(device)!r}: use device='cpu', or profile 'strict' on {kind}")
     if kind == "cuda":
         if not torch.cuda.is_available():
             raise DeviceError(f"device {str(device)!r} requested but CUDA is not available (torch "
