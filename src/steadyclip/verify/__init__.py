@@ -3,7 +3,7 @@
     >>> report = steadyclip.verify_results("results.parquet", sample=32)
     >>> report.verdict, report.totals
 
-A result names its model (weights SHA-256 checked), engine settings, labels, templates and
+A result names its model (weights SHA-256 recorded), engine settings, labels, templates and
 the SHA-256 of every input; :func:`verify_results` loads that model once, recomputes a seeded,
 stratified sample of rows (or all) batched through the engine, and gives each row a verdict
 (:mod:`steadyclip.verify._compare`). The report also lists the facts that differ between the run
@@ -102,8 +102,9 @@ def verify_results(
         sample: rows to check (seeded, stratified over the file); ``None`` checks every row.
         seed: the sample's seed.
         images_root: where the inputs are now, when they moved since the result was made.
-        model, pretrained: load the model from here instead of where the result says (its
-            weights must still have the recorded SHA-256).
+        model, pretrained: load the model from here instead of where the result says. Weights with
+            another SHA-256 than the recorded one are a difference in the report (``weights_sha256``),
+            and every row they do not reproduce bitwise is ``mismatch``.
         inputs: an OpenAI-style ``/v1/embeddings`` answer's inputs: the path of the JSON body the
             client sent (or of a JSON list of its inputs), or the list of texts / image data URIs.
             Without them its rows are ``input_missing``.
@@ -112,7 +113,6 @@ def verify_results(
     Raises:
         ResultFileError: not a steadyclip result, truncated, or edited into nonsense.
         ModelSourceError: the model the result names cannot be found.
-        IntegrityError: the weights found differ from the ones the result was made with.
         InputError: ``inputs`` unreadable, or not this answer's request (another count or modality).
 
     Example:
@@ -129,7 +129,9 @@ def verify_results(
                              now_replicas=engine.settings.replicas)
     numerics_differ = any(d.kind == "numerics" for d in diffs)
     tolerance = tolerance_for(str(result.provenance.get("precision", "fp32")))
-    rows = tuple(row_verdict(s, r, numerics_differ=numerics_differ, tolerance=tolerance)
+    then_w, now_w = str(result.provenance.get("weights_sha256")), str(now.get("weights_sha256"))
+    other = None if then_w == now_w else f"other weights: SHA-256 {then_w[:12]} then, {now_w[:12]} now"
+    rows = tuple(row_verdict(s, r, numerics_differ=numerics_differ, tolerance=tolerance, other_weights=other)
                  for s, r in zip(picked, recomputed))
     return VerifyReport(Path(path), result.kind, _worst(rows), rows, len(result.rows),
                         {"mode": "all" if len(picked) == len(result.rows) else "sample", "size": len(picked),

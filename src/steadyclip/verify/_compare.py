@@ -2,7 +2,8 @@
 
 Verdicts, from best to worst: ``bitwise`` (every stored number equal), ``drift`` (not equal, the
 numerics facts differ between then and now, and within the profile's tolerance), ``mismatch``,
-``input_changed`` (the input's SHA-256 differs), ``input_missing``.
+``input_changed`` (the input's SHA-256 differs), ``input_missing``. Rows recomputed with other
+weights than the recorded ones are never ``drift``: the weights are the model, not numerics.
 """
 from __future__ import annotations
 
@@ -94,8 +95,12 @@ def fact_differences(then: Mapping[str, Any], now: Mapping[str, Any], *, then_re
 
 
 def row_verdict(stored: StoredRow, now: Recomputed | Missing | None, *, numerics_differ: bool,
-                tolerance: Mapping[str, float]) -> RowVerdict:
-    """The verdict for one row; ``now`` is ``None`` (or a :class:`Missing`) when its input is missing."""
+                tolerance: Mapping[str, float], other_weights: str | None = None) -> RowVerdict:
+    """The verdict for one row; ``now`` is ``None`` (or a :class:`Missing`) when its input is missing.
+
+    ``other_weights`` says how the weights differ from the recorded ones, when they do: a row that is
+    not bitwise is then a ``mismatch`` whatever the tolerance.
+    """
     def verdict(v: str, reason: str | None = None, **figures: float | None) -> RowVerdict:
         return RowVerdict(stored.index, stored.source, v, reason, **figures)
 
@@ -112,6 +117,8 @@ def row_verdict(stored: StoredRow, now: Recomputed | Missing | None, *, numerics
     equal, max_abs, min_cos = _numbers(stored, now)
     if equal:
         return verdict("bitwise")
+    if other_weights is not None:
+        return verdict("mismatch", other_weights, max_abs=max_abs, min_cosine=min_cos)
     within = max_abs <= tolerance["max_abs"] and (min_cos is None or min_cos >= tolerance["min_cosine"])
     if numerics_differ and within:
         return verdict("drift", "within tolerance; the numerics facts differ", max_abs=max_abs, min_cosine=min_cos)
