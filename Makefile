@@ -38,6 +38,8 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.scale
 	# Texts: the server's /v1/embeddings texts/s at 4 and 16 clients vs the engine's model-only text rate.
 	$(BIN)/python -m benchmarks.texts
+	# Verify: `verify --all` of a 64-image batch file vs the job that made it, vs one load + 64 forwards.
+	$(BIN)/python -m benchmarks.verify
 
 # Debian's Chromium for the browser test (CI runs this before `make test`).
 browser:

@@ -232,10 +232,37 @@ def test_a_result_whose_model_cannot_be_found(job: tuple[Path, Path], tmp_path: 
     with pytest.raises(ModelSourceError, match="--model/--pretrained"):
         verify_results(lost)
     code, _, err = run("verify", str(lost))
-    assert code == 1 and "ModelSourceError" in err
+    assert code == 1 and "ModelSourceError" in err and "Traceback" not in err
     # pointing at the weights again proves it
     code, _, _ = run("verify", str(lost), "--model", "steadyclip-demo", "--sample", "3")
     assert code == 0
+
+
+def test_other_weights_are_reported_and_a_gone_weights_file_is_typed(job: tuple[Path, Path], demo_copy: Path,
+                                                                     tmp_path: Path) -> None:
+    """A result made with a checkpoint file: checked against other weights of its architecture, then lost."""
+    image = min(job[1].glob("shape*.png"))
+    code, text, _ = run("embed", str(image), "--text", "a red circle", "--model", "steadyclip-shapes",
+                        "--pretrained", str(demo_copy), "--json", "--replicas", "1")
+    assert code == 0
+    saved = tmp_path / "embed.json"
+    saved.write_text(text)
+    # the bundled demo weights: the same architecture, another checkpoint; a report, not a refusal
+    report = verify_results(saved, model="steadyclip-demo")
+    assert [r.verdict for r in report.rows] == ["mismatch", "mismatch"] and not report.ok
+    assert all(str(r.reason).startswith("other weights: SHA-256") for r in report.rows)
+    assert "weights_sha256" in {d.fact for d in report.differences}
+    code, out, _ = run("verify", str(saved), "--model", "steadyclip-demo")
+    assert code == 3 and "weights_sha256" in out and "other weights" in out
+    # the recorded file is gone: a typed error naming it and the fix, exit 1, no traceback
+    moved = demo_copy.rename(tmp_path / "moved.safetensors")
+    with pytest.raises(ModelSourceError, match="--model/--pretrained"):
+        verify_results(saved)
+    code, out, err = run("verify", str(saved), "--json")
+    assert code == 1 and out == "" and "ModelSourceError" in err and str(demo_copy) in err
+    assert "Traceback" not in err
+    code, out, _ = run("verify", str(saved), "--model", "steadyclip-shapes", "--pretrained", str(moved), "--json")
+    assert code == 0 and json.loads(out)["verdict"] == "bitwise"
 
 
 def test_usage_errors_exit_2(job: tuple[Path, Path], tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """``steadyclip verify``: prove an old result (a batch file, a saved JSON answer), or check a lockfile.
 
     steadyclip verify RESULT [--sample N | --all] [--seed S] [--images-root DIR] [--json]
+    steadyclip verify ANSWER.json --inputs REQUEST.json      # an OpenAI-style /v1/embeddings answer
     steadyclip verify [MODEL] --lock steadyclip.lock
 
 Exit codes: 0 every checked row ``bitwise`` or ``drift`` (or the lock matches), 1 error (not a
@@ -41,13 +42,17 @@ _COLOURS = {"bitwise": "green", "drift": "yellow"}
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample.")
 @click.option("--images-root", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the inputs are now, when they moved since the result was made.")
+@click.option("--inputs", "inputs", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="For an OpenAI-style /v1/embeddings answer (it holds only digests): the JSON request body "
+                   "sent, or a JSON list of its inputs.")
 @torchscript_option
 @json_option
 @handle_errors
 def verify(target: str | None, lock_path: Path | None, model: str | None, pretrained: str | None,
-           sample: int | None, check_all: bool, seed: int, images_root: Path | None, allow_torchscript: bool,
-           as_json: bool) -> None:
-    """Recompute rows of RESULT (batch Parquet, classify/embed --json) and check they match, bit for bit.
+           sample: int | None, check_all: bool, seed: int, images_root: Path | None, inputs: Path | None,
+           allow_torchscript: bool, as_json: bool) -> None:
+    """Recompute rows of RESULT (batch Parquet, classify/embed --json, a saved server answer) and check
+    they match, bit for bit.
 
     Each checked row is bitwise, drift (another stack, within tolerance), mismatch, input_changed
     or input_missing. Exit 3 unless every one is bitwise or drift.
@@ -66,7 +71,7 @@ def verify(target: str | None, lock_path: Path | None, model: str | None, pretra
     from steadyclip.verify import DEFAULT_SAMPLE, verify_results
 
     report = verify_results(target, sample=None if check_all else sample or DEFAULT_SAMPLE, seed=seed,
-                            images_root=images_root, model=model, pretrained=pretrained)
+                            images_root=images_root, model=model, pretrained=pretrained, inputs=inputs)
     if as_json:
         echo_json(report.to_dict())
     else:

@@ -4,12 +4,17 @@ Requests and responses follow OpenAI's embeddings API, so the ``openai`` client
 works unchanged (``base_url="http://127.0.0.1:8000/v1"``). Images follow
 Infinity's convention: ``"modality": "image"`` and each input a base64
 ``data:`` URI. The server fetches no URL unless its operator allowed the host (see ``fetch``).
-Answers add steadyclip's ``provenance`` and the decoders' ``warnings``; errors
-use OpenAI's error object (see :mod:`steadyclip.server.http_errors`).
+Answers add three top-level fields, which OpenAI's clients keep as extras (the ``openai``
+client's ``model_extra``, and in ``model_dump_json()``): steadyclip's ``provenance``, the decoders'
+``warnings``, and the ``recipe`` that ``steadyclip verify`` recomputes with (as ``/v1/embed``'s),
+plus ``recipe.inputs``: the modality and each input's SHA-256 in ``data`` order (of a text's UTF-8
+bytes, of an image's decoded bytes). Digests, not copies: the ``data`` items keep OpenAI's exact
+shape. Errors use OpenAI's error object (see :mod:`steadyclip.server.http_errors`).
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import re
@@ -119,19 +124,21 @@ async def read_request(request: Request, model_id: str, width: int, settings: Se
 
 
 async def embeddings(service: Service, req: EmbeddingsRequest, model_id: str) -> dict[str, Any]:
-    """OpenAI's embeddings list for one request, plus provenance and warnings."""
+    """OpenAI's embeddings list for one request, plus provenance, warnings and the recipe (with input digests)."""
     if req.modality == "image":
         images = [ImagePayload(await _image_bytes(service, s, i), None) for i, s in enumerate(req.inputs)]
-        inp, key = EmbedInput(images, [], req.encoding), "images"
+        inp, key, raw = EmbedInput(images, [], req.encoding), "images", [img.data for img in images]
         tokens = 0
     else:
-        inp, key = EmbedInput([], req.inputs, req.encoding), "texts"
+        inp, key, raw = EmbedInput([], req.inputs, req.encoding), "texts", [t.encode("utf-8") for t in req.inputs]
         tokens = await service.count_tokens(req.inputs)
     doc = await service.embed(inp)
     data = [{"object": "embedding", "index": i, "embedding": row["embedding"]} for i, row in enumerate(doc[key])]
+    # what `steadyclip verify answer.json --inputs request.json` checks the request's inputs against
+    inputs = {"modality": req.modality, "sha256": [hashlib.sha256(b).hexdigest() for b in raw]}
     return {"object": "list", "data": data, "model": model_id,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-            "provenance": doc["provenance"], "warnings": doc["warnings"]}
+            "provenance": doc["provenance"], "warnings": doc["warnings"], "recipe": doc["recipe"] | {"inputs": inputs}}
 
 
 async def _image_bytes(service: Service, item: str, index: int) -> bytes:

@@ -153,7 +153,7 @@ MODEL_CARD: dict[str, Any] = {"type": "object", "required": ["id", "object", "cr
 MODELS_RESPONSE: dict[str, Any] = {"type": "object", "required": ["object", "data"], "properties": {
     "object": {"const": "list"}, "data": {"type": "array", "items": MODEL_CARD}}}
 EMBEDDINGS_RESPONSE: dict[str, Any] = {
-    "type": "object", "required": ["object", "data", "model", "usage", "provenance", "warnings"], "properties": {
+    "type": "object", "required": ["object", "data", "model", "usage", "provenance", "warnings", "recipe"], "properties": {
         "object": {"const": "list"},
         "data": {"type": "array", "items": {"type": "object", "required": ["object", "index", "embedding"],
                                             "properties": {"object": {"const": "embedding"},
@@ -164,4 +164,9 @@ EMBEDDINGS_RESPONSE: dict[str, Any] = {
         "model": {"type": "string"},
         "usage": {"type": "object", "required": ["prompt_tokens", "total_tokens"],
                   "properties": {"prompt_tokens": {"type": "integer"}, "total_tokens": {"type": "integer"}}},
-        "provenance": {"type": "object"}, "warnings": {"type": "array"}}}
+        "provenance": {"type": "object"}, "warnings": {"type": "array"},
+        # what `steadyclip verify` recomputes with; inputs.sha256[i] is the digest of data[i]'s input
+        "recipe": {"type": "object", "required": ["settings", "model", "inputs"], "properties": {
+            "inputs": {"type": "object", "required": ["modality", "sha256"], "properties": {
+                "modality": {"enum": ["text", "image"]},
+                "sha256": {"type": "array", "items": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}}}}}}}

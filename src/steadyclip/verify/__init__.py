@@ -3,16 +3,19 @@
     >>> report = steadyclip.verify_results("results.parquet", sample=32)
     >>> report.verdict, report.totals
 
-A result names its model (weights SHA-256 checked), engine settings, labels, templates and
+A result names its model (weights SHA-256 recorded), engine settings, labels, templates and
 the SHA-256 of every input; :func:`verify_results` loads that model once, recomputes a seeded,
 stratified sample of rows (or all) batched through the engine, and gives each row a verdict
 (:mod:`steadyclip.verify._compare`). The report also lists the facts that differ between the run
-that made the file and this one (weights, profile, versions, torch build, CPU, layout).
+that made the file and this one (weights, profile, versions, torch build, CPU, layout). An
+OpenAI-style ``/v1/embeddings`` answer holds only its inputs' digests: the inputs come from the
+request the client sent (``inputs=``, :mod:`steadyclip.verify._inputs`).
 """
 from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ from steadyclip.verify._compare import (
     fact_differences,
     row_verdict,
 )
+from steadyclip.verify._inputs import join_inputs, read_inputs
 from steadyclip.verify._recompute import build_engine, recompute
 from steadyclip.verify._source import ResultFile, read_result
 
@@ -42,7 +46,7 @@ class VerifyReport:
     """What :func:`verify_results` found: a verdict per checked row, totals, and what changed since."""
 
     path: Path
-    kind: str  # "batch" | "classify" | "embed"
+    kind: str  # "batch" | "classify" | "embed" | "embeddings" (an OpenAI-style answer)
     verdict: str  # the worst row verdict ("bitwise" when every row is)
     rows: tuple[RowVerdict, ...]
     total_rows: int
@@ -89,38 +93,45 @@ def verify_results(
     images_root: str | os.PathLike[str] | None = None,
     model: str | None = None,
     pretrained: str | None = None,
+    inputs: str | os.PathLike[str] | Sequence[str] | None = None,
 ) -> VerifyReport:
-    """Recompute rows of a result file (batch Parquet, ``classify --json``, ``embed --json``) and judge them.
+    """Recompute rows of a result file (batch Parquet, ``classify``/``embed --json``, a server answer) and judge them.
 
     Args:
         path: the result file.
         sample: rows to check (seeded, stratified over the file); ``None`` checks every row.
         seed: the sample's seed.
         images_root: where the inputs are now, when they moved since the result was made.
-        model, pretrained: load the model from here instead of where the result says (its
-            weights must still have the recorded SHA-256).
+        model, pretrained: load the model from here instead of where the result says. Weights with
+            another SHA-256 than the recorded one are a difference in the report (``weights_sha256``),
+            and every row they do not reproduce bitwise is ``mismatch``.
+        inputs: an OpenAI-style ``/v1/embeddings`` answer's inputs: the path of the JSON body the
+            client sent (or of a JSON list of its inputs), or the list of texts / image data URIs.
+            Without them its rows are ``input_missing``.
     Returns:
         A :class:`VerifyReport`; ``report.ok`` when every checked row is ``bitwise`` or ``drift``.
     Raises:
         ResultFileError: not a steadyclip result, truncated, or edited into nonsense.
         ModelSourceError: the model the result names cannot be found.
-        IntegrityError: the weights found differ from the ones the result was made with.
+        InputError: ``inputs`` unreadable, or not this answer's request (another count or modality).
 
     Example:
         >>> steadyclip.verify_results("results.parquet", sample=None).verdict
         'bitwise'
     """
-    result = read_result(path)
+    result, given = join_inputs(read_result(path), None if inputs is None else read_inputs(inputs))
     picked = [result.rows[i] for i in select_rows(len(result.rows), sample, seed)]
     with build_engine(result, model, pretrained) as engine:
         now = engine.provenance.to_dict()
-        recomputed = recompute(engine, result, picked, images_root=images_root)
+        recomputed = recompute(engine, result, picked, images_root=images_root, given=given)
     then_replicas = (result.settings or {}).get("replicas")
     diffs = fact_differences(result.provenance, now, then_replicas=then_replicas,
                              now_replicas=engine.settings.replicas)
     numerics_differ = any(d.kind == "numerics" for d in diffs)
     tolerance = tolerance_for(str(result.provenance.get("precision", "fp32")))
-    rows = tuple(row_verdict(s, r, numerics_differ=numerics_differ, tolerance=tolerance)
+    then_w, now_w = str(result.provenance.get("weights_sha256")), str(now.get("weights_sha256"))
+    other = None if then_w == now_w else f"other weights: SHA-256 {then_w[:12]} then, {now_w[:12]} now"
+    rows = tuple(row_verdict(s, r, numerics_differ=numerics_differ, tolerance=tolerance, other_weights=other)
                  for s, r in zip(picked, recomputed))
     return VerifyReport(Path(path), result.kind, _worst(rows), rows, len(result.rows),
                         {"mode": "all" if len(picked) == len(result.rows) else "sample", "size": len(picked),

@@ -2,7 +2,8 @@
 
 Verdicts, from best to worst: ``bitwise`` (every stored number equal), ``drift`` (not equal, the
 numerics facts differ between then and now, and within the profile's tolerance), ``mismatch``,
-``input_changed`` (the input's SHA-256 differs), ``input_missing``.
+``input_changed`` (the input's SHA-256 differs), ``input_missing``. Rows recomputed with other
+weights than the recorded ones are never ``drift``: the weights are the model, not numerics.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import numpy as np
 from steadyclip.numerics.identity import NUMERICS_FLAG_KEYS
 from steadyclip.verify._source import StoredRow
 
-__all__ = ["VERDICTS", "FactDiff", "Recomputed", "RowVerdict", "fact_differences", "row_verdict"]
+__all__ = ["VERDICTS", "FactDiff", "Missing", "Recomputed", "RowVerdict", "fact_differences", "row_verdict"]
 
 VERDICTS = ("bitwise", "drift", "mismatch", "input_changed", "input_missing")
 _TOP_FIELDS = ("model_id", "weights_sha256", "fingerprint", "profile", "precision", "device", "micro_batch",
@@ -46,6 +47,13 @@ class Recomputed:
     top_labels: tuple[str, ...] | None = None
     probs_by_label: Mapping[str, float] | None = None
     numbers: Mapping[str, np.ndarray] | None = None
+
+
+@dataclass(frozen=True)
+class Missing:
+    """A row whose input cannot be had now, and what to do about it."""
+
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -86,14 +94,20 @@ def fact_differences(then: Mapping[str, Any], now: Mapping[str, Any], *, then_re
     return sorted(diffs, key=lambda d: (d.kind != "numerics", d.fact))
 
 
-def row_verdict(stored: StoredRow, now: Recomputed | None, *, numerics_differ: bool,
-                tolerance: Mapping[str, float]) -> RowVerdict:
-    """The verdict for one row; ``now`` is ``None`` when its input is missing."""
+def row_verdict(stored: StoredRow, now: Recomputed | Missing | None, *, numerics_differ: bool,
+                tolerance: Mapping[str, float], other_weights: str | None = None) -> RowVerdict:
+    """The verdict for one row; ``now`` is ``None`` (or a :class:`Missing`) when its input is missing.
+
+    ``other_weights`` says how the weights differ from the recorded ones, when they do: a row that is
+    not bitwise is then a ``mismatch`` whatever the tolerance.
+    """
     def verdict(v: str, reason: str | None = None, **figures: float | None) -> RowVerdict:
         return RowVerdict(stored.index, stored.source, v, reason, **figures)
 
     if now is None:
         return verdict("input_missing", "the input file is gone (pass --images-root if it moved)")
+    if isinstance(now, Missing):
+        return verdict("input_missing", now.reason)
     if stored.sha256 is not None and now.sha256 != stored.sha256:
         return verdict("input_changed", f"sha256 {stored.sha256[:12]} then, {str(now.sha256)[:12]} now")
     if stored.error_type is not None or now.error_type is not None:
@@ -103,6 +117,8 @@ def row_verdict(stored: StoredRow, now: Recomputed | None, *, numerics_differ: b
     equal, max_abs, min_cos = _numbers(stored, now)
     if equal:
         return verdict("bitwise")
+    if other_weights is not None:
+        return verdict("mismatch", other_weights, max_abs=max_abs, min_cosine=min_cos)
     within = max_abs <= tolerance["max_abs"] and (min_cos is None or min_cos >= tolerance["min_cosine"])
     if numerics_differ and within:
         return verdict("drift", "within tolerance; the numerics facts differ", max_abs=max_abs, min_cosine=min_cos)

@@ -1,31 +1,30 @@
 """Recompute chosen rows of a result: the model it names, its settings, batched through the engine.
 
-Images are read, hashed and decoded exactly as a batch job does (:func:`steadyclip.batch._prep.prepare`),
-then embedded together at the recorded micro-batch shape: N rows cost about N forwards.
+Images are read, hashed and decoded exactly as a batch job does (:func:`steadyclip.batch._prep.prepare`)
+(or, an OpenAI answer's, from the request's bytes as the server decoded them), then embedded together
+at the recorded micro-batch shape: N rows cost about N forwards. The weights need not be the recorded
+ones: other weights are a difference the report shows (rows ``mismatch``), not an error.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from steadyclip.batch._prep import pixel_batch, prepare
+from steadyclip.batch._prep import Prepared, pixel_batch, prepare
 from steadyclip.batch.inputs import InputItem
 from steadyclip.engine import Engine
+from steadyclip.engine.outcome import decode_input
 from steadyclip.engine.prompts import get_template_set
 from steadyclip.engine.settings import EngineSettings
-from steadyclip.errors import (
-    IntegrityError,
-    ModelSourceError,
-    ResultFileError,
-    SteadyClipError,
-)
+from steadyclip.errors import ModelSourceError, ResultFileError, SteadyClipError
 from steadyclip.model.loading import LoadedModel, load, source_from_lock
-from steadyclip.verify._compare import Recomputed
+from steadyclip.verify._compare import Missing, Recomputed
 from steadyclip.verify._source import ResultFile, StoredRow
 
 _logger = logging.getLogger(__name__)
@@ -45,10 +44,9 @@ def _load(result: ResultFile, model: str | None, pretrained: str | None) -> Load
         raise ModelSourceError(f"cannot load the model {result.path.name} was made with ({src!r}, pretrained "
                                f"{pre!r}): {e}. If its file moved, point at it with --model/--pretrained") from e
     want = result.provenance["weights_sha256"]
-    if loaded.info.weights_sha256 != want:
-        raise IntegrityError(f"the weights loaded from {src!r} have SHA-256 {loaded.info.weights_sha256[:16]}..., "
-                             f"but {result.path.name} was made with {str(want)[:16]}...; point --model/--pretrained "
-                             "at the original weights")
+    if loaded.info.weights_sha256 != want:  # reported (a fact that differs, rows mismatch), not refused
+        _logger.warning("the weights loaded from %r have SHA-256 %s..., but %s was made with %s...", src,
+                        loaded.info.weights_sha256[:16], result.path.name, str(want)[:16])
     return loaded
 
 
@@ -88,33 +86,56 @@ def _location(row: StoredRow, result: ResultFile, images_root: str | os.PathLike
 
 
 def recompute(engine: Engine, result: ResultFile, rows: Sequence[StoredRow], *,
-              images_root: str | os.PathLike[str] | None = None) -> list[Recomputed | None]:
-    """One :class:`Recomputed` per row (``None``: its input is missing), images embedded together."""
-    out: list[Recomputed | None] = [None] * len(rows)
+              images_root: str | os.PathLike[str] | None = None,
+              given: Mapping[int, str | bytes | Missing] | None = None) -> list[Recomputed | Missing | None]:
+    """One :class:`Recomputed` per row (``None`` or :class:`Missing`: its input is missing), images embedded together.
+
+    ``given`` holds, per row index, inputs the result file does not point at (an OpenAI answer's
+    request: a text, an image's bytes, or why there is none).
+    """
+    given = given or {}
+    out: list[Recomputed | Missing | None] = [None] * len(rows)
     pixels: list[np.ndarray] = []
     waiting: list[tuple[int, str | None]] = []
+    texts: list[tuple[int, str]] = []
     for i, row in enumerate(rows):
-        if row.kind != "image":
-            continue
-        loc = _location(row, result, images_root)
-        if row.sha256 is not None and not loc.exists():
-            continue  # input_missing
-        outcome, px = prepare(InputItem(row.index, row.source, str(loc)), engine.loaded.preprocess)
-        if px is None:
-            out[i] = Recomputed(outcome.sha256, outcome.error_type)
+        payload = given.get(row.index)
+        if isinstance(payload, Missing):
+            out[i] = payload
+        elif row.kind == "text":
+            texts.append((i, payload if isinstance(payload, str) else row.source))
         else:
-            waiting.append((i, outcome.sha256))
-            pixels.append(px)
+            prepared = _prepare(engine, result, row, payload, images_root)
+            if prepared is None:
+                continue  # input_missing
+            outcome, px = prepared
+            if px is None:
+                out[i] = Recomputed(outcome.sha256, outcome.error_type)
+            else:
+                waiting.append((i, outcome.sha256))
+                pixels.append(px)
     if pixels:
         emb = engine.embed_pixels(pixel_batch(pixels))  # (N, D), at the recorded micro-batch shape
         for (i, sha), done in zip(waiting, _finish(engine, result, emb)):
             out[i] = Recomputed(sha, None, **done)
-    texts = [(i, r.source) for i, r in enumerate(rows) if r.kind == "text"]
     if texts:
         temb = engine.embed_texts([t for _, t in texts])
-        for (i, _), e in zip(texts, temb):
-            out[i] = Recomputed(None, None, numbers={"embedding": e})
+        for (i, text), e in zip(texts, temb):
+            out[i] = Recomputed(hashlib.sha256(text.encode("utf-8")).hexdigest(), None, numbers={"embedding": e})
     return out
+
+
+def _prepare(engine: Engine, result: ResultFile, row: StoredRow, payload: str | bytes | None,
+             images_root: str | os.PathLike[str] | None) -> Prepared | None:
+    """An image row's outcome and pixels, from the bytes given or its file; ``None`` when the file is gone."""
+    if isinstance(payload, bytes):
+        outcome, px = decode_input(row.index, payload, engine.loaded.preprocess, source=row.source,
+                                   name=row.source, sha256=True, unexpected="row")
+        return outcome, None if px is None else px.numpy()
+    loc = _location(row, result, images_root)
+    if row.sha256 is not None and not loc.exists():
+        return None
+    return prepare(InputItem(row.index, row.source, str(loc)), engine.loaded.preprocess)
 
 
 def _finish(engine: Engine, result: ResultFile, emb: np.ndarray) -> list[dict[str, Any]]:

@@ -1,9 +1,12 @@
 """Read a result file into one shape: what was computed, how, and the numbers stored per row.
 
 Formats: a batch Parquet file (``steadyclip batch``, local or Ray), the documents printed by
-``classify --json`` and ``embed --json``, and the server's ``/v1/classify`` and ``/v1/embed`` answers
-(the same documents; an upload's ``source`` is its file name, found under ``--images-root``). Anything else, a truncated file, or a document edited
-into nonsense is a :class:`~steadyclip.errors.ResultFileError` naming what is wrong.
+``classify --json`` and ``embed --json``, the server's ``/v1/classify`` and ``/v1/embed`` answers
+(the same documents; an upload's ``source`` is its file name, found under ``--images-root``), and
+its OpenAI-style ``/v1/embeddings`` answers (kind ``embeddings``: no inputs, only their digests in
+``recipe.inputs``; a row's ``source`` is ``input[i]`` until :mod:`steadyclip.verify._inputs` joins the
+request). Anything else, a truncated file, or a document edited into nonsense is a
+:class:`~steadyclip.errors.ResultFileError` naming what is wrong.
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ class ResultFile:
     """A result, read: its kind, provenance, recipe and rows."""
 
     path: Path
-    kind: str  # "batch" | "classify" | "embed"
+    kind: str  # "batch" | "classify" | "embed" | "embeddings"
     provenance: dict[str, Any]
     settings: dict[str, Any] | None  # EngineSettings.to_dict(); None for files written before it was recorded
     model: dict[str, Any]
@@ -134,6 +137,8 @@ def _read_json(p: Path) -> ResultFile:
 
 
 def _json_kind(doc: dict[str, Any]) -> str:
+    if doc.get("object") == "list" and "data" in doc:
+        return "embeddings"
     if "results" in doc:
         return "classify"
     if "images" in doc or "texts" in doc:
@@ -177,8 +182,26 @@ def _embed_doc(p: Path, doc: dict[str, Any], recipe: dict[str, Any]) -> ResultFi
     return ResultFile(p, "embed", doc["provenance"], recipe["settings"], recipe["model"], (), None, 1, tuple(rows))
 
 
+def _embeddings_doc(p: Path, doc: dict[str, Any], recipe: dict[str, Any]) -> ResultFile:
+    """An OpenAI-style answer: embeddings in ``data``, the inputs' digests in ``recipe.inputs``."""
+    inputs = recipe.get("inputs")
+    if not isinstance(inputs, dict) or inputs.get("modality") not in ("text", "image"):
+        raise ResultFileError(f"{p} is a /v1/embeddings answer without 'recipe.inputs' (the input digests verify "
+                              "needs); it was written before steadyclip recorded them: recompute it with this version")
+    digests = list(inputs["sha256"])
+    data = sorted(doc["data"], key=lambda d: int(d["index"]))
+    if [int(d["index"]) for d in data] != list(range(len(digests))):
+        raise ResultFileError(f"{p} holds {len(data)} embeddings but digests of {len(digests)} inputs (indices "
+                              f"{[d['index'] for d in data][:8]}); was it edited by hand?")
+    kind = str(inputs["modality"])
+    rows = tuple(StoredRow(i, kind, f"input[{i}]", str(sha), None, None,
+                           {"embedding": _vector(d["embedding"], "base64" if isinstance(d["embedding"], str) else None)})
+                 for i, (d, sha) in enumerate(zip(data, digests)))
+    return ResultFile(p, "embeddings", doc["provenance"], recipe["settings"], recipe["model"], (), None, 1, rows)
+
+
 _JSON_KINDS: dict[str, Callable[[Path, dict[str, Any], dict[str, Any]], ResultFile]] = {
-    "classify": _classify_doc, "embed": _embed_doc,
+    "classify": _classify_doc, "embed": _embed_doc, "embeddings": _embeddings_doc,
 }
 
 
