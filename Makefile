@@ -6,7 +6,7 @@ STAMP := $(VENV)/.steadyclip-installed
 # One thread each for the sanity of timings on small machines; tests set their own.
 export PYTHONHASHSEED := 0
 
-.PHONY: setup demo test test-fast bench browser clean lint
+.PHONY: setup demo test test-fast bench browser qemu clean lint
 
 setup: $(STAMP)
 
@@ -44,6 +44,10 @@ bench: $(STAMP)
 # Debian's Chromium for the browser test (CI runs this before `make test`).
 browser:
 	command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
+# Debian's qemu-user: the portable profile's cross-CPU test runs this venv as other x86-64 CPUs (CI runs it too).
+qemu:
+	command -v qemu-x86_64 >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user)
 
 lint: $(STAMP)
 	$(BIN)/python -m pip install -q mypy ruff

@@ -155,6 +155,14 @@ class RayPipeline:
                      object_store_memory=256 * 1024 * 1024, **quiet)
         return True
 
+    def _actor_env(self) -> dict[str, Any]:
+        """portable: actors' processes start with the variables its numerics need (before torch loads)."""
+        if self.engine.profile.name != "portable":
+            return {}
+        from steadyclip.numerics.early import PORTABLE_ENV
+
+        return {"runtime_env": {"env_vars": dict(PORTABLE_ENV)}}
+
     def _actor_count(self, ray: Any) -> int:
         """The given count, or one actor per ``threads`` CPUs the cluster has (all nodes)."""
         if self.actors is not None:
@@ -193,7 +201,7 @@ class RayPipeline:
                 batch_size=self.batch_size, batch_format="numpy",
                 # One batch in flight per actor: the next goes to an idle actor (on any node), not a queue.
                 compute=ray.data.ActorPoolStrategy(size=self.workers, max_tasks_in_flight_per_actor=1),
-                num_cpus=self.engine.threads,
+                num_cpus=self.engine.threads, **self._actor_env(),
             )
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 self.nodes.update(str(n) for n in batch["node"])

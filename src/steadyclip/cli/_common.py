@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
 
-from steadyclip.errors import IntegrityError, SteadyClipError
+from steadyclip.errors import IntegrityError, PortableSetupError, SteadyClipError
 
 if TYPE_CHECKING:
     from steadyclip.engine import Engine
@@ -140,12 +140,23 @@ def read_labels(labels: str | None, labels_file: str | None) -> list[str]:
 
 
 def handle_errors(func: F) -> F:
-    """Render a SteadyClipError as one line on stderr; exit 3 for failed checks, else 1."""
+    """Render a SteadyClipError as one line on stderr; exit 3 for failed checks, else 1.
+
+    A :class:`~steadyclip.errors.PortableSetupError` (raised when an engine is built, before any
+    work) first lets the command start itself again with the portable variables (a result or lock
+    that names the portable profile: ``verify``, ``lock``); the error is shown only where that cannot be.
+    """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
+        except PortableSetupError as e:
+            from steadyclip.cli._portable import arrange_portable_process
+
+            arrange_portable_process()  # execs when this process is the CLI's own and lacks the variables
+            click.echo(f"error: {type(e).__name__}: {e}", err=True)
+            sys.exit(EXIT_ERROR)
         except IntegrityError as e:
             click.echo(f"error: {type(e).__name__}: {e}", err=True)
             sys.exit(EXIT_CHECK_FAILED)

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from steadyclip.numerics.identity import NUMERICS_FLAG_KEYS
+from steadyclip.numerics.identity import NUMERICS_FLAG_KEYS, file_provenance
 from steadyclip.verify._source import StoredRow
 
 __all__ = ["VERDICTS", "FactDiff", "Missing", "Recomputed", "RowVerdict", "fact_differences", "row_verdict"]
@@ -85,7 +85,8 @@ def _facts(prov: Mapping[str, Any]) -> dict[str, tuple[Any, str]]:
 def fact_differences(then: Mapping[str, Any], now: Mapping[str, Any], *, then_replicas: Any = None,
                      now_replicas: Any = None) -> list[FactDiff]:
     """Every fact that differs between two provenance documents, numerics first."""
-    a, b = _facts(then), _facts(now)
+    # a portable result records no machine facts (its bits do not depend on them): compare like with like
+    a, b = _facts(file_provenance(dict(then))), _facts(file_provenance(dict(now)))
     diffs = [FactDiff(k, a.get(k, (None, kind))[0], b.get(k, (None, kind))[0], kind)
              for k, (_, kind) in sorted({**a, **b}.items())
              if a.get(k, (None,))[0] != b.get(k, (None,))[0]]

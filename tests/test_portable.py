@@ -1,0 +1,125 @@
+"""The portable profile on this machine: its process, its proof, its files (tests/test_portable_xcpu.py: other CPUs)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import steadyclip
+from steadyclip.batch import read_metadata
+from steadyclip.errors import PortableSetupError
+from steadyclip.numerics.early import PORTABLE_ENV
+
+EXAMPLES = sorted(str(p) for p in Path("examples").glob("*.png"))
+LABELS = "red circle,blue square,green triangle,yellow star,purple cross,pink ring"
+SCRIPT = """
+import json, sys
+import steadyclip
+from steadyclip.batch import read_metadata
+from steadyclip.engine import portable_proof
+{patch}
+try:
+    engine = steadyclip.Engine(steadyclip.load(), profile="portable", replicas=1)
+    print(json.dumps(engine.provenance.flags["portable_proof"]))
+except steadyclip.errors.SteadyClipError as e:
+    print(json.dumps({{"error": type(e).__name__, "message": str(e)}}))
+"""
+
+
+def _env(cache: Path, portable: bool) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in PORTABLE_ENV}
+    return {**env, "STEADYCLIP_CACHE_DIR": str(cache), **(PORTABLE_ENV if portable else {})}
+
+
+def _cli(*args: str, cache: Path, portable_env: bool = False) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "steadyclip", *args], capture_output=True, text=True,
+                          env=_env(cache, portable_env), timeout=300, check=False)
+
+
+def _script(patch: str, cache: Path) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, "-c", SCRIPT.format(patch=patch)], capture_output=True, text=True,
+                          env=_env(cache, True), timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    doc: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return doc
+
+
+def test_a_process_whose_torch_already_runs_other_kernels_is_refused_with_the_fix() -> None:
+    # This test process imported torch without the variables: portable cannot be true here.
+    with pytest.raises(PortableSetupError) as info:
+        steadyclip.Engine(steadyclip.load(), profile="portable")
+    message = str(info.value)
+    assert all(f"{k}={v}" in message for k, v in PORTABLE_ENV.items())
+    assert "torch dispatches its CPU kernels" in message
+
+
+def test_the_cli_arranges_its_own_process_and_says_portable(tmp_path: Path) -> None:
+    # Started without the variables: the CLI starts itself again with them, once.
+    plain = _cli("classify", *EXAMPLES, "--labels", LABELS, "--json", "--profile", "portable", cache=tmp_path / "a")
+    assert plain.returncode == 0, plain.stderr
+    doc = json.loads(plain.stdout)
+    prov = doc["provenance"]
+    assert prov["profile"] == "portable"
+    assert prov["flags"]["build"]["cpu_capability"] == "DEFAULT"
+    assert prov["flags"]["portable_proof"]["status"] == "proven"
+    # Started with them already (no exec), at two threads per replica and two replicas: the same bytes.
+    ready = _cli("classify", *EXAMPLES, "--labels", LABELS, "--json", "--profile", "portable", "--threads", "2",
+                 "--replicas", "2", cache=tmp_path / "b", portable_env=True)
+    assert ready.returncode == 0, ready.stderr
+    assert [r["probs"] for r in json.loads(ready.stdout)["results"]] == [r["probs"] for r in doc["results"]]
+    # ... and not strict's numbers: other kernels (the top label agrees, the bits need not).
+    strict = json.loads(_cli("classify", *EXAMPLES, "--labels", LABELS, "--json", cache=tmp_path / "c").stdout)
+    assert [r["top"][0]["label"] for r in strict["results"]] == [r["top"][0]["label"] for r in doc["results"]]
+
+
+def test_the_shipped_golden_digests_hold_on_this_cpu(tmp_path: Path) -> None:
+    # Whatever CPU runs the suite (CI's change from run to run): the demo's rows equal the committed golden.
+    proof = _script("", tmp_path)
+    assert proof.get("status") == "proven", (
+        f"{proof}: the golden in src/steadyclip/demo/portable-golden.json does not cover this software stack; "
+        "regenerate it with python -m steadyclip.demo.make_portable_golden (portable variables set)")
+    golden = json.loads(Path("src/steadyclip/demo/portable-golden.json").read_text())
+    assert proof["digests"]["images"] in {e["images"] for e in golden["entries"]}
+
+
+def test_other_bits_than_the_golden_refuse_naming_both_cpus(tmp_path: Path) -> None:
+    forged = tmp_path / "golden.json"
+    doc = json.loads(Path("src/steadyclip/demo/portable-golden.json").read_text())
+    for entry in doc["entries"]:
+        entry["texts"] = "0" * 64
+        entry["cpu"] = {"cpu_vendor": "GenuineIntel", "cpu_model": "Some Xeon", "features": "avx fma avx2 avx512f"}
+    forged.write_text(json.dumps(doc))
+    out = _script(f"portable_proof.GOLDEN_FILE = __import__('pathlib').Path({str(forged)!r})", tmp_path)
+    assert out.get("error") == "PortableProofError", out
+    assert "texts" in out["message"] and "images" not in out["message"].split(" in ")[1].split(":")[0]
+    assert "Some Xeon" in out["message"]
+
+
+def test_without_a_golden_the_proof_says_unproven_never_proven(tmp_path: Path) -> None:
+    out = _script(f"portable_proof.GOLDEN_FILE = __import__('pathlib').Path({str(tmp_path / 'none.json')!r})",
+                  tmp_path)
+    assert out["status"] == "unproven" and "steadyclip lock --profile portable" in out["why"]
+
+
+def test_batch_files_carry_no_machine_facts_and_are_byte_identical(tmp_path: Path) -> None:
+    outs = []
+    for replicas in ("1", "2"):
+        out = tmp_path / f"r{replicas}.parquet"
+        proc = _cli("batch", "examples", "--labels", LABELS, "--embeddings", "--out", str(out), "--profile",
+                    "portable", "--replicas", replicas, cache=tmp_path / f"c{replicas}")
+        assert proc.returncode == 0, proc.stderr
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+    meta = read_metadata(tmp_path / "r1.parquet")
+    build = meta["provenance"]["flags"]["build"]
+    assert meta["provenance"]["profile"] == "portable" and meta["provenance"]["threads"] is None
+    assert not {"cpu_vendor", "cpu_model", "cpu_count"} & set(build)
+    # verify recomputes it portably (the CLI arranges its process from the file's profile)
+    check = _cli("verify", str(tmp_path / "r1.parquet"), "--all", "--json", cache=tmp_path / "v")
+    assert check.returncode == 0, check.stderr
+    assert json.loads(check.stdout)["verdict"] == "bitwise"
