@@ -23,9 +23,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CHECK_FAILED = 0, 1, 2, 3
 PROFILE_HELP = ("strict: fp32, bitwise reproducible on this machine. portable: fp32, the same bits on every "
-                "x86-64 CPU with AVX (CPU only; about half strict's speed). fast: bf16 weights (fp16/bf16 on CUDA), drift vs strict "
-                "measured and recorded; on CPU only with native bf16 (AMX/AVX512-BF16), else refused - "
-                "STEADYCLIP_ASSUME_NATIVE_BF16=1 forces emulated bf16 (slow).")
+                "x86-64 CPU with AVX (CPU only; its cost is measured in the README). fast: bf16 weights "
+                "(fp16/bf16 on CUDA), drift vs strict measured and recorded; on CPU only with native bf16 "
+                "(AMX/AVX512-BF16), else refused - STEADYCLIP_ASSUME_NATIVE_BF16=1 forces emulated bf16 (slow).")
 DEMO = "steadyclip-demo"
 
 # ---- options shared by several commands ------------------------------------------------

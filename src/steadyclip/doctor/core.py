@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from steadyclip.doctor import (
+    checks_machine,
     checks_mode,
     checks_numerics,
     checks_preprocess,
@@ -267,6 +268,8 @@ def _measure(
     _differs_from_loader(findings, ctx)
     checks_weights.check_corrupted(findings, fingerprint=ctx.snapshot.fingerprint, weights_file=wfile, lock=lock,
                                    expected_sha256=expected_sha256)
+    if lock is not None and not any(c.id == "weights_corrupted" for c in findings.causes):
+        checks_machine.check_cross_machine(findings, lock)
     _numerics_checks(ctx, findings, as_is, fixed)
 
     causes = rank_causes(findings.causes)

@@ -56,6 +56,7 @@ _PRIORITY: tuple[str, ...] = (
     "precision_drift",
     "nondeterministic_flags",
     "device_drift",
+    "cross_machine_numerics",
     "thread_variance",
     "batch_variance",
 )

@@ -39,6 +39,9 @@ DEFAULT_TOLERANCE = {"max_abs": 1e-4, "min_cosine": 0.9999}
 FAST_TOLERANCE = {"max_abs": 2e-2, "min_cosine": 0.9995}
 
 
+_LATER_KEYS = ("cpu_vendor", "cpu_model")
+
+
 def tolerance_for(precision: str) -> dict[str, float]:
     """The cross-stack tolerance for a probe run at ``precision``."""
     return dict(DEFAULT_TOLERANCE if precision == "fp32" else FAST_TOLERANCE)
@@ -50,6 +53,7 @@ def stack_id(engine: Engine) -> dict[str, str]:
     return {
         **identity.software_stack(),
         "device": str(engine.device), "cpu_capability": str(build.get("cpu_capability")),
+        "cpu_vendor": str(build.get("cpu_vendor")), "cpu_model": str(build.get("cpu_model")),
         "machine": platform.machine(), "profile": engine.profile.name, "threads": str(engine.threads),
         "micro_batch": str(engine.micro_batch), "precision": engine.profile.precision,
         "bf16": _bf16_kind(engine),
@@ -146,7 +150,9 @@ def compare_probe(stored: dict[str, Any], engine: Engine) -> ProbeReport:
         old_stack = {"precision": "fp32", "bf16": "n/a", **old_stack}
     if "python" not in old_stack:  # written before the stack was identity.software_stack(): of it, only
         old_stack = {**identity.software_stack(), **old_stack}  # torch, numpy and pillow were recorded
-    diffs = {k: (old_stack.get(k, "?"), v) for k, v in fresh["stack"].items() if old_stack.get(k) != v}
+    # the CPU's vendor and model were recorded from 2026-12-07 on: older locks say nothing of them
+    diffs = {k: (old_stack.get(k, "?"), v) for k, v in fresh["stack"].items()
+             if old_stack.get(k) != v and (k in old_stack or k not in _LATER_KEYS)}
     tol = {**tolerance_for(engine.profile.precision), **stored.get("tolerance", {})}
     max_abs, min_cos = 0.0, 1.0
     identical = True
