@@ -1,6 +1,7 @@
 """The portable profile on this machine: its process, its proof, its files (tests/test_portable_xcpu.py: other CPUs)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,15 +12,18 @@ from typing import Any
 import pytest
 
 import steadyclip
+from steadyclip._util.digest import sha256_array
 from steadyclip.batch import read_metadata
 from steadyclip.errors import PortableSetupError
 from steadyclip.numerics.early import PORTABLE_ENV
+from steadyclip.numerics.portable import is_ready
 
 EXAMPLES = sorted(str(p) for p in Path("examples").glob("*.png"))
 LABELS = "red circle,blue square,green triangle,yellow star,purple cross,pink ring"
 SCRIPT = """
 import json, sys
 import steadyclip
+from steadyclip._util.digest import sha256_array
 from steadyclip.batch import read_metadata
 from steadyclip.engine import portable_proof
 {patch}
@@ -49,13 +53,28 @@ def _script(patch: str, cache: Path) -> dict[str, Any]:
     return doc
 
 
-def test_a_process_whose_torch_already_runs_other_kernels_is_refused_with_the_fix() -> None:
-    # This test process imported torch without the variables: portable cannot be true here.
+def test_a_library_process_with_other_kernels_computes_in_a_portable_worker(tmp_path: Path) -> None:
+    # This test process imported torch without the variables: the engine starts a worker that has them.
+    assert not is_ready()
+    with steadyclip.Engine(steadyclip.load(), profile="portable", replicas=4) as engine:
+        rows = engine.embed_images(EXAMPLES)
+        proof = engine.provenance.flags["portable_proof"]
+        assert engine.replicas == 1 and proof["status"] == "proven" and "worker" in proof
+        assert engine.provenance.flags["build"]["cpu_capability"] == "DEFAULT"  # the worker's kernels
+    # the same bits as a process started with the variables computes itself
+    code = ("import sys, steadyclip; from steadyclip._util.digest import sha256_array; print(sha256_array("
+            "steadyclip.Engine(steadyclip.load(), profile='portable', replicas=1).embed_images(sys.argv[1:])))")
+    ready = subprocess.run([sys.executable, "-c", code, *EXAMPLES], capture_output=True, text=True,
+                           env=_env(tmp_path, True), timeout=300, check=True)
+    assert sha256_array(rows) == ready.stdout.strip().splitlines()[-1]
+
+
+def test_a_model_that_cannot_be_loaded_again_is_refused_with_the_fix() -> None:
+    loaded = steadyclip.load()
+    loaded.info = dataclasses.replace(loaded.info, source="object")
     with pytest.raises(PortableSetupError) as info:
-        steadyclip.Engine(steadyclip.load(), profile="portable")
-    message = str(info.value)
-    assert all(f"{k}={v}" in message for k, v in PORTABLE_ENV.items())
-    assert "torch dispatches its CPU kernels" in message
+        steadyclip.Engine(loaded, profile="portable")
+    assert all(k in str(info.value) for k in PORTABLE_ENV)
 
 
 def test_the_cli_arranges_its_own_process_and_says_portable(tmp_path: Path) -> None:

@@ -51,9 +51,7 @@ class ForwardCore:
         self.device = next(loaded.model.parameters()).device
         self.profile = determinism.resolve_profile(settings.profile, self.device.type, settings.onednn)
         if self.profile.name == "portable":
-            from steadyclip.numerics.portable import check_ready
-
-            check_ready()  # refuse now, not at the first forward
+            self._require_portable()  # refuse now, not at the first forward
         # fast: a reduced-precision copy cast once (steadyclip.engine.precision); None = run loaded.model (fp32)
         self.cast = precision.prepare(loaded, self.profile, self.device.type,
                                       allow_emulated_bf16=settings.allow_emulated_bf16)
@@ -66,6 +64,14 @@ class ForwardCore:
         self._numerics: str | None = None
         self._threads: tuple[int, ThreadCheck] | None = None
         self.checks_running = False  # self-checks forward here, never in replicas
+
+    def _require_portable(self) -> None:
+        from steadyclip.numerics.portable import check_ready
+
+        check_ready()
+
+    def close(self) -> None:
+        """Release what the core holds outside this process (nothing, here)."""
 
     # ---- shapes and towers ------------------------------------------------------------------
     def size(self, kind: str, length: int | None = None) -> int:

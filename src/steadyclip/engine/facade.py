@@ -20,9 +20,8 @@ import torch
 from steadyclip._util.digest import sha256_json
 from steadyclip._util.futures import completed, mapped
 from steadyclip.engine import _rows as rows
-from steadyclip.engine import portable_proof
-from steadyclip.engine._core import ForwardCore
 from steadyclip.engine._fast import fast_record
+from steadyclip.engine._remote import RemoteCore, make_core, portable_proof
 from steadyclip.engine._replicas import ReplicaSet
 from steadyclip.engine.images import ImageInput
 from steadyclip.engine.layout import ExecutionRecord
@@ -107,7 +106,9 @@ class Engine:
             raise InputError(f"settings must be an EngineSettings, got {type(base).__name__}")
         self.settings = base.replace(**{k: v for k, v in given.items() if v is not None})
         self.loaded = loaded
-        self._core = ForwardCore(loaded, self.settings)
+        self._core = make_core(loaded, self.settings)
+        if isinstance(self._core, RemoteCore):
+            self.settings = self._core.settings = self.settings.replace(replicas=1)  # one worker does the forwards
         self.device = self._core.device
         self.profile = self._core.profile
         if text_cache == "default":
@@ -125,6 +126,7 @@ class Engine:
     def close(self) -> None:
         """Stop the replica processes (also done when the engine is garbage-collected)."""
         self._replicas.close()
+        self._core.close()
 
     def start_replicas(self) -> None:
         """Start the replica processes now rather than at the first big call (servers do, at start-up)."""
@@ -159,7 +161,7 @@ class Engine:
                 paths = core.batch_path("image"), core.batch_path("text")
                 flags = identity.numerics_flags(core.flags())
                 if self.profile.name == "portable":  # refuses here when this CPU computes other bits
-                    flags["portable_proof"] = portable_proof.prove(core)
+                    flags["portable_proof"] = portable_proof(core)
             info = self.loaded.info
             self._provenance = Provenance(
                 model_id=info.model_id, arch=info.arch, weights_sha256=info.weights_sha256,
@@ -387,3 +389,4 @@ class Engine:
             results.append(Classification(labels=tuple(labels), probs=tuple(float(p) for p in probs), source=src,
                                           top=tuple((labels[j], float(probs[j])) for j in order), provenance=prov))
         return results
+

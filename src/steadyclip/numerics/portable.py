@@ -36,7 +36,7 @@ from steadyclip.numerics.early import (
     portable_env_problems,
 )
 
-__all__ = ["PortableOps", "PortableSetupError", "blas_facts", "check_ready", "set_blas_threads"]
+__all__ = ["PortableOps", "PortableSetupError", "blas_facts", "check_ready", "is_ready", "set_blas_threads"]
 
 
 
@@ -87,6 +87,15 @@ def check_ready() -> None:
         raise PortableSetupError("the portable profile cannot run in this process: " + "; ".join(problems)
                                  + f". To fix: {_how_to_fix()}")
     _READY.append(True)  # what a process loaded stays loaded
+
+
+def is_ready() -> bool:
+    """Can this process compute portable rows itself (:func:`check_ready` would pass)?"""
+    try:
+        check_ready()
+    except PortableSetupError:
+        return False
+    return True
 
 
 def set_blas_threads(threads: int) -> int:
