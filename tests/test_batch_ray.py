@@ -1,6 +1,7 @@
 """The same batch job on Ray Data gives the same table, bit for bit, as the local engine."""
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,10 +42,26 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _no_ray_left_running() -> Iterator[None]:
+def _no_ray_left_running(request: pytest.FixtureRequest) -> Iterator[None]:
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     yield
-    if ray.is_initialized():
+    if ray.is_initialized() and "shared_ray" not in request.fixturenames:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def shared_ray() -> Iterator[None]:
+    """One local Ray that the jobs of the tests below join (each start costs seconds on a small machine).
+
+    Its tests sit at the end of the file: the ones above need no Ray running (they start their own, or assert
+    that the job stopped the one it started), and fail loudly if one were.
+    """
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             object_store_memory=256 * 1024 * 1024, logging_level=logging.WARNING)
+    try:
+        yield
+    finally:
         ray.shutdown()
 
 
@@ -58,35 +75,6 @@ def test_ray_engine_equals_local_engine_bitwise(engine: Engine, folder: Path, tm
     assert pq.read_table(remote).equals(pq.read_table(local))
     assert read_metadata(remote) == read_metadata(local)
     assert remote.read_bytes() == local.read_bytes()
-
-
-def test_ray_job_resumes_a_local_one(engine: Engine, folder: Path, tmp_path: Path) -> None:
-    """Parts written by the local engine and by Ray actors mix into the same file as one local run."""
-    from steadyclip.batch.runner import BatchProgress
-
-    ref, out = tmp_path / "ref.parquet", tmp_path / "out.parquet"
-    run_batch(folder, engine, labels=demo_labels(), out=ref, workers=1, part_size=4)
-
-    def stop(p: BatchProgress) -> None:
-        if p.done >= 8:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run_batch(folder, engine, labels=demo_labels(), out=out, workers=1, part_size=4, progress=stop)
-    summary = run_batch(folder, engine, labels=demo_labels(), out=out, backend="ray", workers=1, part_size=4)
-    assert summary.resumed >= 8 and summary.backend == "ray"
-    assert out.read_bytes() == ref.read_bytes()
-
-
-def test_actor_with_different_settings_is_refused(engine: Engine, folder: Path) -> None:
-    """An actor checks its own weights and settings against the driver's before computing anything."""
-    from steadyclip.batch.inputs import open_inputs
-    from steadyclip.batch.ray_backend import RayPipeline
-
-    pipeline = RayPipeline(engine, dim=64, actors=1)
-    pipeline.spec["settings"]["micro_batch"] = 3  # as if a node had a different steadyclip configuration
-    with pytest.raises(IntegrityError, match="micro_batch: driver 4, actor 3"):
-        list(pipeline.run(iter(list(open_inputs(folder))[:2]), part_size=4))
 
 
 def test_two_node_cluster_uses_both_nodes_and_writes_the_local_rows(engine: Engine, folder: Path,
@@ -112,7 +100,27 @@ def test_two_node_cluster_uses_both_nodes_and_writes_the_local_rows(engine: Engi
     assert remote.read_bytes() == local.read_bytes()
 
 
-def test_ray_text_job_equals_local_text_job_bitwise(engine: Engine, tmp_path: Path) -> None:
+# ---- on one shared local Ray (the job joins it; it must leave it running) ------------------------------------
+
+def test_ray_job_resumes_a_local_one(shared_ray: None, engine: Engine, folder: Path, tmp_path: Path) -> None:
+    """Parts written by the local engine and by Ray actors mix into the same file as one local run."""
+    from steadyclip.batch.runner import BatchProgress
+
+    ref, out = tmp_path / "ref.parquet", tmp_path / "out.parquet"
+    run_batch(folder, engine, labels=demo_labels(), out=ref, workers=1, part_size=4)
+
+    def stop(p: BatchProgress) -> None:
+        if p.done >= 8:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_batch(folder, engine, labels=demo_labels(), out=out, workers=1, part_size=4, progress=stop)
+    summary = run_batch(folder, engine, labels=demo_labels(), out=out, backend="ray", workers=1, part_size=4)
+    assert summary.resumed >= 8 and summary.backend == "ray"
+    assert out.read_bytes() == ref.read_bytes()
+
+
+def test_ray_text_job_equals_local_text_job_bitwise(shared_ray: None, engine: Engine, tmp_path: Path) -> None:
     """Texts on Ray actors: the local job's rows and embeddings, bit for bit; error rows never leave the driver."""
     from steadyclip.batch import run_text_batch
 
@@ -124,7 +132,7 @@ def test_ray_text_job_equals_local_text_job_bitwise(engine: Engine, tmp_path: Pa
     local, remote = tmp_path / "local.parquet", tmp_path / "ray.parquet"
     a = run_text_batch(src, texts, out=local, part_size=5)
     b = run_text_batch(src, texts, out=remote, part_size=5, backend="ray", workers=2)
-    assert not ray.is_initialized(), "a local Ray started by the job must be shut down by it"
+    assert ray.is_initialized(), "a Ray the job joined is not the job's to stop"
     assert (b.backend, b.workers, b.inputs) == ("ray", 2, "texts")
     assert (a.total, a.ok, a.errors) == (b.total, b.ok, b.errors) == (len(lines), len(lines) - 4, 4)
     got, want = pq.read_table(remote), pq.read_table(local)
@@ -134,8 +142,7 @@ def test_ray_text_job_equals_local_text_job_bitwise(engine: Engine, tmp_path: Pa
     assert remote.read_bytes() == local.read_bytes()
 
 
-
-def test_cli_texts_on_ray(demo_arch_checkpoint: Path, tmp_path: Path) -> None:
+def test_cli_texts_on_ray(shared_ray: None, demo_arch_checkpoint: Path, tmp_path: Path) -> None:
     """`steadyclip batch --texts --engine ray --workers 1` writes the local text job's file."""
     from click.testing import CliRunner
     from test_batch import model_source
@@ -155,3 +162,14 @@ def test_cli_texts_on_ray(demo_arch_checkpoint: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert '"backend": "ray"' in result.stdout
     assert out.read_bytes() == ref.read_bytes()
+
+
+def test_actor_with_different_settings_is_refused(shared_ray: None, engine: Engine, folder: Path) -> None:
+    """An actor checks its own weights and settings against the driver's before computing anything."""
+    from steadyclip.batch.inputs import open_inputs
+    from steadyclip.batch.ray_backend import RayPipeline
+
+    pipeline = RayPipeline(engine, dim=64, actors=1)
+    pipeline.spec["settings"]["micro_batch"] = 3  # as if a node had a different steadyclip configuration
+    with pytest.raises(IntegrityError, match="micro_batch: driver 4, actor 3"):
+        list(pipeline.run(iter(list(open_inputs(folder))[:2]), part_size=4))

@@ -27,11 +27,17 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("live")
 
 
+# Both servers need the token (one server start fewer than a third, token-only server): every client sends it.
+TOKEN = "live-secret"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
 @pytest.fixture(scope="module", params=["1", "3"], ids=["replicas1", "replicas3"])
 def server(workdir: Path, request: pytest.FixtureRequest) -> Iterator[str]:
     """One engine process, and three replicas behind the micro-batcher: the same answers from both."""
-    with serve_process(workdir, "steadyclip-demo", "--batch-wait-ms", "10", "--replicas", request.param) as url:
-        doc = httpx.get(f"{url}/v1/model", timeout=30).json()
+    with serve_process(workdir, "steadyclip-demo", "--batch-wait-ms", "10", "--replicas", request.param,
+                       token=TOKEN) as url:
+        doc = httpx.get(f"{url}/v1/model", timeout=30, headers=AUTH).json()
         assert doc["execution"]["replicas"] == int(request.param)
         assert (doc["batching"]["max_rows"], doc["batching"]["in_flight"]) == (8, int(request.param))
         yield url
@@ -53,7 +59,7 @@ def _post(client: httpx.Client, url: str, path: Path) -> httpx.Response:
 
 
 def test_server_answers_bitwise_equal_to_cli(server: str, images: list[Path], cli_doc: dict[str, Any]) -> None:
-    with httpx.Client(timeout=60) as client:
+    with httpx.Client(timeout=60, headers=AUTH) as client:
         for path, expected in zip(images, cli_doc["results"]):
             resp = _post(client, server, path)
             assert resp.status_code == 200, resp.text
@@ -73,7 +79,7 @@ def test_sixteen_concurrent_clients_all_get_the_same_answers(server: str, images
     lock = threading.Lock()
 
     def client(k: int) -> None:
-        with httpx.Client(timeout=120) as http:
+        with httpx.Client(timeout=120, headers=AUTH) as http:
             for j in range(6):
                 path = images[(k + j) % len(images)]
                 resp = _post(http, server, path)
@@ -93,23 +99,27 @@ def test_sixteen_concurrent_clients_all_get_the_same_answers(server: str, images
         t.join(300)
     assert not failures, failures[:5]
     assert counts["ok"] == 16 * 6
-    batching = httpx.get(f"{server}/v1/model", timeout=30).json()["batching"]
+    batching = httpx.get(f"{server}/v1/model", timeout=30, headers=AUTH).json()["batching"]
     assert batching["largest_batch"] > 1, batching  # concurrent requests were batched together
     assert httpx.get(f"{server}/readyz", timeout=30).status_code == 200  # golden still bitwise after the storm
 
 
-def test_token_protects_a_live_server(workdir: Path, images: list[Path]) -> None:
-    with serve_process(workdir, "--token", "live-secret") as url, httpx.Client(timeout=60) as client:
-        assert _post(client, url, images[0]).status_code == 401
-        ok = client.post(f"{url}/v1/classify", files={"image": ("a.png", images[0].read_bytes())},
-                         data={"labels": LABELS}, headers={"Authorization": "Bearer live-secret"})
+def test_token_protects_a_live_server(server: str, images: list[Path]) -> None:
+    with httpx.Client(timeout=60) as client:
+        assert _post(client, server, images[0]).status_code == 401
+        wrong = client.post(f"{server}/v1/classify", files={"image": ("a.png", images[0].read_bytes())},
+                            data={"labels": LABELS}, headers={"Authorization": "Bearer not-the-secret"})
+        assert wrong.status_code == 401
+        ok = client.post(f"{server}/v1/classify", files={"image": ("a.png", images[0].read_bytes())},
+                         data={"labels": LABELS}, headers=AUTH)
         assert ok.status_code == 200
 
 
 def test_loadtest_script_reports_throughput_and_latency(server: str, images: list[Path]) -> None:
     run_loadtest = import_loadtest().run_loadtest
 
-    report = run_loadtest(server, images[0].read_bytes(), LABELS, clients=4, requests=12, max_seconds=60)
+    report = run_loadtest(server, images[0].read_bytes(), LABELS, clients=4, requests=12, max_seconds=60,
+                          token=TOKEN)
     assert report["ok"] == 12 and report["server_errors"] == 0 and report["distinct_answers"] == 1
     assert report["latency_ms"]["p50"] <= report["latency_ms"]["p99"]
     with pytest.raises(ValueError, match="loopback"):
@@ -128,7 +138,7 @@ def _png(exif: bytes | None = None) -> bytes:
 
 def test_bad_uploads_and_decoder_warnings_are_the_same_wherever_images_are_decoded(server: str) -> None:
     """With replicas the uploads are decoded in them: same error (naming the image), same warnings."""
-    with httpx.Client(timeout=60) as client:
+    with httpx.Client(timeout=60, headers=AUTH) as client:
         bad = client.post(f"{server}/v1/embed", files=[("image", ("ok.png", _png(), "image/png")),
                                                        ("image", ("junk.png", b"not an image", "image/png"))])
         assert bad.status_code == 422, bad.text
