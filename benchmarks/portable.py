@@ -76,11 +76,15 @@ print(json.dumps({"images_per_s": 8 * n / (time.perf_counter() - t0), "threads":
 
 
 def _env(kind: str) -> dict[str, str]:
-    from steadyclip.numerics.early import PORTABLE_ENV
+    from steadyclip.numerics.early import (
+        PORTABLE_ENV,
+        PORTABLE_SPEED_ENV,
+        portable_environ,
+    )
 
-    env = {k: v for k, v in os.environ.items() if k not in PORTABLE_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in PORTABLE_ENV and k not in PORTABLE_SPEED_ENV}
     env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    return {**env, **(PORTABLE_ENV if kind == "portable" else {})}
+    return portable_environ(env) if kind == "portable" else env  # what the CLI arranges for itself
 
 
 def _run(mode: str, kind: str, arch: str, weights: Path, threads: int) -> dict[str, Any]:

@@ -159,9 +159,9 @@ class RayPipeline:
         """portable: actors' processes start with the variables its numerics need (before torch loads)."""
         if self.engine.profile.name != "portable":
             return {}
-        from steadyclip.numerics.early import PORTABLE_ENV
+        from steadyclip.numerics.early import PORTABLE_ENV, PORTABLE_SPEED_ENV
 
-        return {"runtime_env": {"env_vars": dict(PORTABLE_ENV)}}
+        return {"runtime_env": {"env_vars": {**PORTABLE_SPEED_ENV, **PORTABLE_ENV}}}
 
     def _actor_count(self, ray: Any) -> int:
         """The given count, or one actor per ``threads`` CPUs the cluster has (all nodes)."""

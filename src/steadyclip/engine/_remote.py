@@ -24,7 +24,7 @@ from steadyclip.engine.portable_proof import prove
 from steadyclip.engine.settings import EngineSettings
 from steadyclip.errors import IntegrityError, PortableSetupError, SteadyClipError
 from steadyclip.model.loading import LoadedModel
-from steadyclip.numerics.early import PORTABLE_ENV
+from steadyclip.numerics.early import PORTABLE_ENV, portable_overlay
 from steadyclip.numerics.selfcheck import ThreadCheck
 
 __all__ = ["RemoteCore", "make_core", "portable_proof"]
@@ -91,8 +91,9 @@ class RemoteCore(ForwardCore):
         self._call_lock = threading.Lock()
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        saved = {k: os.environ.get(k) for k in PORTABLE_ENV}
-        os.environ.update(PORTABLE_ENV)  # spawn starts a fresh interpreter with this process's environment
+        overlay = portable_overlay()
+        saved = {k: os.environ.get(k) for k in overlay}
+        os.environ.update(overlay)  # spawn starts a fresh interpreter with this process's environment
         try:
             self._proc = ctx.Process(target=_serve, args=(child, *source, loaded.info.fingerprint, settings.to_dict()),
                                      name="steadyclip-portable", daemon=True)
