@@ -40,6 +40,8 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.texts
 	# Verify: `verify --all` of a 64-image batch file vs the job that made it, vs one load + 64 forwards.
 	$(BIN)/python -m benchmarks.verify
+	# Portable vs strict vs open_clip fp32: ViT-B-32 and RN50, 1 thread and all cores, model-only and whole process.
+	$(BIN)/python -m benchmarks.portable
 
 # Debian's Chromium for the browser test (CI runs this before `make test`).
 browser:
