@@ -79,12 +79,11 @@ def prove(core: ForwardCore) -> dict[str, Any]:
     if golden is None:
         return {"status": "unproven", "why": "no golden digests for this model and software stack "
                                              "(make them with `steadyclip lock --profile portable`)"}
-    settings = EngineSettings.from_dict(golden["settings"])
-    got = probe_digests(core.loaded, settings)
-    now = cpu_facts()
     if golden.get("stack") and golden["stack"] != stack_key(core):
         return {"status": "unproven", "why": f"the golden from {golden['source']} was made with another software "
                                              f"stack: {_differences(golden['stack'], stack_key(core))}"}
+    got = probe_digests(core.loaded, EngineSettings.from_dict(golden["settings"]))
+    now = cpu_facts()
     wrong = [part for part in ("images", "texts") if got[part] != golden[part]]
     if wrong:
         raise PortableProofError(
