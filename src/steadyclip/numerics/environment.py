@@ -87,6 +87,7 @@ def current_flags(device: str | torch.device = "cpu") -> dict[str, Any]:
                             else "in effect"),
         "env": env,
         "build": _build_info(),
+        "pinned_kernels": None,  # the portable profile's GEMM kernels, set inside determinism.applied
     }
     if kind == "cuda":
         flags["cuda_matmul_fp16_reduced_reduction"] = bool(
