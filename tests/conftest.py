@@ -105,8 +105,3 @@ def demo_copy(demo_arch_checkpoint: Path, tmp_path: Path) -> Path:
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The emulated-CPU test first: its qemu processes then fill cores the other test files leave idle,
-    instead of running alone at the end (xdist hands out whole files in collection order)."""
-    items.sort(key=lambda item: "test_portable_xcpu" not in item.nodeid)
