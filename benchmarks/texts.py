@@ -117,13 +117,9 @@ def _report(doc: dict[str, Any]) -> str:
 
 
 def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
+    from steadyclip.numerics.cpuid import cpu_facts
+
+    return str(cpu_facts().get("cpu_model") or "unknown")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

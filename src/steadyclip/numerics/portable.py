@@ -111,7 +111,8 @@ def _np(t: torch.Tensor) -> np.ndarray:
     if t.dtype != torch.float32 or t.device.type != "cpu":
         raise PortableSetupError(f"the portable profile computes fp32 on the CPU only; got a {t.dtype} "
                                  f"tensor on {t.device}")
-    if not (t.is_contiguous() or t.t().is_contiguous() if t.dim() == 2 else t.is_contiguous()):
+    transposed = t.dim() == 2 and t.t().is_contiguous()  # a weight's .t(): BLAS takes it as is
+    if not (t.is_contiguous() or transposed):
         t = t.contiguous()
     return t.detach().numpy()
 
