@@ -6,7 +6,7 @@ STAMP := $(VENV)/.steadyclip-installed
 # One thread each for the sanity of timings on small machines; tests set their own.
 export PYTHONHASHSEED := 0
 
-.PHONY: setup demo test test-fast bench browser qemu clean lint
+.PHONY: setup demo test test-fast bench bench-infinity browser qemu clean lint
 
 setup: $(STAMP)
 
@@ -42,6 +42,14 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.verify
 	# Portable vs strict vs open_clip fp32: ViT-B-32 and RN50, 1 thread and all cores, model-only and whole process.
 	$(BIN)/python -m benchmarks.portable
+
+# Texts side by side with Infinity (PyPI infinity-emb 0.0.78) on the same converted weights, one server after
+# the other. Infinity gets its own venv (its transformers/numpy pins stay out of .venv); torch pinned on the same
+# pip line so it keeps the project's. Not part of `bench` or `test`.
+bench-infinity: $(STAMP)
+	test -x .venv-infinity/bin/infinity_emb || ($(PY) -m venv .venv-infinity && .venv-infinity/bin/python -m pip install -q \
+		"infinity-emb[server,torch,vision]==0.0.78" "torch==2.14.1" "torchvision==0.29.1")
+	$(BIN)/python -m benchmarks.texts --infinity .venv-infinity
 
 # Debian's Chromium for the browser test (CI runs this before `make test`).
 browser:
