@@ -29,10 +29,10 @@ def _cli(*args: str, cache: Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.slow
-def test_five_processes_print_byte_identical_json(tmp_path: Path) -> None:
+def test_three_processes_print_byte_identical_json(tmp_path: Path) -> None:
     outs = []
-    for i in range(5):
-        # Half share a warm text cache, half start cold: the answer must not care.
+    for i in range(3):
+        # Two start with cold text caches, the third reuses the first one's warm cache: the answer must not care.
         proc = _cli("classify", *EXAMPLES, "--labels", LABELS, "--json", cache=tmp_path / f"c{i % 2}")
         assert proc.returncode == 0, proc.stderr
         outs.append(proc.stdout)
