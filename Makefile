@@ -25,7 +25,7 @@ demo: $(STAMP)
 # wait on subprocesses (servers, CLI runs, emulated CPUs, Ray), so one worker more than the CPUs keeps
 # every core busy: measured on 2 vCPUs, 2 workers left 17% of the CPU time idle. At most 8.
 TEST_WORKERS := $(shell n=$$(nproc 2>/dev/null || echo 2); n=$$((n + 1)); [ $$n -gt 8 ] && n=8; echo $$n)
-TEST_PROCS := -n $(TEST_WORKERS) --dist loadfile
+TEST_PROCS := -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(TEST_PROCS)

@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from steadyclip.model.integrity import HashCache, sha256_file
+from steadyclip.model.registry import DEMO_SPEC
 from steadyclip.numerics.early import PORTABLE_ENV
 
 SCRIPT = Path(__file__).parent / "scripts" / "portable_rows.py"
@@ -56,13 +58,17 @@ def test_rows_are_bitwise_the_same_on_emulated_intel_and_amd_cpus(
         arch_checkpoint: Callable[[str], Path], tmp_path: Path) -> None:
     qemu = _qemu()
     weights = arch_checkpoint(ARCH)
-    # The host first: it fills the weights' hash cache the emulated runs then read (hashing 240 MB
-    # under emulation would take longer than the rows).
-    host = _result(_start([], weights, tmp_path))
-    runs = {name: _start([qemu, "-cpu", name], weights, tmp_path) for name, *_ in CPUS}
+    # Fill the weights' hash cache the runs read (hashing 240 MB under emulation would take longer
+    # than the rows), then start the host and every emulated CPU at once.
+    for path in (weights, DEMO_SPEC.weights_file):
+        if path is not None:
+            sha256_file(path, cache=HashCache(tmp_path / "sha256-cache.json"))
+    procs = {"host": _start([], weights, tmp_path)}
+    procs |= {name: _start([qemu, "-cpu", name], weights, tmp_path) for name, *_ in CPUS}
+    host = _result(procs["host"])
     assert host["proof"] == "proven" and host["capability"] == "DEFAULT" and host["blas"].lower() == "sandybridge"
     for name, vendor, has, lacks in CPUS:
-        got = _result(runs[name])
+        got = _result(procs[name])
         features = set(got["cpu"]["features"].split())
         # the emulated CPU computed these rows: its own CPUID answered, not the host's
         assert got["cpu"]["source"] == "cpuid" and got["cpu"]["cpu_vendor"] == vendor, got["cpu"]
