@@ -65,13 +65,15 @@ def _from_proc() -> dict[str, Any]:
         return facts
     for line in text.splitlines():
         key, _, value = (part.strip() for part in line.partition(":"))
-        if key == "vendor_id" and facts["cpu_vendor"] is None:
+        if key in ("vendor_id", "CPU implementer") and facts["cpu_vendor"] is None:  # x86, Arm
             facts["cpu_vendor"] = value
-        elif key == "model name" and facts["cpu_model"] is None:
+        elif key in ("model name", "Model", "CPU part") and facts["cpu_model"] is None:
             facts["cpu_model"] = value
         elif key == "flags" and facts["features"] is None:
             flags = set(value.split())
             facts["features"] = " ".join(n for _, _, _, n in _FEATURES if n in flags)
+    if facts["cpu_model"] is None:
+        facts["cpu_model"] = platform.processor() or platform.machine() or None
     return facts
 
 

@@ -147,24 +147,14 @@ def _mkl_cbwr_getter() -> Callable[[int], int] | None:
 
 
 def _cpu_identity() -> dict[str, str | None]:
-    """The CPU's vendor and model: with the capability, they decide strict's bits (MKL picks kernels per CPU)."""
-    import platform
+    """The CPU's vendor and model: with the capability, they decide strict's bits (MKL picks kernels per CPU).
 
-    facts: dict[str, str | None] = {"cpu_vendor": None, "cpu_model": None}
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        text = ""
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key in ("vendor_id", "CPU implementer") and facts["cpu_vendor"] is None:
-            facts["cpu_vendor"] = value.strip()
-        elif key in ("model name", "Model", "CPU part") and facts["cpu_model"] is None:
-            facts["cpu_model"] = value.strip()
-    if facts["cpu_model"] is None:
-        facts["cpu_model"] = platform.processor() or platform.machine() or None
-    return facts
+    From :func:`steadyclip.numerics.cpuid.cpu_facts` (the CPUID instruction, so an emulated CPU reports
+    itself; ``/proc/cpuinfo`` where the instruction cannot run)."""
+    from steadyclip.numerics.cpuid import cpu_facts
+
+    facts = cpu_facts()
+    return {"cpu_vendor": facts.get("cpu_vendor"), "cpu_model": facts.get("cpu_model")}
 
 
 @functools.lru_cache(maxsize=1)
