@@ -33,12 +33,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.infinity import VERSION as INFINITY_VERSION
+
 REPO = Path(__file__).resolve().parent.parent
 QUERIES = ("a photo of a cat", "red circle", "a dog on the beach", "blue square", "green star on white",
            "a person riding a bike", "sunset over the sea", "two birds in a tree")
 # Quoted only when Infinity is not run: DESIGN.md's Infinity 0.0.78, ViT-B-32, 4-16 clients, 8 texts per request
 INFINITY_TEXTS_PER_S = (50.0, 83.0)
-VERSION = "0.0.78"  # benchmarks.infinity.VERSION, without importing it for a run that skips Infinity
 CLIENTS = (4, 16)
 
 
@@ -160,7 +161,7 @@ def _server_rows(doc: dict[str, Any]) -> list[str]:
     inf_rows = (doc.get("infinity") or {}).get("server")
     lines = ["| /v1/embeddings, 8 texts/request | texts/s | p50 ms | p99 ms | statuses | distinct answers |",
              "|---|---|---|---|---|---|"]
-    for name, rows in (("steadyclip serve", doc["server"]), (f"Infinity {VERSION}", inf_rows or [])):
+    for name, rows in (("steadyclip serve", doc["server"]), (f"Infinity {INFINITY_VERSION}", inf_rows or [])):
         for r in rows:
             distinct = (f"{r['distinct_embeddings']} (embeddings, {r['distinct_probe_requests']}-request probe)"
                         if "distinct_embeddings" in r else str(r["distinct_answers"]))
