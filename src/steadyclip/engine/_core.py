@@ -63,6 +63,8 @@ class ForwardCore:
         self._flags: dict[str, Any] | None = None
         self._numerics: str | None = None
         self._threads: tuple[int, ThreadCheck] | None = None
+        self._text_sizes: dict[int | None, tuple[int, ...]] = {}
+        self._long_tokens: torch.Tensor | None = None
         self.checks_running = False  # self-checks forward here, never in replicas
 
     def _require_portable(self) -> None:
@@ -185,11 +187,13 @@ class ForwardCore:
         if self.cast is not None:
             self.cast.check()
 
-    def forward_local(self, kind: str, x: torch.Tensor) -> np.ndarray:
+    def forward_local(self, kind: str, x: torch.Tensor, size: int | None = None) -> np.ndarray:
         """Encode rows of ``x`` in this process at the fixed shapes; raw float32 (N, D).
 
         Texts (token rows at the context length) run grouped by their sequence-length bucket,
-        each group at its fixed (rows, length) shape, and come back in input order.
+        each group in forwards of proven row counts (:meth:`chunks`), and come back in input order.
+        ``size``: run all of ``x`` (one shape group) as one forward of that many rows, as planned by
+        the process that split the work (:meth:`shape_tasks`).
         """
         with self.lock:
             self.check_state()
@@ -199,20 +203,59 @@ class ForwardCore:
             with determinism.applied(self.profile, self.device.type, threads=threads), torch.inference_mode(), \
                     determinism.autocast(self.profile, self.device.type):
                 for rows, length, path in groups:
-                    fn, part, size = self.tower(kind, length), x[rows], self.size(kind, length)
+                    fn, part = self.tower(kind, length), x[rows]
                     if length is not None:
                         part = part[:, :length]  # (n, L): the tokens after each row's end-of-text token
-                    done = [selfcheck.run_chunk(fn, part[s : s + size].to(self.device), size, path)
-                            for s in range(0, part.shape[0], size)]
+                    sizes = [size] if size is not None else self.chunks(kind, length, part.shape[0])
+                    starts = np.cumsum([0, *sizes[:-1]])
+                    done = [selfcheck.run_chunk(fn, part[s : s + z].to(self.device), z, path)
+                            for s, z in zip(starts, sizes)]
                     block = np.concatenate(done, axis=0)  # (n, D)
                     if out is None:
                         out = np.empty((x.shape[0], block.shape[1]), dtype=np.float32)
                     out[rows] = block
         return out if out is not None else np.zeros((0, 0), dtype=np.float32)
 
-    def shape_groups(self, kind: str, x: torch.Tensor) -> list[tuple[np.ndarray, int]]:
-        """(row indices, rows per forward) of ``x`` per forward shape (one group for images; one per text bucket)."""
-        return [(rows, self.size(kind, length)) for rows, length, _ in self._groups(kind, x)]
+    def shape_tasks(self, kind: str, x: torch.Tensor) -> list[tuple[np.ndarray, int]]:
+        """``x`` split into forwards: (row indices, rows of the forward) each, one shape per forward."""
+        tasks = []
+        for rows, length, _ in self._groups(kind, x):
+            start = 0
+            for z in self.chunks(kind, length, len(rows)):
+                tasks.append((rows[start : start + z], z))
+                start += z
+        return tasks
+
+    def chunks(self, kind: str, length: int | None, n: int) -> list[int]:
+        """Rows of each forward for ``n`` rows of one shape group (the last one may be padded).
+
+        Images: the micro-batch. Texts: the largest proven row count that ``n`` still fills, and for
+        the rest the smallest that holds it when that pads fewer than the base rows.
+        """
+        base = self.size(kind, length)
+        if n <= base:
+            return [base]  # one forward of the base rows: no larger count needed (nor checked)
+        options = self.text_sizes(length) if kind == "text" else (base,)
+        sizes, left = [], n
+        while left > 0:
+            fits = [z for z in options if z <= left]
+            holds = [z for z in options if z >= left]
+            z = holds[0] if holds and (not fits or holds[0] - left < options[0]) else (fits[-1] if fits else options[0])
+            sizes.append(z)
+            left -= z
+        return sizes
+
+    def text_sizes(self, length: int | None) -> tuple[int, ...]:
+        """Rows a text forward at bucket ``length`` may run: the base rows, and the larger counts the
+        self-check proved to give the same bits (:func:`selfcheck.text_rows`; once per machine)."""
+        if length not in self._text_sizes:
+            options = self.text_shapes.row_options(length)
+            with self.lock, self._checking():
+                probe = self._text_probe(length, options[-1]) if len(options) > 1 else None
+                self._text_sizes[length] = options[:1] if probe is None else selfcheck.text_rows(
+                    self.tower("text", length), probe, options, self.profile, self.device.type,
+                    self.numerics_basis(), self.threads)
+        return self._text_sizes[length]
 
     def _groups(self, kind: str, x: torch.Tensor) -> list[tuple[np.ndarray, int | None, str]]:
         """(row indices, sequence length or None, batch path) per shape a forward of ``x`` runs at."""
@@ -220,9 +263,22 @@ class ForwardCore:
         if kind == "image" or self.text_shapes.pool == "full":
             return [(everything, None, self.batch_path(kind))]
         buckets = self.text_shapes.bucket_of(x)
-        # bucketed texts always run at the fixed shape: a padded tail of short rows costs little
+        # bucketed texts always run at fixed shapes of proven row counts: a padded tail costs little
         return [(everything[buckets == b], int(b), "fixed-shape") for b in self.text_shapes.buckets
                 if (buckets == b).any()]
+
+
+    def _text_probe(self, length: int | None, rows: int) -> torch.Tensor:
+        """``rows`` real token rows cut to ``length`` tokens, each ending at its end-of-text token."""
+        if self._long_tokens is None or self._long_tokens.shape[0] < rows:
+            words = " ".join(f"probe word {j}" for j in range(40))
+            self._long_tokens = self.loaded.tokenizer([f"{i} {words}" for i in range(max(rows, 128))])
+        tokens = self._long_tokens[:rows]
+        ends = torch.from_numpy(self.text_shapes.lengths(tokens) - 1)
+        n = length or tokens.shape[1]
+        out = tokens[:, :n].clone()
+        out[:, n - 1] = tokens[torch.arange(rows), ends]  # each row's own end-of-text token
+        return out.to(self.device)
 
     def embed_local(self, kind: str, x: torch.Tensor) -> np.ndarray:
         """:meth:`forward_local`, L2-normalised: what every entry point returns for ``x``."""

@@ -146,9 +146,14 @@ class RemoteCore(ForwardCore):
         check: ThreadCheck = self._call("check_threads", compared)
         return check
 
-    def forward_local(self, kind: str, x: Any) -> Any:
+    def forward_local(self, kind: str, x: Any, size: int | None = None) -> Any:
         self.check_state()  # this process's copy, as every forward checks it
-        return self._call("forward_local", kind, x)
+        return self._call("forward_local", kind, x, size)
+
+    def text_sizes(self, length: int | None) -> tuple[int, ...]:
+        if length not in self._text_sizes:
+            self._text_sizes[length] = tuple(self._call("text_sizes", length))
+        return self._text_sizes[length]
 
     def portable_proof(self) -> dict[str, Any]:
         proof: dict[str, Any] = self._call("portable_proof")

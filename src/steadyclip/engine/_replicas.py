@@ -106,16 +106,15 @@ class ReplicaSet:
         return self.pool().submit(fn, *args)
 
     def forward_async(self, kind: str, x: torch.Tensor) -> Future[np.ndarray]:
-        """Raw rows (N, D) of ``x`` as one future, in input order: one micro-batch per task, each of
-        one shape (texts are grouped by their sequence-length bucket first)."""
-        groups = self.core.shape_groups(kind, x)
-        order = np.concatenate([rows for rows, _ in groups]) if groups else np.zeros(0, dtype=np.int64)
+        """Raw rows (N, D) of ``x`` as one future, in input order: one forward per task, each of one
+        shape (texts are grouped by their sequence-length bucket first; :meth:`ForwardCore.shape_tasks`)."""
+        split = self.core.shape_tasks(kind, x)
+        order = np.concatenate([rows for rows, _ in split]) if split else np.zeros(0, dtype=np.int64)
         arr = x.cpu().numpy()
-        tasks = [self.submit(_forward_task, kind, arr[rows[s : s + size]]) for rows, size in groups
-                 for s in range(0, len(rows), size)]
+        tasks = [self.submit(_forward_task, kind, arr[rows], size) for rows, size in split]
         inverse = np.argsort(order, kind="stable")  # grouped order -> input order
         return mapped(joined_rows(tasks), lambda rows: rows[inverse] if len(rows) else rows)
 
 
-def _forward_task(core: ForwardCore, kind: str, rows: np.ndarray) -> np.ndarray:
-    return core.forward_local(kind, torch.from_numpy(rows))
+def _forward_task(core: ForwardCore, kind: str, rows: np.ndarray, size: int) -> np.ndarray:
+    return core.forward_local(kind, torch.from_numpy(rows), size)

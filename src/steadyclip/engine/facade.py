@@ -64,7 +64,8 @@ class Engine:
             below override its fields (``Engine(loaded, micro_batch=1)`` is the usual spelling).
         profile: ``"strict"`` (fp32, bitwise reproducible), ``"fast"``, or a :class:`Profile`.
         micro_batch: rows per image forward; 1 gives the lowest latency.
-        text_micro_batch: rows per text forward at 16+ tokens (shorter text buckets run more rows).
+        text_micro_batch: rows per text forward at every text bucket (larger forwards of its multiples
+            run only where a self-check proves they give the same bits).
         threads: intra-op threads per replica (default 1). More than 1 is used only where a
             self-check proves rows equal to rows at 1 thread; otherwise 1, logged and recorded.
         replicas: processes running forwards for inputs bigger than one micro-batch (default:

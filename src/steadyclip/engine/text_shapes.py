@@ -7,10 +7,13 @@ changes the bits, and the shape is decided by the text alone (the smallest bucke
 end-of-text token), so a text's row is bitwise the same whatever its neighbours, batch, request,
 entry point or replica - the strict promise, at a fraction of the cost.
 
-Rows per forward follow the length too: a bucket shorter than :data:`TOKEN_BUDGET` tokens runs
-more rows (rows x length stays about ``text_micro_batch`` x 16), since tiny GEMMs waste the CPU
-(ViT-B-32, 1 thread, length 8: 8 rows 54 texts/s, 16 rows 72, 32 rows 89). A request of 8 short
-texts still pays for one 16 x 8 forward, not for 32 x 77 as before buckets.
+Rows per forward: ``text_micro_batch`` (8) at every bucket, so a lone request of a few texts
+pays for 8 rows. Bigger forwards run where a self-check has proven them equal: at each bucket,
+forwards of 2, 4, ... times those rows (up to :data:`TOKEN_BUDGET` tokens) must give every row
+bitwise equal to the 8-row forwards, measured once per model, stack and machine
+(:func:`steadyclip.numerics.selfcheck.text_rows`) before any forward uses them. A text's bits are
+therefore its bits at (its bucket, 8 rows) whichever forward it lands in; the larger forwards only
+make busy servers faster (ViT-B-32, 1 thread, length 7: 8 rows 86 texts/s, 32 rows 115).
 
 Buckets are used only where that argument holds: an open_clip text tower with a causal mask,
 pooling at the end-of-text token (``argmax`` or ``eos``), no class token and no padding mask.
@@ -28,8 +31,9 @@ import torch
 
 __all__ = ["DEFAULT_BUCKETS", "TextShapes", "bucket_encoder", "text_shapes"]
 
-DEFAULT_BUCKETS = (8, 16, 32)  # plus the context length; most prompts and queries fit 8 or 16 tokens
-TOKEN_BUDGET = 16  # buckets shorter than this run text_micro_batch * (TOKEN_BUDGET // length) rows
+# plus the context length: every length of a short query, then steps that waste at most a few tokens
+DEFAULT_BUCKETS = (4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 32, 48)
+TOKEN_BUDGET = 512  # the largest forward at a bucket: rows x length up to this (where proven equal)
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -46,14 +50,26 @@ class TextShapes:
 
     @property
     def scheme(self) -> str:
-        """What provenance and cache keys record, (length x rows) per bucket: ``"buckets:8x16,16x8,32x8,77x8"``
+        """What provenance and cache keys record, (length x rows) per bucket: ``"buckets:4x8,5x8,...,48x8,77x8"``
         or ``"full:77x32"``."""
         kind = "full" if self.pool == "full" else "buckets"
         return f"{kind}:{','.join(f'{b}x{r}' for b, r in zip(self.buckets, self.rows))}"
 
     def rows_for(self, length: int | None) -> int:
-        """Rows per forward at a bucket (``None``: the context length)."""
+        """Rows per forward at a bucket (``None``: the context length): the shape a text's bits follow."""
         return self.rows[-1] if length is None else self.rows[self.buckets.index(length)]
+
+    def row_options(self, length: int | None) -> tuple[int, ...]:
+        """Rows of the forwards a bucket may run where proven equal to :meth:`rows_for`: it, then doubled
+        while rows x length stays within :data:`TOKEN_BUDGET` (``(rows,)`` without buckets)."""
+        base = self.rows_for(length)
+        if self.pool == "full":
+            return (base,)
+        steps, size = [base], base * 2
+        while size * (length or self.buckets[-1]) <= TOKEN_BUDGET:
+            steps.append(size)
+            size *= 2
+        return tuple(steps)
 
     def lengths(self, tokens: torch.Tensor) -> np.ndarray:
         """Tokens each row needs, through its end-of-text token: (N,) ints."""
@@ -100,7 +116,7 @@ def _text_parts(model: Any) -> tuple[Any, str | None]:
 
 def text_shapes(model: Any, context_length: int, buckets: tuple[int, ...] | str = "auto", rows: int = 8) -> TextShapes:
     """The text shapes for ``model``: ``"auto"`` buckets where the causal-pooling argument holds,
-    ``"full"`` (context length only), or explicit bucket lengths; ``rows`` per forward at 16+ tokens."""
+    ``"full"`` (context length only), or explicit bucket lengths; ``rows`` per forward at every bucket."""
     if buckets == "full":
         return TextShapes((context_length,), (rows,), "full", why="text buckets turned off (text_buckets='full')")
     holder, why = _text_parts(model)
@@ -112,7 +128,7 @@ def text_shapes(model: Any, context_length: int, buckets: tuple[int, ...] | str 
     chosen: tuple[int, ...] = DEFAULT_BUCKETS if isinstance(buckets, str) else tuple(buckets)
     edges = tuple(sorted({b for b in chosen if 2 <= b < context_length} | {context_length}))
     eos = getattr(model, "text_eos_id", None) if holder is model else getattr(holder, "eos_id", None)
-    return TextShapes(edges, tuple(rows * max(1, TOKEN_BUDGET // b) for b in edges), str(pool), eos_id=eos)
+    return TextShapes(edges, tuple(rows for _ in edges), str(pool), eos_id=eos)
 
 
 def bucket_encoder(model: Any, shapes: TextShapes) -> Forward | None:

@@ -4,6 +4,8 @@ Two questions, each answered once per model, profile, stack and shape, then reme
 - **batch path** (:func:`batch_path`): are single-row forwards bitwise equal to the rows of
   a full micro-batch? If so, tails run row by row (``"verified-invariant"``), else padded to
   the fixed shape (``"fixed-shape"``).
+- **text rows** (:func:`text_rows`): at one text bucket, do forwards of more rows give every row
+  bitwise equal to forwards of the base rows? Only the sizes that do are ever used.
 - **threads** (:func:`thread_check`): are rows at one intra-op thread count bitwise equal to
   rows at another? The engine runs T > 1 threads only where rows at T equal rows at 1; the
   fast profile records the same verdict for its pinned count. Thread invariance is a property
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -29,12 +31,14 @@ from steadyclip.numerics.profiles import Profile
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["ThreadCheck", "batch_path", "rows_equal_single", "rows_equal_threads", "run_chunk", "thread_check"]
+__all__ = ["ThreadCheck", "batch_path", "rows_equal_single", "rows_equal_threads", "run_chunk", "text_rows",
+           "thread_check"]
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 ThreadVerdict = Literal["thread-invariant", "thread-dependent", "not-applicable", "not-checked"]
 _THREAD_STORE = "thread-selfcheck"
 _BATCH_STORE = "batch-selfcheck"
+_TEXT_ROWS_STORE = "text-rows-selfcheck"
 
 
 def _run(fn: Forward, x: torch.Tensor, profile: Profile, device: str, threads: int) -> np.ndarray:
@@ -128,6 +132,30 @@ def batch_path(fn: Forward, probe: torch.Tensor, profile: Profile, device: str, 
             store.put(key, path)
     _logger.info("%s tower batch path: %s (micro-batch %d)", kind, path, size)
     return path
+
+
+def text_rows(fn: Forward, probe: torch.Tensor, sizes: Sequence[int], profile: Profile, device: str, basis: str,
+              threads: int) -> tuple[int, ...]:
+    """The row counts of ``sizes`` (ascending; the first is the base) whose forwards of ``fn`` give every
+    row bitwise equal to the same rows in forwards of the base size, remembered on disk.
+
+    ``probe`` holds ``sizes[-1]`` rows of one shape. The key names the weights and stack (``basis``),
+    the row shape, the sizes and the thread count, so the verdict is measured once per machine.
+    """
+    base = sizes[0]
+    if len(sizes) == 1:
+        return (base,)
+    key = sha256_json(["text-rows", basis, list(probe.shape[1:]), list(sizes), threads])
+    store = VerdictStore(_TEXT_ROWS_STORE)
+    remembered = store.get(key)
+    if isinstance(remembered, list) and remembered and remembered[0] == base:
+        return tuple(int(z) for z in remembered)
+    ref = np.concatenate([_run(fn, probe[s : s + base], profile, device, threads)
+                          for s in range(0, sizes[-1], base)], axis=0)
+    proven = (base, *(z for z in sizes[1:] if np.array_equal(_run(fn, probe[:z], profile, device, threads), ref[:z])))
+    _logger.info("text rows at %s: forwards of %s rows equal the %d-row ones", list(probe.shape[1:]), list(proven), base)
+    store.put(key, list(proven))
+    return proven
 
 
 def run_chunk(fn: Forward, chunk: torch.Tensor, size: int, path: str) -> np.ndarray:

@@ -288,10 +288,15 @@ def _warnings(images: list[ImagePayload], outcomes: list[ImageOutcome]) -> list[
             for i, (img, o) in enumerate(zip(images, outcomes)) for m in o.warnings]
 
 
+TEXT_GATHER = 8  # text micro-batches gather this many forwards' worth of the engine's base rows
+
+
 def _text_rows(engine: Engine) -> int:
-    """Rows per text micro-batch: the engine's rows at its shortest bucket (most queries fit it)."""
+    """Texts per micro-batch: enough that each bucket of a mix of short queries fills forwards of
+    several base row counts (the engine splits them by bucket, and into proven row counts)."""
     shapes = getattr(engine, "text_shapes", None)
-    return int(shapes.rows[0]) if shapes is not None else int(getattr(engine, "text_micro_batch", 8))
+    base = int(shapes.rows[0]) if shapes is not None else int(getattr(engine, "text_micro_batch", 8))
+    return TEXT_GATHER * base
 
 
 def _encode(vec: np.ndarray, encoding: str) -> Any:
