@@ -30,8 +30,8 @@ def _engine(loaded: LoadedModel, **kw: object) -> Engine:
 def test_the_demo_model_runs_texts_in_buckets_and_provenance_says_so(demo: LoadedModel) -> None:
     engine = _engine(demo)
     shapes = engine.text_shapes
-    assert shapes.buckets == (4, 5, 6, 7, 8, 10, 12, 14, 16) and shapes.pool == "argmax"
-    assert engine.provenance.text_buckets == "buckets:4x8,5x8,6x8,7x8,8x8,10x8,12x8,14x8,16x8"  # length x rows
+    assert shapes.buckets == (8, 12, 16) and shapes.pool == "argmax"
+    assert engine.provenance.text_buckets == "buckets:8x8,12x8,16x8"  # length x rows
     lengths = shapes.lengths(demo.tokenizer(TEXTS))
     assert lengths[0] == 4 and lengths[2] == 3  # start, 2 words, end; start, "x", end
     assert _engine(demo, text_buckets="full").provenance.text_buckets == "full:16x8"
@@ -49,7 +49,7 @@ def test_buckets_equal_the_full_length_rows_to_float_tolerance(demo: LoadedModel
 def test_a_real_architecture_in_buckets_matches_its_full_length_rows(arch_checkpoint: Callable[[str], Path]) -> None:
     loaded = load("ViT-B-32", pretrained=str(arch_checkpoint("ViT-B-32")))
     engine = _engine(loaded)
-    assert engine.provenance.text_buckets == "buckets:4x8,5x8,6x8,7x8,8x8,10x8,12x8,14x8,16x8,20x8,24x8,32x8,48x8,77x8"
+    assert engine.provenance.text_buckets == "buckets:8x8,12x8,16x8,24x8,32x8,48x8,77x8"
     texts = [*TEXTS, "word " * 40]  # the last one needs the 77-token bucket
     bucketed = engine.embed_texts(texts)
     full = _engine(loaded, text_buckets="full").embed_texts(texts)
@@ -113,11 +113,12 @@ def test_bad_text_bucket_settings_are_typed_errors(demo: LoadedModel) -> None:
 def test_larger_text_forwards_run_only_where_proven_to_give_the_same_bits(demo: LoadedModel) -> None:
     engine = _engine(demo)
     core = engine._core
-    assert core.text_shapes.row_options(4) == (8, 16, 32, 64, 128)  # up to 512 tokens per forward
-    assert core.chunks("text", 4, 5) == [8]  # a small request pays for the base rows, checks nothing
-    proven = core.text_sizes(4)
-    assert proven[0] == 8 and set(proven) <= {8, 16, 32, 64, 128}
-    many = [f"cat {i}" for i in range(40)]  # 4 tokens each: forwards larger than 8 rows where proven
+    assert core.text_shapes.row_options(8) == (8, 16, 32, 64)  # up to 512 tokens per forward
+    assert core.text_shapes.row_options(16) == (8, 16, 32)  # the demo's context length: 16 tokens
+    assert core.chunks("text", 8, 5) == [8]  # a small request pays for the base rows, checks nothing
+    proven = core.text_sizes(8)
+    assert proven[0] == 8 and set(proven) <= {8, 16, 32, 64}
+    many = [f"cat {i}" for i in range(40)]  # 4 tokens each, bucket 8: forwards larger than 8 rows where proven
     together = engine.embed_texts(many)
     alone = np.concatenate([engine.embed_texts(many[s : s + 8]) for s in range(0, 40, 8)])
     assert together.tobytes() == alone.tobytes()
@@ -143,9 +144,11 @@ def test_a_row_count_whose_bits_differ_is_never_used() -> None:
 
 def test_the_plan_fills_proven_forwards_and_pads_at_most_one(demo: LoadedModel) -> None:
     core = _engine(demo)._core
-    core._text_sizes[4] = (8, 16, 32, 64, 128)
-    assert core.chunks("text", 4, 40) == [32, 8]
-    assert core.chunks("text", 4, 12) == [16]  # 4 padded rows, one forward
-    assert core.chunks("text", 4, 200) == [128, 64, 8]
-    core._text_sizes[5] = (8,)  # nothing proven: base-row forwards only
-    assert core.chunks("text", 5, 20) == [8, 8, 8]
+    core._text_sizes[8] = (8, 16, 32, 64)
+    assert core.chunks("text", 8, 40) == [32, 8]
+    assert core.chunks("text", 8, 12) == [16]  # 4 padded rows, one forward
+    assert core.chunks("text", 8, 200) == [64, 64, 64, 8]
+    assert core.chunks("text", 8, 64, spread=2) == [32, 32]  # one forward per replica
+    assert core.chunks("text", 8, 20, spread=2) == [8, 8, 8]
+    core._text_sizes[12] = (8,)  # nothing proven: base-row forwards only
+    assert core.chunks("text", 12, 20) == [8, 8, 8]

@@ -216,26 +216,31 @@ class ForwardCore:
                     out[rows] = block
         return out if out is not None else np.zeros((0, 0), dtype=np.float32)
 
-    def shape_tasks(self, kind: str, x: torch.Tensor) -> list[tuple[np.ndarray, int]]:
-        """``x`` split into forwards: (row indices, rows of the forward) each, one shape per forward."""
+    def shape_tasks(self, kind: str, x: torch.Tensor, spread: int = 1) -> list[tuple[np.ndarray, int]]:
+        """``x`` split into forwards: (row indices, rows of the forward) each, one shape per forward;
+        each shape group in at least ``spread`` forwards where it has the rows (one per replica)."""
         tasks = []
         for rows, length, _ in self._groups(kind, x):
             start = 0
-            for z in self.chunks(kind, length, len(rows)):
+            for z in self.chunks(kind, length, len(rows), spread):
                 tasks.append((rows[start : start + z], z))
                 start += z
         return tasks
 
-    def chunks(self, kind: str, length: int | None, n: int) -> list[int]:
+    def chunks(self, kind: str, length: int | None, n: int, spread: int = 1) -> list[int]:
         """Rows of each forward for ``n`` rows of one shape group (the last one may be padded).
 
-        Images: the micro-batch. Texts: the largest proven row count that ``n`` still fills, and for
+        Images: the micro-batch. Texts: the largest proven row count that ``n`` still fills (at most
+        ``n / spread`` rows where that is more than the base, so every replica gets a share), and for
         the rest the smallest that holds it when that pads fewer than the base rows.
         """
         base = self.size(kind, length)
         if n <= base:
             return [base]  # one forward of the base rows: no larger count needed (nor checked)
         options = self.text_sizes(length) if kind == "text" else (base,)
+        if spread > 1:  # each share of the rows fills its own forwards
+            share = max(base, -(-n // spread))
+            options = tuple(z for z in options if z <= share) or options[:1]
         sizes, left = [], n
         while left > 0:
             fits = [z for z in options if z <= left]

@@ -105,10 +105,11 @@ class ReplicaSet:
         """
         return self.pool().submit(fn, *args)
 
-    def forward_async(self, kind: str, x: torch.Tensor) -> Future[np.ndarray]:
+    def forward_async(self, kind: str, x: torch.Tensor, spread: int | None = None) -> Future[np.ndarray]:
         """Raw rows (N, D) of ``x`` as one future, in input order: one forward per task, each of one
-        shape (texts are grouped by their sequence-length bucket first; :meth:`ForwardCore.shape_tasks`)."""
-        split = self.core.shape_tasks(kind, x)
+        shape (texts are grouped by their sequence-length bucket first; :meth:`ForwardCore.shape_tasks`),
+        each group over at least ``spread`` tasks where it has the rows (default: every replica)."""
+        split = self.core.shape_tasks(kind, x, spread=self.count if spread is None else spread)
         order = np.concatenate([rows for rows, _ in split]) if split else np.zeros(0, dtype=np.int64)
         arr = x.cpu().numpy()
         tasks = [self.submit(_forward_task, kind, arr[rows], size) for rows, size in split]

@@ -272,7 +272,8 @@ class Engine:
         tokens = self._tokens(texts)
         _ = self.provenance
         self.text_forward_rows += len(texts)
-        return mapped(self._replicas.forward_async("text", tokens), lambda raw: normalise(raw, "text"))
+        # one replica's share: the server's batcher sends one micro-batch per replica, and keeps them all busy
+        return mapped(self._replicas.forward_async("text", tokens, spread=1), lambda raw: normalise(raw, "text"))
 
     def _tokens(self, texts: list[str]) -> torch.Tensor:
         warn_truncation(self.loaded.tokenizer, texts, self.loaded.info.context_length)

@@ -33,8 +33,7 @@ class EngineSettings:
         micro_batch: rows per image forward (every image forward runs at exactly this shape).
         text_micro_batch: rows per text forward (at each text's own sequence-length bucket); the
             shape a text's bits follow (multiples of it run where proven to give the same bits).
-        text_buckets: ``"auto"`` (every length from 4 to 8 tokens, then 10-16 in steps of 2, 20, 24,
-            32, 48 and the context length, where the text
+        text_buckets: ``"auto"`` (sequence lengths 8, 12, 16, 24, 32, 48 and the context length, where the text
             tower's causal mask makes them exact: :mod:`steadyclip.engine.text_shapes`), ``"full"``
             (every text at the context length), or explicit lengths.
         threads: intra-op threads per replica; ``None`` = 1. More than 1 runs only where a

@@ -13,7 +13,7 @@ forwards of 2, 4, ... times those rows (up to :data:`TOKEN_BUDGET` tokens) must 
 bitwise equal to the 8-row forwards, measured once per model, stack and machine
 (:func:`steadyclip.numerics.selfcheck.text_rows`) before any forward uses them. A text's bits are
 therefore its bits at (its bucket, 8 rows) whichever forward it lands in; the larger forwards only
-make busy servers faster (ViT-B-32, 1 thread, length 7: 8 rows 86 texts/s, 32 rows 115).
+make busy servers faster (ViT-B-32, 1 thread, length 8: 8 rows 73-81 texts/s, 64 rows 95-99).
 
 Buckets are used only where that argument holds: an open_clip text tower with a causal mask,
 pooling at the end-of-text token (``argmax`` or ``eos``), no class token and no padding mask.
@@ -31,8 +31,10 @@ import torch
 
 __all__ = ["DEFAULT_BUCKETS", "TextShapes", "bucket_encoder", "text_shapes"]
 
-# plus the context length: every length of a short query, then steps that waste at most a few tokens
-DEFAULT_BUCKETS = (4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 32, 48)
+# Plus the context length. Each step pads at most half a text: finer steps split a mix of short
+# queries into more forwards, which costs more than the padding they save at light load (ViT-B-32,
+# 16 queries of 4-7 tokens, 1 thread: 65 texts/s at (8, 16, 32), 40 with every length 4-8 a bucket).
+DEFAULT_BUCKETS = (8, 12, 16, 24, 32, 48)
 TOKEN_BUDGET = 512  # the largest forward at a bucket: rows x length up to this (where proven equal)
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -50,7 +52,7 @@ class TextShapes:
 
     @property
     def scheme(self) -> str:
-        """What provenance and cache keys record, (length x rows) per bucket: ``"buckets:4x8,5x8,...,48x8,77x8"``
+        """What provenance and cache keys record, (length x rows) per bucket: ``"buckets:8x8,12x8,16x8,24x8,32x8,48x8,77x8"``
         or ``"full:77x32"``."""
         kind = "full" if self.pool == "full" else "buckets"
         return f"{kind}:{','.join(f'{b}x{r}' for b, r in zip(self.buckets, self.rows))}"

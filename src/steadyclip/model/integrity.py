@@ -210,6 +210,11 @@ def _header(name: str, t: torch.Tensor) -> bytes:
     return (json.dumps([name, str(t.dtype).removeprefix("torch."), list(t.shape)]) + "\n").encode()
 
 
+def _memory_header(name: str, t: torch.Tensor) -> bytes:
+    """:func:`_header` for the in-memory checks (never stored): the same facts, without JSON's cost."""
+    return f"{name}\0{t.dtype}\0{tuple(t.shape)}\n".encode()
+
+
 def _state_items(module_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
     if isinstance(module_or_state_dict, torch.nn.Module):
         return module_or_state_dict.state_dict()
@@ -271,7 +276,7 @@ def param_sample_fingerprint(named: Iterable[tuple[str, torch.Tensor]]) -> str:
     h = hashlib.sha256(b"steadyclip-sample-v1\n")
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for name, t in sorted(named, key=lambda kv: kv[0]):
-        h.update(_header(name, t))
+        h.update(_memory_header(name, t))
         if t.numel():
             by_dtype.setdefault(t.dtype, []).extend(_sample(t.detach().reshape(-1)))
     for dtype in sorted(by_dtype, key=str):
@@ -291,7 +296,7 @@ def buffers_fingerprint(module: torch.nn.Module) -> str:
     """
     h = hashlib.sha256(b"steadyclip-buffers-v1\n")
     for name, b in sorted(module.named_buffers(remove_duplicate=False), key=lambda kv: kv[0]):
-        h.update(_header(name, b))
+        h.update(_memory_header(name, b))
         h.update(_tensor_bytes(b))
     params = list(module.named_parameters(remove_duplicate=False))
     h.update(param_sample_fingerprint(params).encode())

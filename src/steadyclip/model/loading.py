@@ -109,10 +109,11 @@ class LoadedModel:
         Raises:
             InferenceStateError: something left inference state and guard is "raise".
         """
+        if not any(m.training for m in self.model.modules()) and not any(
+                p.requires_grad for p in self.model.parameters()):
+            return  # the usual case, without building every module's name
         training = [name or "<root>" for name, m in self.model.named_modules() if m.training]
         grads = [name for name, p in self.model.named_parameters() if p.requires_grad]
-        if not training and not grads:
-            return
         what = []
         if training:
             what.append(f"{len(training)} module(s) in train mode ({checkpoints.format_keys(training, 5)})")
