@@ -73,10 +73,11 @@ def test_two_processes_give_bitwise_equal_fast_results_and_the_same_measured_dri
     assert a["drift"] == b["drift"] and a["drift"]["min_cosine"] < 1.0
 
 
-def test_vit_b_32_fast_is_close_to_strict(random_checkpoints: Any) -> None:
+def test_a_real_vit_fast_is_close_to_strict(random_checkpoints: Any) -> None:
     from steadyclip.demo.shapes import generate
 
-    loaded = load("ViT-B-32", pretrained=str(random_checkpoints["ViT-B-32"]))
+    # ViT-S-32: open_clip's own ViT blocks at a quarter of ViT-B-32's cost (bf16 is emulated off AMX/AVX512-BF16)
+    loaded = load("ViT-S-32", pretrained=str(random_checkpoints["ViT-S-32"]))
     images = [im for im, _, _ in generate(2, seed=11, size=224)]
     fast = Engine(loaded, profile="fast", allow_emulated_bf16=True, micro_batch=2, text_micro_batch=8,
                   text_cache=None)
@@ -86,7 +87,7 @@ def test_vit_b_32_fast_is_close_to_strict(random_checkpoints: Any) -> None:
     assert a.dtype == np.float32 and 0.999 < cos.min() < 1.0
     rp = fast.provenance.reduced_precision
     assert rp is not None
-    print(f"ViT-B-32 fast vs strict: image cosine {cos.min():.6f}; probe drift {rp['drift_vs_strict']}; "
+    print(f"ViT-S-32 fast vs strict: image cosine {cos.min():.6f}; probe drift {rp['drift_vs_strict']}; "
           f"threads {rp['threads']}")
     assert rp["drift_vs_strict"]["min_cosine"] > 0.999
     assert rp["threads"]["verdict"] in ("thread-invariant", "thread-dependent")
