@@ -272,7 +272,6 @@ class ForwardCore:
         return [(everything[buckets == b], int(b), "fixed-shape") for b in self.text_shapes.buckets
                 if (buckets == b).any()]
 
-
     def _text_probe(self, length: int | None, rows: int) -> torch.Tensor:
         """``rows`` real token rows cut to ``length`` tokens, each ending at its end-of-text token."""
         if self._long_tokens is None or self._long_tokens.shape[0] < rows:
