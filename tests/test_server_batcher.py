@@ -251,3 +251,20 @@ def test_work_that_would_wait_past_the_timeout_is_refused_at_once_with_a_retry_a
         assert time.monotonic() - t0 <= 1.0 + 1.0  # what was accepted was answered about within the timeout
     finally:
         b.stop()
+
+
+def test_while_a_replica_idles_a_text_micro_batch_takes_half_so_both_replicas_work() -> None:
+    calls: list[list[str]] = []
+    b = Batcher(FakeEngine(), max_rows=8, max_wait_s=0.05, in_flight=2, texts_fn=_texts_fn(0.3, calls),
+                text_rows=32)
+    b.start()
+    try:
+        t0 = time.monotonic()
+        futs = [b.submit_texts([f"t{i}"] * 8) for i in range(4)]  # 32 texts within the 50 ms wait
+        for f in futs:
+            f.result(10)
+        took = time.monotonic() - t0
+    finally:
+        b.stop()
+    assert [len(c) for c in calls] == [16, 16]  # not one micro-batch of all 32 on one replica
+    assert took < 0.55  # the two ran at once (0.3 s each), not one after the other

@@ -1,6 +1,6 @@
 """The engine's start-up self-checks and their remembered verdicts (JSON maps in the cache dir).
 
-Two questions, each answered once per model, profile, stack and shape, then remembered:
+The questions, each answered once per model, profile, stack and shape, then remembered:
 - **batch path** (:func:`batch_path`): are single-row forwards bitwise equal to the rows of
   a full micro-batch? If so, tails run row by row (``"verified-invariant"``), else padded to
   the fixed shape (``"fixed-shape"``).
