@@ -150,11 +150,6 @@ class RemoteCore(ForwardCore):
         self.check_state()  # this process's copy, as every forward checks it
         return self._call("forward_local", kind, x, size)
 
-    def text_sizes(self, length: int | None) -> tuple[int, ...]:
-        if length not in self._text_sizes:
-            self._text_sizes[length] = tuple(self._call("text_sizes", length))
-        return self._text_sizes[length]
-
     def portable_proof(self) -> dict[str, Any]:
         proof: dict[str, Any] = self._call("portable_proof")
         return {**proof, "worker": "forwards run in a worker process started with the portable variables"}
